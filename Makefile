@@ -1,0 +1,31 @@
+# The README's commands. Each bootstraps .venv on first use (a few minutes), then reuses it.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.raymoe-installed
+
+.PHONY: demo test test-fast setup clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: it is a CPU build this machine has on disk. Installed after it, the
+# project's `torch>=2.5,<3` is already satisfied, so pip does not pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/raymoe train jobs/configs/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Everything but the end-to-end runs on a local Ray cluster.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf .raymoe .pytest_cache

@@ -1,0 +1,1 @@
+"""raymoe: DeepSeek-style Mixture-of-Experts training and serving on Ray."""

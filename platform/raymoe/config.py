@@ -1,0 +1,521 @@
+"""One typed, frozen config tree per run, loaded from YAML by a strict loader.
+
+    cfg = load_config("jobs/configs/demo.yaml", overrides=["train.lr=3e-4"])
+
+Every section is a keyword-only frozen dataclass with a docstring per field. The loader refuses
+unknown keys and wrong types, and each section checks its own impossible combinations, so a bad
+config fails before Ray starts, in one line that names the file and the dotted key to fix:
+
+    jobs/configs/demo.yaml: model.top_k=9 must be <= model.num_experts=8
+
+Nothing here imports torch or ray: the CLI validates configs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config a user wrote is wrong; the message names the key and says what to change."""
+
+
+def _fail(msg: str) -> None:
+    raise ConfigError(msg)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class BalanceConfig:
+    """How routed-expert load is kept even. The four mechanisms combine freely; 0 disables one."""
+
+    bias_update_rate: float = 0.001
+    """Auxiliary-loss-free balancing (DeepSeek-V3): per-expert selection bias moved by this much per
+    step towards under-loaded experts, `b_i += rate * sign(mean_load - load_i)`."""
+    aux_loss_coef: float = 0.0
+    """Classic batch-level auxiliary loss (Switch/GShard): coef * E * sum_i f_i * P_i."""
+    seq_aux_loss_coef: float = 0.0
+    """Sequence-wise balance loss alpha (DeepSeek-V3 uses 1e-4)."""
+    z_loss_coef: float = 0.0
+    """Router z-loss (ST-MoE): coef * mean(logsumexp(logits)^2)."""
+
+    def __post_init__(self) -> None:
+        for name in ("bias_update_rate", "aux_loss_coef", "seq_aux_loss_coef", "z_loss_coef"):
+            if getattr(self, name) < 0:
+                _fail(f"model.balance.{name}={getattr(self, name)} must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A decoder-only causal LM with DeepSeekMoE feed-forward layers."""
+
+    vocab_size: int = 260
+    """Token vocabulary; 260 = 256 bytes + 4 specials for the default byte tokenizer."""
+    hidden_size: int = 128
+    """Model width D."""
+    num_layers: int = 4
+    """Transformer blocks."""
+    max_seq_len: int = 256
+    """Longest sequence the RoPE tables and KV cache are built for."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency."""
+    rms_norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    tie_embeddings: bool = False
+    """Share the input embedding matrix with the LM head."""
+    init_std: float = 0.02
+    """Std of the normal init of every weight matrix."""
+
+    # --- attention
+    attention: Literal["mha", "mla"] = "mha"
+    """'mha' (multi-head, or grouped-query when num_kv_heads < num_heads) or 'mla' (DeepSeek latent)."""
+    num_heads: int = 4
+    """Query heads."""
+    num_kv_heads: Optional[int] = None
+    """Key/value heads for GQA (null = num_heads). mha only."""
+    head_dim: Optional[int] = None
+    """Per-head dim for mha (null = hidden_size / num_heads)."""
+    q_lora_rank: int = 0
+    """MLA: rank of the query compression (0 = no compression, as in DeepSeek-V2-Lite)."""
+    kv_lora_rank: int = 512
+    """MLA: rank of the compressed key/value latent (what the KV cache stores)."""
+    qk_nope_head_dim: int = 128
+    """MLA: per-head query/key dims without rotary embedding."""
+    qk_rope_head_dim: int = 64
+    """MLA: per-head query/key dims with rotary embedding (the key part is shared by all heads)."""
+    v_head_dim: int = 128
+    """MLA: per-head value dim."""
+    sliding_window: Optional[int] = None
+    """Tokens a local-attention layer sees (null = every layer attends globally)."""
+    global_every: int = 1
+    """With sliding_window set: every global_every-th layer (1-based) stays global, the rest are local."""
+
+    # --- feed-forward
+    first_k_dense_layers: int = 0
+    """The first k layers use a dense SwiGLU FFN instead of MoE (DeepSeek-V3: 3)."""
+    dense_intermediate_size: int = 512
+    """Hidden size of the dense SwiGLU FFN."""
+    num_experts: int = 8
+    """Routed experts per MoE layer E (0 = every layer dense)."""
+    num_shared_experts: int = 1
+    """Always-on shared experts per MoE layer (computed as one SwiGLU of this many times the width)."""
+    expert_intermediate_size: int = 128
+    """Hidden size F of each routed (and shared) expert."""
+    top_k: int = 2
+    """Routed experts chosen per token K."""
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    """Router scores: softmax over experts, or independent sigmoids (DeepSeek-V3)."""
+    norm_topk_prob: bool = True
+    """Renormalize the chosen K weights to sum to 1."""
+    route_scale: float = 1.0
+    """Multiplier on the routing weights (DeepSeek-V3: 2.5)."""
+    num_expert_groups: int = 1
+    """Experts are split into this many groups for group-limited routing."""
+    top_k_groups: int = 1
+    """A token's experts come from at most this many groups (a group's score: sum of its 2 best)."""
+    gate_threshold: float = 0.0
+    """Chosen experts whose (normalized) weight is below this are skipped."""
+    capacity_factor: Optional[float] = None
+    """Per-expert capacity = ceil(factor * T * K / E); tokens over it are dropped (null = dropless)."""
+    balance: BalanceConfig = field(default_factory=BalanceConfig)
+    """Load balancing mechanisms."""
+
+    def __post_init__(self) -> None:
+        m = "model."
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                _fail(f"{m}{name}={getattr(self, name)} must be > 0")
+        if self.attention == "mha":
+            if self.head_dim is None and self.hidden_size % self.num_heads:
+                _fail(f"{m}hidden_size={self.hidden_size} must be divisible by {m}num_heads={self.num_heads} (or set {m}head_dim)")
+            kv = self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+            if kv <= 0 or self.num_heads % kv:
+                _fail(f"{m}num_heads={self.num_heads} must be a multiple of {m}num_kv_heads={kv}")
+            if self.resolved_head_dim % 2:
+                _fail(f"{m}head_dim={self.resolved_head_dim} must be even for RoPE")
+        else:
+            if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2:
+                _fail(f"{m}qk_rope_head_dim={self.qk_rope_head_dim} must be a positive even number")
+            for name in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, name) <= 0:
+                    _fail(f"{m}{name}={getattr(self, name)} must be > 0 with {m}attention=mla")
+            if self.q_lora_rank < 0:
+                _fail(f"{m}q_lora_rank={self.q_lora_rank} must be >= 0 (0 = no query compression)")
+            if self.num_kv_heads is not None:
+                _fail(f"{m}num_kv_heads applies to attention=mha only; remove it for mla")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            _fail(f"{m}sliding_window={self.sliding_window} must be > 0 or null")
+        if self.global_every < 1:
+            _fail(f"{m}global_every={self.global_every} must be >= 1")
+        if not 0 <= self.first_k_dense_layers <= self.num_layers:
+            _fail(f"{m}first_k_dense_layers={self.first_k_dense_layers} must be in [0, {m}num_layers={self.num_layers}]")
+        if self.num_experts < 0:
+            _fail(f"{m}num_experts={self.num_experts} must be >= 0")
+        if self.num_experts > 0:
+            if not 1 <= self.top_k <= self.num_experts:
+                _fail(f"{m}top_k={self.top_k} must be in [1, {m}num_experts={self.num_experts}]")
+            if self.num_expert_groups < 1 or self.num_experts % self.num_expert_groups:
+                _fail(f"{m}num_expert_groups={self.num_expert_groups} must divide {m}num_experts={self.num_experts}")
+            if not 1 <= self.top_k_groups <= self.num_expert_groups:
+                _fail(f"{m}top_k_groups={self.top_k_groups} must be in [1, {m}num_expert_groups={self.num_expert_groups}]")
+            if self.num_expert_groups > 1:
+                per_group = self.num_experts // self.num_expert_groups
+                if per_group < 2:
+                    _fail(f"{m}num_expert_groups={self.num_expert_groups} leaves {per_group} expert per group; a group's score needs 2")
+                if self.top_k > self.top_k_groups * per_group:
+                    _fail(f"{m}top_k={self.top_k} exceeds the {self.top_k_groups * per_group} experts in {m}top_k_groups={self.top_k_groups} groups")
+            if self.expert_intermediate_size <= 0:
+                _fail(f"{m}expert_intermediate_size={self.expert_intermediate_size} must be > 0")
+        if self.num_shared_experts < 0:
+            _fail(f"{m}num_shared_experts={self.num_shared_experts} must be >= 0")
+        if self.capacity_factor is not None and self.capacity_factor <= 0:
+            _fail(f"{m}capacity_factor={self.capacity_factor} must be > 0 or null (dropless)")
+        if not 0 <= self.gate_threshold < 1:
+            _fail(f"{m}gate_threshold={self.gate_threshold} must be in [0, 1)")
+        if self.route_scale <= 0:
+            _fail(f"{m}route_scale={self.route_scale} must be > 0")
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_heads
+
+    @property
+    def resolved_kv_heads(self) -> int:
+        return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
+
+    def is_moe_layer(self, layer: int) -> bool:
+        return self.num_experts > 0 and layer >= self.first_k_dense_layers
+
+    def is_local_layer(self, layer: int) -> bool:
+        """Sliding-window layer? Every global_every-th layer (1-based) stays global."""
+        return self.sliding_window is not None and (layer + 1) % self.global_every != 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalingConfig:
+    """Where the workers run. Only this and `tracking` change between a laptop and a cluster."""
+
+    num_workers: Union[int, tuple[int, int]] = 2
+    """Ray Train workers: a number, or [min, max] for an elastic group."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU (gloo)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    max_failures: int = 0
+    """Worker-group restarts allowed before the run fails (-1 = unlimited)."""
+
+    def __post_init__(self) -> None:
+        lo, hi = self.worker_range
+        if lo < 1 or hi < lo:
+            _fail(f"scaling.num_workers={list(self.worker_range) if isinstance(self.num_workers, tuple) else self.num_workers} must be >= 1 (or [min, max] with 1 <= min <= max)")
+        if self.cpus_per_worker <= 0:
+            _fail(f"scaling.cpus_per_worker={self.cpus_per_worker} must be > 0")
+        if self.max_failures < -1:
+            _fail(f"scaling.max_failures={self.max_failures} must be >= -1")
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (n[0], n[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The optimization loop (train/loop.py)."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per worker per micro-batch."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    lr: float = 1e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (matrices only; norms, biases and embeddings are exempt)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """'auto': bf16 autocast on CUDA, fp32 on CPU."""
+    activation_checkpointing: int = 0
+    """Recompute activations of every k-th block in backward (0 = off)."""
+    seed: int = 0
+    """Seed for weights, data order and sampling."""
+    log_every: int = 10
+    """Steps between metric logs and progress lines."""
+    val_every: int = 50
+    """Steps between validation-loss evaluations (also at the last step)."""
+    val_batches: int = 4
+    """Micro-batches per validation evaluation."""
+    checkpoint_every: int = 50
+    """Steps between checkpoints (also at the last step)."""
+    keep_checkpoints: int = 2
+    """Checkpoints Ray Train keeps."""
+    sample_prompt: str = "def "
+    """Prompt of the sample printed after training ('' = no sample)."""
+    sample_tokens: int = 80
+    """Tokens generated for that sample."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "val_every", "val_batches", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                _fail(f"train.{name}={getattr(self, name)} must be > 0")
+        if self.lr <= 0:
+            _fail(f"train.lr={self.lr} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            _fail(f"train.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if not 0 <= self.warmup_steps <= self.steps:
+            _fail(f"train.warmup_steps={self.warmup_steps} must be in [0, train.steps={self.steps}]")
+        if not all(0 <= b < 1 for b in self.betas):
+            _fail(f"train.betas={list(self.betas)} must both be in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "activation_checkpointing", "sample_tokens"):
+            if getattr(self, name) < 0:
+                _fail(f"train.{name}={getattr(self, name)} must be >= 0")
+        if self.eps <= 0:
+            _fail(f"train.eps={self.eps} must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """The corpus and its tokenized shards (train/data.py)."""
+
+    source: Optional[str] = None
+    """A file, directory or URI of .txt / .jsonl / .parquet (null = the Python stdlib's .py source)."""
+    text_field: str = "text"
+    """Field holding the text in .jsonl records and .parquet columns."""
+    tokenizer: Literal["byte"] = "byte"
+    """Tokenizer: 'byte' (256 bytes + specials)."""
+    val_fraction: float = 0.02
+    """Share of documents held out for validation."""
+    max_bytes: Optional[int] = None
+    """Read at most this many bytes of the corpus (null = all)."""
+    shard_tokens: int = 1 << 22
+    """Tokens per parquet shard."""
+    cache_dir: Optional[str] = None
+    """Where tokenized shards go (null = <output_dir>/data)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.val_fraction < 1:
+            _fail(f"data.val_fraction={self.val_fraction} must be in (0, 1)")
+        if self.max_bytes is not None and self.max_bytes <= 0:
+            _fail(f"data.max_bytes={self.max_bytes} must be > 0 or null")
+        if self.shard_tokens <= 0:
+            _fail(f"data.shard_tokens={self.shard_tokens} must be > 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrackingConfig:
+    """MLflow (tracking.py)."""
+
+    uri: Optional[str] = None
+    """Tracking URI (null = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir>/mlflow.db)."""
+    experiment: str = "raymoe"
+    """MLflow experiment name."""
+    run_name: Optional[str] = None
+    """MLflow run name (null = the config's name)."""
+    log_checkpoint: bool = True
+    """Log the final weights (safetensors) and config as artifacts."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """Everything one `raymoe train` needs."""
+
+    name: str = "raymoe"
+    """Run name: names the Ray Train run (resume key) and the MLflow run."""
+    output_dir: str = ".raymoe"
+    """Root for checkpoints, tokenized data and the default MLflow store (made absolute at load)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            _fail(f"name={self.name!r} must be a non-empty name without '/'")
+        if self.train.seq_len > self.model.max_seq_len:
+            _fail(f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
+        if self.data.tokenizer == "byte" and self.model.vocab_size < 260:
+            _fail(f"model.vocab_size={self.model.vocab_size} must be >= 260 for data.tokenizer=byte")
+
+    # --- derived paths; output_dir is absolute once loaded (Ray workers change directory)
+    @property
+    def storage_path(self) -> str:
+        return os.path.join(self.output_dir, "runs")
+
+    @property
+    def data_cache_dir(self) -> str:
+        return self.data.cache_dir or os.path.join(self.output_dir, "data")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted key -> value, as logged to MLflow params."""
+        out: dict[str, Any] = {}
+
+        def walk(d: dict, prefix: str) -> None:
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    out[f"{prefix}{k}"] = v
+
+        walk(self.to_dict(), "")
+        return out
+
+    def model_hash(self) -> str:
+        """Hash of the model section: checkpoints refuse to load into a different architecture."""
+        blob = json.dumps(_to_plain(self.model), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "[" + ", ".join(_type_name(a) for a in typing.get_args(tp)) + "]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where YAML is ambiguous."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        _fail(f"{key}={value!r} must be {_type_name(tp)}")
+    if tp is type(None):
+        if value is None:
+            return None
+        _fail(f"{key}={value!r} must be null")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        _fail(f"{key}={value!r} must be one of {_type_name(tp)}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            _fail(f"{key}={value!r} must be a list {_type_name(tp)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            _fail(f"{key} must be a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, f"{key}.")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        _fail(f"{key}={value!r} must be true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        _fail(f"{key}={value!r} must be an integer")
+    if tp is float:
+        # PyYAML reads 3e-4 (no dot) as a string; accept any number spelled as one.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(f"{key}={value!r} must be a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        _fail(f"{key}={value!r} must be a string")
+    raise AssertionError(f"unsupported annotation {tp} for {key}")
+
+
+def _build(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            _fail(f"unknown key {prefix}{k} (valid keys here: {', '.join(sorted(names))})")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict, item: str) -> None:
+    if "=" not in item:
+        _fail(f"--set {item!r} must look like key.path=value")
+    key, _, raw = item.partition("=")
+    parts = key.strip().split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            _fail(f"--set {key}: {p} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict>") -> RunConfig:
+    """Build and validate a RunConfig; errors are prefixed with `source`."""
+    tree = json.loads(json.dumps(data if data is not None else {}))  # deep copy, plain types
+    try:
+        if not isinstance(tree, dict):
+            _fail("the top level must be a mapping of sections (model:, train:, ...)")
+        for item in overrides:
+            _apply_override(tree, item)
+        cfg = _build(RunConfig, tree)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return dataclasses.replace(cfg, output_dir=os.path.abspath(os.path.expanduser(cfg.output_dir)))
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
+    """Load a YAML config strictly, apply `key=value` overrides, validate, resolve paths."""
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return config_from_dict(data or {}, overrides, source=path)
