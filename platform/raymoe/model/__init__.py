@@ -1,0 +1,1 @@
+"""Single-device model code: no torch.distributed in here."""

@@ -1,0 +1,250 @@
+"""DeepSeekMoE feed-forward: a top-k router, grouped routed experts and always-on shared experts.
+
+Single-device code. Expert parallelism (parallel/) swaps how routed tokens reach the experts;
+the routing math here is the same on every layout.
+
+What is notable:
+- The router runs in fp32 whatever the autocast dtype: scores, the selection bias and the
+  weights are small tensors whose rounding would otherwise flip top-k choices between ranks.
+- The auxiliary-loss-free bias (DeepSeek-V3) only *chooses* experts; the weights come from the
+  unbiased scores. It is a buffer moved by `update_bias`, never by the optimizer.
+- Routed experts are stacked weights [E, ...]; tokens are sorted by expert and each projection is
+  one grouped GEMM (`torch._grouped_mm` on CUDA in bf16, contiguous segments elsewhere). Indexing
+  `w[i]` per expert inside autograd would materialize a full-size [E, ...] gradient per expert.
+
+Shape suffixes: B batch, S sequence, T tokens (B*S), D model dim, F expert hidden dim,
+  E experts, G expert groups, K top-k, N routed (token, expert) slots kept (<= T*K)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raymoe.config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """What the router decided for T tokens."""
+
+    expert_TK: torch.Tensor
+    """Chosen expert ids, long [T, K]."""
+    weight_TK: torch.Tensor
+    """Combine weights (route_scale applied), fp32 [T, K]; 0 where not kept."""
+    keep_TK: torch.Tensor
+    """bool [T, K]: False for slots skipped by gate_threshold or dropped by capacity."""
+    tokens_per_expert_E: torch.Tensor
+    """Slots each expert was chosen for before capacity drops, long [E] (what balancing sees)."""
+    num_dropped: torch.Tensor
+    """Slots dropped by capacity, long scalar."""
+    aux_loss: torch.Tensor
+    """Sum of the enabled balance losses (fp32 scalar, carries router gradients)."""
+
+
+@dataclass
+class MoEStats:
+    """Per-layer statistics of one forward, for balancing and metrics."""
+
+    tokens_per_expert: torch.Tensor
+    """long [E]."""
+    num_dropped: torch.Tensor
+    """long scalar."""
+    num_slots: int
+    """T * K: slots the router filled."""
+
+
+class TopKRouter(nn.Module):
+    """Scores E experts per token and picks K, with group limits, balancing and capacity."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.score_func = cfg.score_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.route_scale = cfg.route_scale
+        self.num_groups = cfg.num_expert_groups
+        self.top_k_groups = cfg.top_k_groups
+        self.gate_threshold = cfg.gate_threshold
+        self.capacity_factor = cfg.capacity_factor
+        self.balance = cfg.balance
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        # Selection bias of auxiliary-loss-free balancing. Persistent: it is model state.
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def scores(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Router logits and affinities in fp32, both [T, E]."""
+        logits_TE = F.linear(x_TD.float(), self.weight.float())
+        if self.score_func == "softmax":
+            return logits_TE, logits_TE.softmax(dim=-1)
+        return logits_TE, logits_TE.sigmoid()
+
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1) -> Routing:
+        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        logits_TE, scores_TE = self.scores(x_TD)
+
+        choice_TE = scores_TE.detach() + self.expert_bias  # bias picks experts, never weighs them
+        if self.num_groups > 1:
+            # DeepSeek-V3 group limit: a group's score is the sum of its two best (biased) scores;
+            # experts outside the best top_k_groups groups cannot be chosen.
+            group_TG = choice_TE.view(T, self.num_groups, -1).topk(2, dim=-1).values.sum(-1)
+            best_groups = group_TG.topk(self.top_k_groups, dim=-1).indices
+            allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_groups, True)
+            allowed_TE = allowed_TG.repeat_interleave(E // self.num_groups, dim=1)
+            choice_TE = choice_TE.masked_fill(~allowed_TE, float("-inf"))
+        expert_TK = choice_TE.topk(K, dim=-1).indices
+
+        weight_TK = scores_TE.gather(1, expert_TK)
+        if self.norm_topk_prob:
+            weight_TK = weight_TK / (weight_TK.sum(dim=-1, keepdim=True) + 1e-20)
+        keep_TK = weight_TK.detach() >= self.gate_threshold if self.gate_threshold > 0 else torch.ones_like(expert_TK, dtype=torch.bool)
+        weight_TK = weight_TK * self.route_scale
+
+        tokens_per_expert_E = torch.bincount(expert_TK.flatten(), minlength=E)
+        num_dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
+        if self.capacity_factor is not None:
+            capacity = math.ceil(self.capacity_factor * T * K / E)
+            keep_TK, num_dropped = _apply_capacity(expert_TK, keep_TK, capacity, E)
+        weight_TK = weight_TK * keep_TK
+
+        aux = self._balance_loss(logits_TE, scores_TE, expert_TK, batch_size) if self.training else logits_TE.new_zeros(())
+        return Routing(expert_TK, weight_TK, keep_TK, tokens_per_expert_E, num_dropped, aux)
+
+    def _balance_loss(self, logits_TE, scores_TE, expert_TK, batch_size: int) -> torch.Tensor:
+        b, E, K = self.balance, self.num_experts, self.top_k
+        loss = logits_TE.new_zeros(())
+        if b.aux_loss_coef > 0 or b.seq_aux_loss_coef > 0:
+            # Normalized affinities: softmax scores already sum to 1; sigmoid ones are normalized.
+            probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
+            chosen_TE = torch.zeros_like(probs_TE).scatter_(1, expert_TK, 1.0)
+        if b.aux_loss_coef > 0:
+            # Switch/GShard: E * sum_i f_i * P_i, f_i = share of the T*K slots routed to i.
+            f_E = chosen_TE.mean(0) / K
+            loss = loss + b.aux_loss_coef * E * (f_E * probs_TE.mean(0)).sum()
+        if b.seq_aux_loss_coef > 0:
+            # DeepSeek-V3 sequence-wise: per sequence, f_i = E / (K * S) * count_i, P_i = mean
+            # normalized affinity; averaged over the batch's sequences.
+            S = probs_TE.shape[0] // batch_size
+            f_BE = chosen_TE.view(batch_size, S, E).sum(1) * (E / (K * S))
+            P_BE = probs_TE.view(batch_size, S, E).mean(1)
+            loss = loss + b.seq_aux_loss_coef * (f_BE * P_BE).sum(-1).mean()
+        if b.z_loss_coef > 0:
+            loss = loss + b.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+        return loss
+
+    @torch.no_grad()
+    def update_bias(self, tokens_per_expert_E: torch.Tensor) -> None:
+        """b_i += rate * sign(mean_load - load_i), from the load of the whole global batch."""
+        rate = self.balance.bias_update_rate
+        if rate > 0:
+            load = tokens_per_expert_E.float()
+            self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+
+
+def _apply_capacity(expert_TK, keep_TK, capacity: int, num_experts: int):
+    """Keep at most `capacity` slots per expert, earlier tokens first; returns (keep, dropped)."""
+    flat_N = torch.where(keep_TK, expert_TK, num_experts).flatten()  # skipped slots -> sentinel E
+    order = torch.argsort(flat_N, stable=True)
+    counts = torch.bincount(flat_N, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_experts = flat_N[order]
+    rank_in_expert = torch.arange(flat_N.numel(), device=flat_N.device) - starts[sorted_experts]
+    over = torch.zeros_like(flat_N, dtype=torch.bool)
+    over[order] = (rank_in_expert >= capacity) & (sorted_experts < num_experts)
+    over_TK = over.view_as(keep_TK)
+    return keep_TK & ~over_TK, over_TK.sum()
+
+
+def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """out[rows of expert e] = x[rows of expert e] @ w[e]; rows sorted by expert, counts [E]."""
+    if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and w_EDF.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return torch._grouped_mm(x_ND, w_EDF, offs=offs)
+    # Fallback: one matmul per contiguous segment. unbind's backward stacks the per-expert
+    # gradients once, instead of each w[i] scattering into its own full-size zero tensor.
+    sizes = counts.tolist()
+    outs = [xs @ w for xs, w in zip(x_ND.split(sizes), w_EDF.unbind(0))]
+    return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDF.shape[-1])
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts as stacked weights, applied to tokens already sorted by expert."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # gate proj
+        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up proj
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down proj
+
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        dtype = x_ND.dtype
+        if torch.is_autocast_enabled(x_ND.device.type):
+            # Autocast does not see grouped_mm; cast explicitly so experts run in bf16 too.
+            dtype = torch.get_autocast_dtype(x_ND.device.type)
+            x_ND = x_ND.to(dtype)
+        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
+        h_NF = F.silu(grouped_mm(x_ND, w1, counts_E)) * grouped_mm(x_ND, w3, counts_E)
+        return grouped_mm(h_NF, w2, counts_E)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN: w2(silu(w1 x) * w3 x). Also the shared experts, fused into one."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def permute(x_TD: torch.Tensor, routing: Routing, num_experts: int):
+    """Sort the kept (token, expert) slots by expert. Returns (x_ND, counts_E, token_N, weight_N)."""
+    keep_N = routing.keep_TK.flatten()
+    expert_N = routing.expert_TK.flatten()[keep_N]
+    token_N = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(routing.expert_TK.shape[1])[keep_N]
+    weight_N = routing.weight_TK.flatten()[keep_N]
+    order = torch.argsort(expert_N, stable=True)
+    counts_E = torch.bincount(expert_N, minlength=num_experts)
+    return x_TD[token_N[order]], counts_E, token_N[order], weight_N[order]
+
+
+def unpermute(out_ND: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs back into token order, [T, D]."""
+    weighted = out_ND * weight_N.to(out_ND.dtype).unsqueeze(-1)
+    return out_ND.new_zeros(num_tokens, out_ND.shape[-1]).index_add_(0, token_N, weighted)
+
+
+class MoE(nn.Module):
+    """Routed experts plus shared experts; returns (y, aux_loss, stats)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.router = TopKRouter(cfg)
+        self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size)
+        self.shared = SwiGLU(cfg.hidden_size, cfg.expert_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts else None
+
+    def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Run the routed experts; expert parallelism replaces this method (parallel/apply.py)."""
+        x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, self.num_experts)
+        return unpermute(self.experts(x_ND, counts_E), token_N, weight_N, x_TD.shape[0])
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        routing = self.router(x_TD, batch_size=B)
+        y_TD = self.routed(x_TD, routing)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        stats = MoEStats(routing.tokens_per_expert_E.detach(), routing.num_dropped.detach(), B * S * self.top_k)
+        return y_TD.view(B, S, D), routing.aux_loss, stats

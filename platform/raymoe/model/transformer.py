@@ -1,0 +1,141 @@
+"""The decoder-only causal LM: embedding -> blocks (attention + dense or MoE FFN) -> norm -> head.
+
+Single-device code: `parallel/` shards its experts from outside, the training loop wraps it.
+`forward` returns the logits together with the summed balance losses and per-MoE-layer routing
+statistics, threaded through the blocks as return values (not stashed on modules) so that
+activation checkpointing, which runs a block's forward twice, cannot count a step's load twice.
+
+    model = MoETransformer(cfg.model); model.init_weights(seed=0)
+    out = model(tokens_BS)            # out.logits [B, S, V], out.aux_loss, out.moe_stats
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from raymoe.config import ModelConfig
+from raymoe.model.attention import build_attention, rope_tables
+from raymoe.model.moe import MoE, MoEStats, SwiGLU
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """[B, S, V]."""
+    aux_loss: torch.Tensor
+    """Sum of every MoE layer's balance losses (already weighted by their coefficients)."""
+    moe_stats: list[MoEStats] = field(default_factory=list)
+    """One entry per MoE layer, in layer order."""
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn = build_attention(cfg, layer)
+        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
+
+    def forward(self, x_BSD, cos, sin):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+        h = self.ffn_norm(x_BSD)
+        if isinstance(self.ffn, MoE):
+            y, aux, stats = self.ffn(h)
+            return x_BSD + y, aux, stats
+        return x_BSD + self.ffn(h), None, None
+
+
+class MoETransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.resolved_head_dim
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.checkpoint_every = 0  # set by the training loop: recompute every k-th block
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Normal(0, init_std) matrices; residual-output projections scaled by 1/sqrt(2L)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        for name, p in self.named_parameters():
+            if p.dim() == 1:  # norm scales
+                p.fill_(1.0)
+                continue
+            is_out = name.endswith(("wo.weight", "w2.weight", ".w2"))
+            p.copy_(torch.normal(0.0, out_std if is_out else std, size=p.shape, generator=gen))
+        for moe in self.moe_layers():
+            moe.router.expert_bias.zero_()
+        # Recomputed rather than copied: a model built on the meta device gets real tables here.
+        rope_dim = self.rope_cos.shape[-1]
+        cos, sin = rope_tables(rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        S = tokens_BS.shape[1]
+        assert S <= self.cfg.max_seq_len, f"sequence of {S} tokens > model.max_seq_len={self.cfg.max_seq_len}"
+        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        x = self.embed(tokens_BS)
+        aux_total = x.new_zeros((), dtype=torch.float32)
+        stats: list[MoEStats] = []
+        for i, block in enumerate(self.layers):
+            if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
+                x, aux, st = checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x, aux, st = block(x, cos, sin)
+            if st is not None:
+                aux_total = aux_total + aux
+                stats.append(st)
+        logits = self.lm_head(self.norm(x))
+        return ModelOutput(logits, aux_total, stats)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt: list[int],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.8,
+        top_k: int | None = 40,
+        seed: int = 0,
+        stop_id: int | None = None,
+    ) -> list[int]:
+        """Sample a continuation by re-running the window (no KV cache; for short samples)."""
+        device = self.embed.weight.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        ids = list(prompt)
+        for _ in range(max_new_tokens):
+            window = torch.tensor([ids[-self.cfg.max_seq_len :]], device=device)
+            logits = self(window).logits[0, -1].float()
+            if temperature <= 0:
+                nxt = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if top_k:
+                    kth = logits.topk(min(top_k, logits.numel())).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = int(torch.multinomial(F.softmax(logits, -1), 1, generator=gen))
+            if nxt == stop_id:
+                break
+            ids.append(nxt)
+        return ids[len(prompt) :]
