@@ -1,0 +1,1 @@
+"""Training-side library: data pipeline and training loop."""
