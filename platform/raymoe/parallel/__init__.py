@@ -1,0 +1,1 @@
+"""Everything that knows about process groups: checkpoints now, expert parallelism next."""

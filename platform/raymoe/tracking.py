@@ -1,0 +1,199 @@
+"""MLflow tracking: one run per `raymoe train`, continued (same run id) when training resumes.
+
+The driver opens the run and logs the resolved config; rank 0 of the worker group logs metrics
+and the final artifacts into that run by id. The run id is remembered next to the Ray Train
+checkpoints, so a resumed or restarted run continues the same MLflow run instead of forking.
+
+Default store: `sqlite:///<output_dir>/mlflow.db` (MLflow 3 refuses a bare ./mlruns file store),
+an absolute URI because Ray workers change directory. `tracking.uri` or $MLFLOW_TRACKING_URI
+points at a server instead. An unreachable server never stops training: the tracker warns once
+and turns itself into a no-op.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import warnings
+from typing import Any
+
+from raymoe.config import RunConfig
+
+# Fail fast on an unreachable server instead of MLflow's default minutes of retries.
+_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return "sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db")
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def _client(uri: str):
+    for k, v in _HTTP_ENV.items():
+        os.environ.setdefault(k, v)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+class MlflowTracker:
+    """Logs into one existing MLflow run by id. Any MLflow failure -> one warning, then no-op."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+        self._disabled = False
+
+    def _call(self, what: str, fn, *args, **kwargs) -> Any:
+        if self._disabled:
+            return None
+        try:
+            if self._client is None:
+                self._client = _client(self.uri)
+            return fn(self._client, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - tracking must never take training down
+            self._disabled = True
+            warnings.warn(f"MLflow at {self.uri} failed during {what} ({type(e).__name__}: {str(e)[:200]}); "
+                          "training continues without tracking", stacklevel=3)
+            return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        self._call("log_metrics", lambda c: c.log_batch(self.run_id, metrics=batch))
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        fn = (lambda c: c.log_artifacts(self.run_id, local_path, artifact_path)) if os.path.isdir(local_path) else (
+            lambda c: c.log_artifact(self.run_id, local_path, artifact_path))
+        self._call("log_artifact", fn)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._call("log_text", lambda c: c.log_text(self.run_id, text, artifact_file))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self._call("set_tag", lambda c: c.set_tag(self.run_id, key, value))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call("set_terminated", lambda c: c.set_terminated(self.run_id, status))
+
+    @property
+    def ok(self) -> bool:
+        return not self._disabled
+
+
+def _run_id_file(cfg: RunConfig) -> str:
+    return os.path.join(cfg.storage_path, cfg.name, "mlflow_run.json")
+
+
+def open_run(cfg: RunConfig, config_yaml: str, log=print) -> MlflowTracker | None:
+    """Create the MLflow run for this training run, or reopen the one a previous attempt made.
+
+    Returns None (after one warning) when the tracking store cannot be reached.
+    """
+    uri = tracking_uri(cfg)
+    id_file = _run_id_file(cfg)
+    try:
+        client = _client(uri)
+        run_id = None
+        if os.path.exists(id_file):
+            with open(id_file) as f:
+                saved = json.load(f)
+            if saved.get("tracking_uri") == uri:
+                try:
+                    run_id = client.get_run(saved["run_id"]).info.run_id
+                except Exception:  # noqa: BLE001 - deleted run or other store: start a new one
+                    run_id = None
+        if run_id is not None:
+            client.update_run(run_id, status="RUNNING")
+            log(f"continuing MLflow run {run_id} ({uri})")
+        else:
+            exp = client.get_experiment_by_name(cfg.tracking.experiment)
+            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+            run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags={"raymoe.run": cfg.name, "mlflow.source.name": "raymoe train"})
+            run_id = run.info.run_id
+            _log_params(client, run_id, cfg)
+            client.log_text(run_id, config_yaml, "config.yaml")
+            os.makedirs(os.path.dirname(id_file), exist_ok=True)
+            with open(id_file, "w") as f:
+                json.dump({"run_id": run_id, "tracking_uri": uri}, f)
+            log(f"MLflow run {run_id} in experiment {cfg.tracking.experiment!r} ({uri})")
+        return MlflowTracker(uri, run_id)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"MLflow tracking at {uri} is unavailable ({type(e).__name__}: {str(e)[:200]}); training continues without tracking")
+        return None
+
+
+def _log_params(client, run_id: str, cfg: RunConfig) -> None:
+    from mlflow.entities import Param
+
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):  # MLflow caps params per batch at 100
+        client.log_batch(run_id, params=params[i : i + 100])
+
+
+def expert_load_heatmap(load_history: list[dict[str, Any]], out_png: str) -> bool:
+    """Heatmap of each MoE layer's share of tokens per expert over the whole run (matplotlib)."""
+    if not load_history:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import numpy as np
+    except ImportError:
+        return False
+    total = np.sum([np.asarray(h["load"], dtype=np.float64) for h in load_history], axis=0)
+    share = total / np.maximum(total.sum(axis=1, keepdims=True), 1)
+    num_layers, num_experts = share.shape
+    fig, ax = plt.subplots(figsize=(min(16, 2 + num_experts * 0.35), 1.5 + num_layers * 0.4))
+    im = ax.imshow(share * num_experts, aspect="auto", cmap="viridis")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"expert load / mean, steps {load_history[0]['step']}-{load_history[-1]['step']}")
+    fig.colorbar(im, ax=ax, label="load relative to an even split")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: str) -> None:
+    """From the final checkpoint: weights (safetensors) + config under model/, load history, heatmap."""
+    import shutil
+
+    with tempfile.TemporaryDirectory() as d:
+        if cfg.tracking.log_checkpoint:
+            mdir = os.path.join(d, "model")
+            os.makedirs(mdir)
+            shutil.copy(os.path.join(checkpoint_dir, "model.safetensors"), mdir)
+            with open(os.path.join(mdir, "config.yaml"), "w") as f:
+                f.write(cfg.to_yaml())
+            tracker.log_artifact(mdir, "model")
+        history_path = os.path.join(checkpoint_dir, "expert_load.json")
+        if os.path.exists(history_path):
+            tracker.log_artifact(history_path)
+            with open(history_path) as f:
+                history = json.load(f)
+            png = os.path.join(d, "expert_load_heatmap.png")
+            if expert_load_heatmap(history, png):
+                tracker.log_artifact(png)
+
+
+def print_where_to_look(uri: str, run_id: str | None, out=sys.stdout) -> None:
+    if run_id:
+        print(f"MLflow run: {run_id}", file=out)
+    print(f"MLflow UI:  {ui_command(uri)}", file=out)

@@ -1,0 +1,301 @@
+"""The training loop. No Ray in here: it runs under Ray Train (ray_train.py) or plain `torchrun`.
+
+    result = train(cfg, corpus_dir=..., reporter=..., tracker=..., resume_dir=None)
+
+Each optimizer step: `grad_accum` micro-batches of `batch_size` sequences per rank, cross-entropy
+plus the routers' balance losses, backward; gradients averaged over ranks (data parallel); the
+per-expert loads summed over every micro-batch of every rank, so the auxiliary-loss-free bias
+moves identically on all replicas; global-norm clipping; AdamW with linear warmup and cosine
+decay. Every `log_every` steps the metrics go to the tracker (rank 0) and the reporter (all ranks,
+with a checkpoint directory on checkpoint steps), and rank 0 prints one progress line.
+
+The reporter is called the same number of times on every rank: under Ray Train it is
+`ray.train.report`, a barrier across the worker group.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raymoe.config import RunConfig
+from raymoe.model.params import train_flops_per_token
+from raymoe.model.transformer import MoETransformer
+from raymoe.parallel.checkpoint import LoadedCheckpoint, TrainerState, load_model_weights, save_checkpoint
+from raymoe.train.data import BatchIterator, eval_batches, open_corpus
+from raymoe.train.metrics import Throughput, device_peak_flops, format_progress, moe_load_metrics
+
+
+LOAD_HISTORY = "expert_load.json"
+
+
+class Reporter(Protocol):
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
+
+
+class Tracker(Protocol):
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """Same signatures as the MLflow tracker; what non-zero ranks and tests get."""
+
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        pass
+
+
+@dataclass
+class TrainResult:
+    step: int
+    train_loss: float | None
+    val_loss: float | None
+    load_history: list[dict[str, Any]]
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @classmethod
+    def current(cls, device: torch.device | None = None) -> "DistInfo":
+        if dist.is_available() and dist.is_initialized():
+            rank, world = dist.get_rank(), dist.get_world_size()
+        else:
+            rank, world = 0, 1
+        if device is None:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+        return cls(rank, world, device)
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then cosine to lr * min_lr_ratio at cfg.steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices only (norm scales and the embedding lookup are exempt)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or name.startswith("embed.") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
+
+
+def autocast_for(cfg, device: torch.device):
+    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def _all_reduce_(t: torch.Tensor, world: int, op=None) -> torch.Tensor:
+    if world > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
+    """Data parallel: one flat all-reduce of every gradient, then divide by the world size."""
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def _write_line(msg: str) -> None:
+    # Not print(): Ray Train patches it to tee into its logger, which shows each line twice.
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
+def print0(rank: int) -> Callable[[str], None]:
+    """A print for rank 0 only; other ranks get a no-op."""
+    return _write_line if rank == 0 else (lambda msg: None)
+
+
+def evaluate(model, batches, cfg: RunConfig, info: DistInfo) -> float:
+    """Mean validation cross-entropy over this rank's fixed batches, averaged over ranks."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=info.device)
+    with torch.no_grad(), autocast_for(cfg.train, info.device):
+        for x, y in batches:
+            x, y = x.to(info.device), y.to(info.device)
+            logits = model(x).logits
+            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
+            total[1] += y.numel()
+    model.train()
+    _all_reduce_(total, info.world_size)
+    return float(total[0] / total[1])
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    corpus_dir: str,
+    reporter: Reporter,
+    tracker: Tracker | None = None,
+    resume: LoadedCheckpoint | None = None,
+    info: DistInfo | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> TrainResult:
+    info = info or DistInfo.current()
+    tracker = tracker if (tracker is not None and info.rank == 0) else NullTracker()
+    log = print0(info.rank)
+    tc = cfg.train
+
+    model = MoETransformer(cfg.model)
+    model.init_weights(seed=tc.seed)  # same seed everywhere: replicas start identical
+    model.to(info.device)
+    model.checkpoint_every = tc.activation_checkpointing
+    optimizer = build_optimizer(model, tc, info.device)
+    state = TrainerState(model_hash=cfg.model_hash(), world_size=info.world_size)
+    if resume is not None:
+        load_model_weights(model, {k: v.to(info.device) for k, v in resume.model.items()})
+        optimizer.load_state_dict(resume.optimizer)
+        torch.set_rng_state(resume.rng["torch"])
+        state = resume.state
+        state.restarts += 1
+        state.world_size = info.world_size
+        log(f"resumed from step {state.step} (data position {state.data_position}, restart #{state.restarts}, world size {info.world_size})")
+    model.train()
+
+    corpus = open_corpus(corpus_dir)
+    train_tokens = corpus.tokens("train")
+    batches = BatchIterator(
+        train_tokens, batch_size=tc.batch_size, seq_len=tc.seq_len, rank=info.rank,
+        world_size=info.world_size, seed=tc.seed, position=state.data_position,
+    )
+    val = eval_batches(corpus.tokens("val"), tc.batch_size, tc.seq_len, tc.val_batches, info.rank, info.world_size)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    moe_layers = model.moe_layers()
+    num_experts = cfg.model.num_experts
+    flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
+    peak = device_peak_flops(info.device)
+    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * info.world_size
+    throughput = Throughput()
+    # Loads summed since the last log, for metrics and the heatmap (the bias uses each step's).
+    window_load = torch.zeros(len(moe_layers), max(num_experts, 1), dtype=torch.long, device=info.device)
+    window_dropped = window_slots = 0
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)
+    # Carried in every checkpoint, so the run's heatmap survives restarts.
+    load_history: list[dict[str, Any]] = list(resume.records.get(LOAD_HISTORY, [])) if resume else []
+    last_train = last_val = None
+
+    if resume is not None and tracker is not None:
+        tracker.log_metrics({"elastic/restarts": state.restarts, "elastic/world_size": info.world_size}, step=state.step)
+    if state.step >= tc.steps:
+        log(f"already at step {state.step} of train.steps={tc.steps}; nothing to train")
+
+    while state.step < tc.steps:
+        step = state.step + 1
+        t0 = time.perf_counter()
+        lr = lr_at(state.step, tc)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+
+        step_load = torch.zeros_like(window_load)
+        for _ in range(tc.grad_accum):
+            x, y = batches.next_batch()
+            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+            with autocast_for(tc, info.device):
+                out = model(x)
+                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                loss = (ce + out.aux_loss) / tc.grad_accum
+            loss.backward()
+            loss_sum[0] += ce.detach().double()
+            loss_sum[1] += 1
+            for i, st in enumerate(out.moe_stats):
+                step_load[i] += st.tokens_per_expert
+                window_dropped += int(st.num_dropped)
+                window_slots += st.num_slots
+
+        _average_gradients(params, info.world_size)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # Every replica sees the same global load, so every replica's bias moves the same way.
+        _all_reduce_(step_load, info.world_size)
+        for layer, moe in enumerate(moe_layers):
+            moe.router.update_bias(step_load[layer])
+        window_load += step_load
+        if info.device.type == "cuda":
+            torch.cuda.synchronize(info.device)
+        throughput.add(tokens_per_step)
+        state.step = step
+        state.data_position = batches.position
+        if on_step is not None:
+            on_step(step)
+        elapsed_train = time.perf_counter() - t0
+
+        last = step == tc.steps
+        do_log = step % tc.log_every == 0 or last
+        do_val = step % tc.val_every == 0 or last
+        do_ckpt = step % tc.checkpoint_every == 0 or last
+        if not (do_log or do_ckpt):
+            continue
+
+        metrics: dict[str, float] = {"train/step": step}
+        if do_log:
+            _all_reduce_(loss_sum, info.world_size)
+            last_train = float(loss_sum[0] / loss_sum[1])
+            loss_sum.zero_()
+            tok_s = throughput.rate()
+            metrics.update({"train/loss": last_train, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
+            metrics["train/tokens_seen"] = float(step * tokens_per_step)
+            if peak:
+                metrics["perf/mfu"] = flops_per_token * tok_s / (peak * info.world_size)
+            # Counters summed on each rank; the global picture needs the other ranks' too.
+            counts = torch.tensor([window_dropped, window_slots], dtype=torch.long, device=info.device)
+            _all_reduce_(counts, info.world_size)
+            if moe_layers:
+                metrics.update(moe_load_metrics(window_load, int(counts[0]), int(counts[1])))
+                load_history.append({"step": step, "load": window_load.cpu().tolist()})
+            window_load.zero_()
+            window_dropped = window_slots = 0
+        if do_val:
+            last_val = evaluate(model, val, cfg, info)
+            metrics["val/loss"] = last_val
+        if do_log:
+            log(format_progress(step, tc.steps, metrics) + f" | {elapsed_train * 1e3:.0f} ms/step")
+        tracker.log_metrics(metrics, step=step)
+
+        ckpt_dir = None
+        if do_ckpt:
+            # Data-parallel replicas are identical: rank 0 writes the whole checkpoint.
+            if info.rank == 0:
+                ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{step:07d}-")
+                save_checkpoint(ckpt_dir, model, optimizer, state, records={LOAD_HISTORY: load_history})
+        reporter.report(metrics, ckpt_dir)
+        if ckpt_dir is not None:
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        throughput.rate()  # validation and checkpoint time is not training throughput
+
+    return TrainResult(state.step, last_train, last_val, load_history)
