@@ -1,0 +1,105 @@
+"""The training loop without Ray: one process, a local reporter that keeps checkpoints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from raymoe.config import config_from_dict
+from raymoe.parallel.checkpoint import load_checkpoint, read_manifest
+from raymoe.train.data import prepare_corpus
+from raymoe.train.loop import DistInfo, lr_at, train
+
+
+class KeepingReporter:
+    """Copies every reported checkpoint aside, as Ray Train's storage would."""
+
+    def __init__(self, root):
+        self.root = root
+        self.reports: list[tuple[dict, str | None]] = []
+
+    def report(self, metrics, checkpoint_dir):
+        kept = None
+        if checkpoint_dir:
+            kept = os.path.join(self.root, f"ckpt-{int(metrics['train/step']):04d}")
+            shutil.copytree(checkpoint_dir, kept)
+        self.reports.append((dict(metrics), kept))
+
+    def checkpoint(self, step):
+        return next(d for m, d in self.reports if d and m["train/step"] == step)
+
+
+def tiny_cfg(tmp_path, **train):
+    return config_from_dict({
+        "name": "loop",
+        "output_dir": str(tmp_path),
+        "model": {"hidden_size": 48, "num_layers": 2, "num_heads": 4, "max_seq_len": 64, "num_experts": 4,
+                  "top_k": 2, "expert_intermediate_size": 32, "first_k_dense_layers": 1,
+                  "dense_intermediate_size": 96, "balance": {"bias_update_rate": 0.01, "seq_aux_loss_coef": 1e-3}},
+        "train": {"steps": 12, "batch_size": 4, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "log_every": 3,
+                  "val_every": 6, "val_batches": 2, "checkpoint_every": 6, **train},
+        "data": {"max_bytes": 400_000},
+    })
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    cfg = tiny_cfg(tmp_path_factory.mktemp("corpus"))
+    return prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len).dir
+
+
+def test_resume_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path, corpus_dir):
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path)
+    info = DistInfo(0, 1, torch.device("cpu"))
+    straight = KeepingReporter(tmp_path / "a")
+    result = train(cfg, corpus_dir=corpus_dir, reporter=straight, info=info)
+    assert result.step == 12
+
+    resumed = KeepingReporter(tmp_path / "b")
+    ckpt6 = load_checkpoint(straight.checkpoint(6), expect_model_hash=cfg.model_hash())
+    assert ckpt6.state.step == 6 and ckpt6.state.data_position == 6 * 4
+    train(cfg, corpus_dir=corpus_dir, reporter=resumed, resume=ckpt6, info=info)
+
+    # Steps continue from 7: the first report after resuming is step 9, not 3.
+    assert [m["train/step"] for m, _ in resumed.reports] == [9, 12]
+    a, b = load_file(f"{straight.checkpoint(12)}/model.safetensors"), load_file(f"{resumed.checkpoint(12)}/model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    loss_a = [m["train/loss"] for m, _ in straight.reports if m["train/step"] > 6]
+    loss_b = [m["train/loss"] for m, _ in resumed.reports]
+    assert loss_a == pytest.approx(loss_b, abs=1e-6)
+    state = read_manifest(resumed.checkpoint(12))["state"]
+    assert state["restarts"] == 1 and state["step"] == 12 and state["data_position"] == 12 * 4
+
+
+def test_validation_loss_falls_and_metrics_are_complete(tmp_path, corpus_dir):
+    cfg = tiny_cfg(tmp_path, steps=30, val_every=10, log_every=10, checkpoint_every=30)
+    rep = KeepingReporter(tmp_path / "r")
+    result = train(cfg, corpus_dir=corpus_dir, reporter=rep, info=DistInfo(0, 1, torch.device("cpu")))
+    vals = [m["val/loss"] for m, _ in rep.reports if "val/loss" in m]
+    assert len(vals) == 3 and vals[-1] < vals[0] - 0.5, vals
+    m = rep.reports[-1][0]
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "moe/load_imbalance", "moe/dropped_frac", "moe/layer00/imbalance"):
+        assert key in m, key
+    assert m["moe/load_imbalance"] >= 1.0 and m["moe/dropped_frac"] == 0.0
+    assert "perf/mfu" not in m  # no device peak on CPU
+    assert result.val_loss == vals[-1]
+    # The expert-load history travels in the checkpoint: one entry per log step.
+    history = load_checkpoint(rep.checkpoint(30)).records["expert_load.json"]
+    assert [h["step"] for h in history] == [10, 20, 30]
+    assert sum(history[0]["load"][0]) == 10 * 4 * 32 * 2  # steps x batch x seq x top_k
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_to_the_floor(tmp_path):
+    tc = tiny_cfg(tmp_path, steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1).train
+    assert lr_at(0, tc) == pytest.approx(1e-4)
+    assert lr_at(9, tc) == pytest.approx(1e-3)
+    assert lr_at(10, tc) == pytest.approx(1e-3)
+    assert lr_at(55, tc) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
+    assert lr_at(100, tc) == pytest.approx(1e-4)
