@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import types
 import typing
@@ -231,6 +232,34 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class ParallelConfig:
+    """How the worker group is split into (data, expert) axes (parallel/mesh.py)."""
+
+    expert_degree: Union[int, Literal["auto"]] = "auto"
+    """Ranks sharing one layer's routed experts (each owns num_experts / expert_degree of them).
+    'auto': the largest divisor of the world size that also divides num_experts, so an elastic
+    resize needs no config edit. 1 = pure data parallel."""
+
+    def __post_init__(self) -> None:
+        if self.expert_degree != "auto" and self.expert_degree < 1:
+            _fail(f"parallel.expert_degree={self.expert_degree} must be >= 1 or 'auto'")
+
+
+@dataclass(frozen=True, kw_only=True)
+class FaultInjection:
+    """Make one worker SIGKILL itself once per run (tests and demos of recovery)."""
+
+    kill_rank: int = 1
+    """World rank that kills itself."""
+    at_step: int = 40
+    """After finishing this optimizer step."""
+
+    def __post_init__(self) -> None:
+        if self.kill_rank < 0 or self.at_step < 1:
+            _fail(f"train.fault_injection needs kill_rank >= 0 and at_step >= 1 (got {self.kill_rank}, {self.at_step})")
+
+
+@dataclass(frozen=True, kw_only=True)
 class TrainConfig:
     """The optimization loop (train/loop.py)."""
 
@@ -276,6 +305,8 @@ class TrainConfig:
     """Prompt of the sample printed after training ('' = no sample)."""
     sample_tokens: int = 80
     """Tokens generated for that sample."""
+    fault_injection: Optional[FaultInjection] = None
+    """Kill one worker once mid-run, e.g. {kill_rank: 1, at_step: 40} (null = never)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "val_every", "val_batches", "checkpoint_every", "keep_checkpoints"):
@@ -348,6 +379,7 @@ class RunConfig:
     """Root for checkpoints, tokenized data and the default MLflow store (made absolute at load)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -357,6 +389,16 @@ class RunConfig:
             _fail(f"name={self.name!r} must be a non-empty name without '/'")
         if self.train.seq_len > self.model.max_seq_len:
             _fail(f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
+        ep = self.parallel.expert_degree
+        if ep != "auto" and self.model.num_experts and self.model.num_experts % ep:
+            _fail(f"parallel.expert_degree={ep} must divide model.num_experts={self.model.num_experts}")
+        lo, hi = self.scaling.worker_range
+        if ep != "auto" and lo != hi:
+            _fail(f"parallel.expert_degree={ep} is fixed but scaling.num_workers={[lo, hi]} is elastic; use expert_degree: auto")
+        if ep != "auto" and lo % ep:
+            _fail(f"parallel.expert_degree={ep} must divide scaling.num_workers={lo}")
+        if self.train.fault_injection is not None and self.train.fault_injection.kill_rank >= hi:
+            _fail(f"train.fault_injection.kill_rank={self.train.fault_injection.kill_rank} must be < the number of workers ({hi})")
         if self.data.tokenizer == "byte" and self.model.vocab_size < 260:
             _fail(f"model.vocab_size={self.model.vocab_size} must be >= 260 for data.tokenizer=byte")
 
@@ -455,14 +497,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         _fail(f"{key}={value!r} must be an integer")
     if tp is float:
         # PyYAML reads 3e-4 (no dot) as a string; accept any number spelled as one.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        _fail(f"{key}={value!r} must be a number")
+        if number is None or not math.isfinite(number):
+            _fail(f"{key}={value!r} must be a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -113,15 +113,24 @@ def open_run(cfg: RunConfig, config_yaml: str, log=print) -> MlflowTracker | Non
                 saved = json.load(f)
             if saved.get("tracking_uri") == uri:
                 try:
-                    run_id = client.get_run(saved["run_id"]).info.run_id
-                except Exception:  # noqa: BLE001 - deleted run or other store: start a new one
+                    info = client.get_run(saved["run_id"]).info
+                    # A deleted run still answers get_run but cannot be logged to: start a new one.
+                    run_id = info.run_id if info.lifecycle_stage == "active" else None
+                except Exception:  # noqa: BLE001 - purged run or another store: start a new one
                     run_id = None
         if run_id is not None:
             client.update_run(run_id, status="RUNNING")
             log(f"continuing MLflow run {run_id} ({uri})")
         else:
             exp = client.get_experiment_by_name(cfg.tracking.experiment)
-            exp_id = exp.experiment_id if exp else client.create_experiment(cfg.tracking.experiment)
+            if exp is None:
+                # With a local database store MLflow would put artifacts in <cwd>/mlruns; keep
+                # them beside the database instead. A server decides for itself.
+                local = uri.startswith("sqlite:") or uri.startswith("file:")
+                artifacts = "file://" + os.path.join(cfg.output_dir, "mlartifacts") if local else None
+                exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
+            else:
+                exp_id = exp.experiment_id
             run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags={"raymoe.run": cfg.name, "mlflow.source.name": "raymoe train"})
             run_id = run.info.run_id
             _log_params(client, run_id, cfg)

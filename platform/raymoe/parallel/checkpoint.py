@@ -145,7 +145,10 @@ def load_checkpoint(path: str, expect_model_hash: str | None = None, map_locatio
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
     """Load a saved state dict; tied aliases dropped at save time are restored by the tie itself."""
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"checkpoint does not match the model: {str(e).splitlines()[-1].strip()}") from None
     tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:

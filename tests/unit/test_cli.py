@@ -1,0 +1,130 @@
+"""The installed `raymoe` console script, run as a user would: help, parameter reports, config
+checks, and config errors that exit 2 in one line before Ray is ever imported.
+
+    .venv/bin/python -m pytest tests/unit/test_cli.py -q
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+RAYMOE = os.path.join(os.path.dirname(sys.executable), "raymoe")
+CONFIGS = REPO / "jobs" / "configs"
+
+
+def _raymoe(*args: str, cwd: Path = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run([RAYMOE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_console_script_is_installed():
+    assert os.access(RAYMOE, os.X_OK), RAYMOE
+
+
+def test_help_lists_every_command():
+    r = _raymoe("--help")
+    assert r.returncode == 0, r.stderr
+    for command in ("train", "params", "check"):
+        assert command in r.stdout
+    assert "Mixture-of-Experts" in r.stdout
+
+
+def test_no_command_is_a_usage_error():
+    r = _raymoe()
+    assert r.returncode == 2
+    assert "usage: raymoe" in r.stderr
+
+
+def test_train_with_impossible_config_exits_2_in_one_line_before_ray_starts(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: bad\noutput_dir: {tmp_path / 'out'}\nmodel:\n  num_experts: 8\n  top_k: 9\n")
+    t0 = time.monotonic()
+    r = _raymoe("train", str(bad), cwd=tmp_path)
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert elapsed < 15, f"took {elapsed:.1f}s: it should fail before starting Ray"
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"raymoe: config error: {bad}: model.top_k=9 must be in [1, model.num_experts=8]"]
+    assert r.stdout == ""
+    out = (r.stdout + r.stderr).lower()
+    assert "started a local ray instance" not in out
+    assert "ray" not in out.replace("raymoe", "")  # no Ray startup chatter at all
+    assert not (tmp_path / "out").exists()  # nothing was written for a run that never began
+
+
+def test_train_with_bad_override_exits_2_naming_the_key(tmp_path):
+    cfg = tmp_path / "ok.yaml"
+    cfg.write_text("name: ok\ntrain:\n  steps: 100\n  warmup_steps: 10\n")
+    r = _raymoe("train", str(cfg), "--set", "train.warmup_steps=1000", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"raymoe: config error: {cfg}: train.warmup_steps=1000 must be in [0, train.steps=100]"
+    ]
+
+
+def test_train_with_missing_config_exits_2_saying_so(tmp_path):
+    r = _raymoe("train", "missing.yaml", cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "raymoe: config error: missing.yaml: no such config file"
+
+
+def test_params_reports_deepseek_v3_at_671b_total_and_37b_activated():
+    r = _raymoe("params", "jobs/configs/deepseek-v3.yaml")
+    assert r.returncode == 0, r.stderr
+    assert "671.03B" in r.stdout
+    assert "36.63B" in r.stdout
+    total = next(line for line in r.stdout.splitlines() if line.startswith("total"))
+    activated = next(line for line in r.stdout.splitlines() if line.startswith("activated "))
+    assert total.split()[1:] == ["671.03B", "671,026,404,352"]
+    assert activated.split()[1:] == ["36.63B", "36,625,603,584"]
+
+
+def test_params_reports_mixtral_8x7b_at_46_7b_total():
+    r = _raymoe("params", "jobs/configs/mixtral-8x7b.yaml")
+    assert r.returncode == 0, r.stderr
+    total = next(line for line in r.stdout.splitlines() if line.startswith("total"))
+    assert total.split()[1] == "46.70B"
+
+
+def test_params_applies_overrides():
+    base = _raymoe("params", "jobs/configs/mixtral-8x7b.yaml")
+    more = _raymoe("params", "jobs/configs/mixtral-8x7b.yaml", "--set", "model.num_experts=16")
+    assert more.returncode == 0, more.stderr
+    assert "16 routed experts" in more.stdout
+    assert more.stdout != base.stdout
+
+
+def test_check_accepts_the_demo_config():
+    r = _raymoe("check", "jobs/configs/demo.yaml")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok: jobs/configs/demo.yaml (demo)"
+
+
+def test_check_accepts_every_shipped_config_at_once():
+    paths = sorted(str(p.relative_to(REPO)) for p in CONFIGS.glob("*.yaml"))
+    r = _raymoe("check", *paths)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout.strip().splitlines()) == len(paths)
+
+
+def test_check_rejects_a_bad_config_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  balance:\n    foo: 1\n")
+    r = _raymoe("check", str(bad))
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert f"{bad}: unknown key model.balance.foo" in r.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "params"])
+def test_override_without_equals_exits_2(command):
+    r = _raymoe(command, "jobs/configs/demo.yaml", "--set", "train.lr")
+    assert r.returncode == 2
+    assert "--set 'train.lr' must look like key.path=value" in r.stderr
