@@ -58,7 +58,6 @@ def _worker_fn(config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from raymoe.parallel.checkpoint import load_checkpoint
     from raymoe.tracking import MlflowTracker
     from raymoe.train.loop import DistInfo, NullTracker, train
 
@@ -71,14 +70,50 @@ def _worker_fn(config: dict) -> None:
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), device)
 
-    resume = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            resume = load_checkpoint(d, expect_model_hash=cfg.model_hash())
     run_id = config.get("mlflow_run_id")
     tracker = MlflowTracker(config["tracking_uri"], run_id) if info.rank == 0 and run_id else NullTracker()
-    train(cfg, corpus_dir=config["corpus_dir"], reporter=RayReporter(), tracker=tracker, resume=resume, info=info)
+    train(
+        cfg,
+        corpus_dir=config["corpus_dir"],
+        reporter=RayReporter(),
+        tracker=tracker,
+        resume_dirs=_resume_candidates(ray.train.get_checkpoint()),
+        info=info,
+        fault_marker=os.path.join(cfg.storage_path, cfg.name, "fault_injected.json"),
+    )
+
+
+def _resume_candidates(latest) -> list[str]:
+    """The latest checkpoint Ray Train knows, then the older ones beside it, newest first.
+
+    Older ones are the fallback when the latest fails its checksums. They are read in place, which
+    needs storage every worker mounts (a local disk, NFS); other filesystems give only the latest.
+    """
+    if latest is None:
+        return []
+    import pyarrow.fs
+
+    if not isinstance(latest.filesystem, pyarrow.fs.LocalFileSystem):
+        return [latest.to_directory()]
+    from raymoe.parallel.checkpoint import MANIFEST
+
+    parent = os.path.dirname(latest.path)
+    others = []
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if name.startswith("checkpoint_") and path != latest.path and os.path.exists(os.path.join(path, MANIFEST)):
+            others.append(path)
+    return [latest.path, *sorted(others, key=_checkpoint_step, reverse=True)]
+
+
+def _checkpoint_step(path: str) -> int:
+    import json
+
+    try:
+        with open(os.path.join(path, "manifest.json")) as f:
+            return int(json.load(f)["state"]["step"])
+    except (OSError, ValueError, KeyError):
+        return -1
 
 
 def _ensure_ray(address: str | None, log) -> None:
@@ -127,15 +162,13 @@ def sample_from_checkpoint(cfg: RunConfig, checkpoint_dir: str) -> str | None:
     """Decode a short continuation of train.sample_prompt with the checkpoint's weights."""
     if not cfg.train.sample_prompt or cfg.train.sample_tokens == 0:
         return None
-    from safetensors.torch import load_file
-
     from raymoe.model.transformer import MoETransformer
-    from raymoe.parallel.checkpoint import load_model_weights
+    from raymoe.parallel.checkpoint import full_state_dict, load_model_weights
     from raymoe.train.data import get_tokenizer
 
     tok = get_tokenizer(cfg.data.tokenizer)
     model = MoETransformer(cfg.model)
-    load_model_weights(model, load_file(os.path.join(checkpoint_dir, "model.safetensors")))
+    load_model_weights(model, full_state_dict(checkpoint_dir))
     model.eval()
     ids = model.generate([int(t) for t in tok.encode(cfg.train.sample_prompt)], cfg.train.sample_tokens, seed=cfg.train.seed, stop_id=tok.eos_id)
     return cfg.train.sample_prompt + tok.decode(ids)

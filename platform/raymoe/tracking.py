@@ -182,13 +182,16 @@ def expert_load_heatmap(load_history: list[dict[str, Any]], out_png: str) -> boo
 
 def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: str) -> None:
     """From the final checkpoint: weights (safetensors) + config under model/, load history, heatmap."""
-    import shutil
-
     with tempfile.TemporaryDirectory() as d:
         if cfg.tracking.log_checkpoint:
+            from safetensors.torch import save_file
+
+            from raymoe.parallel.checkpoint import full_state_dict
+
             mdir = os.path.join(d, "model")
             os.makedirs(mdir)
-            shutil.copy(os.path.join(checkpoint_dir, "model.safetensors"), mdir)
+            # The training checkpoint is sharded by expert; what we log is the whole model.
+            save_file(full_state_dict(checkpoint_dir), os.path.join(mdir, "model.safetensors"))
             with open(os.path.join(mdir, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
             tracker.log_artifact(mdir, "model")

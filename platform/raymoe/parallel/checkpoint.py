@@ -1,16 +1,21 @@
-"""Training checkpoints: weights as safetensors, optimizer state, and a manifest that commits them.
+"""Sharded training checkpoints that reload at any world size or expert degree.
 
 A checkpoint directory holds
-    model.safetensors      every model tensor (routers' selection biases included), no pickle
-    optimizer.pt           AdamW state and RNG states (loaded with weights_only=True)
-    *.json                 small records such as the expert-load history (optional)
-    manifest.json          step, data position, config hash, MLflow run id, sha256 of each file
+    dense.safetensors                  rank 0: every replicated tensor (routers' selection biases
+                                       included) and its AdamW moments (`opt/<name>/exp_avg`, ...)
+    experts-<lo>-<hi>.safetensors      one per expert shard, written by the replica with data index
+                                       0: global experts [lo, hi) of every layer, with their moments
+    *.json                             small records such as the expert-load history (optional)
+    manifest.json                      step, data position, model hash, MLflow run id, the expert
+                                       range of each shard file and the sha256 of every file
 
-The manifest is written last: a directory without one is an unfinished write and is refused, as is
-one whose files do not match their recorded sha256 (truncated or corrupted on the way to storage).
+Loading at another layout reads, per rank, exactly the expert rows it now owns from whichever
+shard files hold them (safetensors reads slices lazily). The manifest is written last, by rank 0
+after gathering every rank's checksums: a directory without one was never completed. A file whose
+sha256 differs from the manifest is refused; `load_latest_good` then falls back to the previous
+checkpoint, and every rank agrees on which one (one all-reduce).
 
-    save_checkpoint(dir, model, optimizer, state)   # state: TrainerState
-    ckpt = load_checkpoint(dir, expect_model_hash=cfg.model_hash())
+Each rank calls save/load; both are collective when torch.distributed is initialized.
 """
 
 from __future__ import annotations
@@ -23,10 +28,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from raymoe.parallel.apply import ParallelPlan
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+_MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 class CheckpointError(RuntimeError):
@@ -43,17 +53,8 @@ class TrainerState:
     mlflow_run_id: str | None = None
     restarts: int = 0
     world_size: int = 1
+    expert_degree: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class LoadedCheckpoint:
-    state: TrainerState
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    rng: dict[str, Any]
-    records: dict[str, Any] = field(default_factory=dict)
-    """The optional JSON records, by file name."""
 
 
 def _sha256(path: str) -> str:
@@ -64,42 +65,87 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _unique_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _unique(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop aliases (tied embeddings): safetensors refuses two names for one storage."""
     seen, out = set(), {}
     for k, v in sd.items():
         key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        out[k] = v.detach().contiguous().cpu()
+        if key not in seen:
+            seen.add(key)
+            out[k] = v.detach().contiguous().cpu()
     return out
+
+
+def _adam_step(optimizer: torch.optim.Optimizer) -> float:
+    for st in optimizer.state.values():
+        if "step" in st:
+            return float(st["step"])
+    return 0.0
 
 
 def save_checkpoint(
     path: str,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    plan: ParallelPlan,
     state: TrainerState,
     records: dict[str, Any] | None = None,
 ) -> None:
+    """Every rank calls this with its own (or a shared) directory; rank 0 writes the manifest."""
+    mesh = plan.mesh
     os.makedirs(path, exist_ok=True)
-    for name, obj in (records or {}).items():
-        assert name.endswith(".json") and name != MANIFEST, name
-        with open(os.path.join(path, name), "w") as f:
-            json.dump(obj, f)
-    save_file(_unique_tensors(model.state_dict()), os.path.join(path, "model.safetensors"))
-    rng = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save({"optimizer": optimizer.state_dict(), "rng": rng}, os.path.join(path, "optimizer.pt"))
-    names = ["model.safetensors", "optimizer.pt", *(records or {})]
-    files = {name: _sha256(os.path.join(path, name)) for name in names}
-    manifest = {"format": FORMAT_VERSION, "state": dataclasses.asdict(state), "files": files}
-    tmp = os.path.join(path, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, os.path.join(path, MANIFEST))
+    written: dict[str, dict[str, Any]] = {}
+    expert_names = {n for n, _ in plan.experts}
+
+    if mesh.rank == 0:
+        tensors = {k: v for k, v in _unique(model.state_dict()).items() if k not in expert_names}
+        for name, p in plan.dense:
+            for m in _MOMENTS:
+                if p in optimizer.state:
+                    tensors[f"opt/{name}/{m}"] = optimizer.state[p][m].detach().contiguous().cpu()
+        save_file(tensors, os.path.join(path, "dense.safetensors"))
+        written["dense.safetensors"] = {}
+        for name, obj in (records or {}).items():
+            assert name.endswith(".json") and name != MANIFEST, name
+            with open(os.path.join(path, name), "w") as f:
+                json.dump(obj, f)
+            written[name] = {}
+    if mesh.data_index == 0 and plan.experts:
+        local = mesh.local_experts()
+        fname = f"experts-{local.start:05d}-{local.stop:05d}.safetensors"
+        tensors = {}
+        for name, p in plan.experts:
+            tensors[name] = p.detach().contiguous().cpu()
+            for m in _MOMENTS:
+                if p in optimizer.state:
+                    tensors[f"opt/{name}/{m}"] = optimizer.state[p][m].detach().contiguous().cpu()
+        save_file(tensors, os.path.join(path, fname))
+        written[fname] = {"experts": [local.start, local.stop]}
+    for fname, info in written.items():
+        info["sha256"] = _sha256(os.path.join(path, fname))
+
+    gathered = [None] * mesh.world_size if _dist() else [written]
+    if _dist():
+        dist.all_gather_object(gathered, written)
+    if mesh.rank == 0:
+        files = {k: v for part in gathered for k, v in part.items()}
+        manifest = {
+            "format": FORMAT_VERSION,
+            "state": dataclasses.asdict(state),
+            "adam_step": _adam_step(optimizer),
+            "rng": torch.get_rng_state().tolist(),
+            "files": files,
+        }
+        tmp = os.path.join(path, MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(manifest, f)
+        os.replace(tmp, os.path.join(path, MANIFEST))
+    if _dist():
+        dist.barrier()  # nobody reports (or deletes) a directory before the manifest exists
 
 
 def read_manifest(path: str) -> dict[str, Any]:
@@ -108,48 +154,164 @@ def read_manifest(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint was never completed")
     try:
         with open(mpath) as f:
-            return json.load(f)
+            manifest = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{mpath}: unreadable ({e})") from None
-
-
-def verify_checkpoint(path: str) -> dict[str, Any]:
-    """Check every file against the manifest's sha256; returns the manifest."""
-    manifest = read_manifest(path)
-    for name, digest in manifest["files"].items():
-        fpath = os.path.join(path, name)
-        if not os.path.exists(fpath):
-            raise CheckpointError(f"{fpath}: missing from the checkpoint")
-        if _sha256(fpath) != digest:
-            raise CheckpointError(f"{fpath}: sha256 does not match {MANIFEST} (truncated or corrupted)")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"{mpath}: checkpoint format {manifest.get('format')} is not {FORMAT_VERSION}")
     return manifest
 
 
-def load_checkpoint(path: str, expect_model_hash: str | None = None, map_location: str = "cpu") -> LoadedCheckpoint:
-    manifest = verify_checkpoint(path)
+def _verify(path: str, manifest: dict[str, Any], names) -> None:
+    for name in names:
+        fpath = os.path.join(path, name)
+        if not os.path.exists(fpath):
+            raise CheckpointError(f"{fpath}: missing from the checkpoint")
+        if _sha256(fpath) != manifest["files"][name]["sha256"]:
+            raise CheckpointError(f"{fpath}: sha256 does not match {MANIFEST} (truncated or corrupted)")
+
+
+def verify_checkpoint(path: str) -> dict[str, Any]:
+    """Check every file against the manifest; returns the manifest."""
+    manifest = read_manifest(path)
+    _verify(path, manifest, manifest["files"])
+    return manifest
+
+
+def _shards_for(manifest: dict[str, Any], lo: int, hi: int) -> list[tuple[str, int, int]]:
+    """Shard files overlapping global experts [lo, hi): (file, first, end) sorted by first."""
+    out = []
+    for name, info in manifest["files"].items():
+        if "experts" in info:
+            a, b = info["experts"]
+            if a < hi and b > lo:
+                out.append((name, a, b))
+    out.sort(key=lambda t: t[1])
+    covered = sum(min(b, hi) - max(a, lo) for _, a, b in out)
+    if covered != hi - lo:
+        raise CheckpointError(f"checkpoint holds {covered} of experts [{lo}, {hi}); its expert shard files are incomplete")
+    return out
+
+
+def _read_expert_rows(path: str, shards, key: str, lo: int, hi: int) -> torch.Tensor:
+    parts = []
+    for fname, a, b in shards:
+        with safe_open(os.path.join(path, fname), framework="pt") as f:
+            sl = f.get_slice(key)
+            parts.append(sl[max(a, lo) - a : min(b, hi) - a])
+    return torch.cat(parts)
+
+
+def files_needed(manifest: dict[str, Any], plan: ParallelPlan) -> list[str]:
+    names = ["dense.safetensors", *(n for n in manifest["files"] if n.endswith(".json"))]
+    if plan.experts:
+        local = plan.mesh.local_experts()
+        names += [f for f, _, _ in _shards_for(manifest, local.start, local.stop)]
+    return names
+
+
+def load_checkpoint(
+    path: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    plan: ParallelPlan,
+    expect_model_hash: str | None = None,
+) -> tuple[TrainerState, dict[str, Any]]:
+    """Load this rank's part into the (parallelized) model and optimizer. Returns (state, records)."""
+    manifest = read_manifest(path)
     state = TrainerState(**manifest["state"])
     if expect_model_hash and state.model_hash and state.model_hash != expect_model_hash:
         raise CheckpointError(
             f"{path}: saved for a different model architecture (model hash {state.model_hash}, "
             f"config has {expect_model_hash}); use the same model: section or a new run name"
         )
-    weights = load_file(os.path.join(path, "model.safetensors"), device=map_location)
-    blob = torch.load(os.path.join(path, "optimizer.pt"), map_location=map_location, weights_only=True)
+    _verify(path, manifest, files_needed(manifest, plan))
+
+    fused = bool(optimizer.defaults.get("fused"))
+    step = torch.tensor(manifest["adam_step"], dtype=torch.float32)
+    dense_names = {n for n, _ in plan.dense}
+    with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        weights = {k: f.get_tensor(k) for k in keys if not k.startswith("opt/")}
+        moments = {k: f.get_tensor(k) for k in keys if k.startswith("opt/")}
+    load_model_weights(model, weights, allow_missing={n for n, _ in plan.experts})
+    for name, p in plan.dense:
+        if f"opt/{name}/exp_avg" in moments:
+            optimizer.state[p] = {
+                "step": step.to(p.device) if fused else step.clone(),
+                **{m: moments[f"opt/{name}/{m}"].to(p.device, p.dtype) for m in _MOMENTS},
+            }
+    if plan.experts:
+        local = plan.mesh.local_experts()
+        shards = _shards_for(manifest, local.start, local.stop)
+        saved_keys = _keys(path, shards[0][0])
+        for name, p in plan.experts:
+            with torch.no_grad():
+                p.copy_(_read_expert_rows(path, shards, name, local.start, local.stop))
+            if all(f"opt/{name}/{m}" in saved_keys for m in _MOMENTS):
+                optimizer.state[p] = {
+                    "step": step.to(p.device) if fused else step.clone(),
+                    **{m: _read_expert_rows(path, shards, f"opt/{name}/{m}", local.start, local.stop).to(p.device, p.dtype) for m in _MOMENTS},
+                }
+    assert dense_names.isdisjoint(n for n, _ in plan.experts)
+    torch.set_rng_state(torch.tensor(manifest["rng"], dtype=torch.uint8))
     records = {}
     for name in manifest["files"]:
         if name.endswith(".json"):
             with open(os.path.join(path, name)) as f:
                 records[name] = json.load(f)
-    return LoadedCheckpoint(state=state, model=weights, optimizer=blob["optimizer"], rng=blob["rng"], records=records)
+    return state, records
 
 
-def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Load a saved state dict; tied aliases dropped at save time are restored by the tie itself."""
+def _keys(path: str, fname: str) -> set[str]:
+    with safe_open(os.path.join(path, fname), framework="pt") as f:
+        return set(f.keys())
+
+
+def full_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """The whole single-device state dict (every expert of every layer), for serving and export."""
+    manifest = verify_checkpoint(path)
+    with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
+        out = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("opt/")}
+    shards = sorted(((n, *i["experts"]) for n, i in manifest["files"].items() if "experts" in i), key=lambda t: t[1])
+    if shards:
+        names = [k for k in _keys(path, shards[0][0]) if not k.startswith("opt/")]
+        for name in names:
+            out[name] = _read_expert_rows(path, shards, name, shards[0][1], shards[-1][2])
+    return out
+
+
+def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], allow_missing: set[str] = frozenset()) -> None:
+    """Load a state dict; tied aliases dropped at save time are restored by the tie itself."""
     try:
         missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as e:  # shape mismatches
         raise CheckpointError(f"checkpoint does not match the model: {str(e).splitlines()[-1].strip()}") from None
     tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied and k not in allow_missing]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def load_latest_good(
+    candidates: list[str], model, optimizer, plan: ParallelPlan, expect_model_hash: str | None, log=print
+) -> tuple[str, TrainerState, dict[str, Any]] | None:
+    """Try checkpoints newest first; the first that every rank loads cleanly wins."""
+    for path in candidates:
+        ok, err = 1, None
+        try:
+            result = load_checkpoint(path, model, optimizer, plan, expect_model_hash)
+        except CheckpointError as e:
+            ok, err, result = 0, e, None
+        if _dist():
+            flag = torch.tensor([ok], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            ok = int(flag)
+        if ok:
+            return (path, *result)
+        log(f"checkpoint {path} refused: {err or 'another rank could not load its part'}; trying the previous one")
+    if candidates:
+        # Some rank may hold a partial load of a refused checkpoint; never train on from that.
+        raise CheckpointError(f"none of the {len(candidates)} checkpoints could be loaded (newest: {candidates[0]}); "
+                              "fix or remove them, or start a new run name")
+    return None

@@ -15,8 +15,10 @@ The reporter is called the same number of times on every rank: under Ray Train i
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import signal
 import shutil
 import sys
 import tempfile
@@ -32,7 +34,9 @@ import torch.nn.functional as F
 from raymoe.config import RunConfig
 from raymoe.model.params import train_flops_per_token
 from raymoe.model.transformer import MoETransformer
-from raymoe.parallel.checkpoint import LoadedCheckpoint, TrainerState, load_model_weights, save_checkpoint
+from raymoe.parallel.apply import ParallelPlan, parallelize
+from raymoe.parallel.checkpoint import TrainerState, load_latest_good, save_checkpoint
+from raymoe.parallel.mesh import build_mesh, resolve_expert_degree
 from raymoe.train.data import BatchIterator, eval_batches, open_corpus
 from raymoe.train.metrics import Throughput, device_peak_flops, format_progress, moe_load_metrics
 
@@ -95,10 +99,10 @@ def lr_at(step: int, cfg) -> float:
     return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def build_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW; weight decay on matrices only (norm scales and the embedding lookup are exempt)."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
+    for name, p in named_params:
         (no_decay if p.dim() < 2 or name.startswith("embed.") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
@@ -113,20 +117,6 @@ def _all_reduce_(t: torch.Tensor, world: int, op=None) -> torch.Tensor:
     if world > 1:
         dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
     return t
-
-
-def _average_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Data parallel: one flat all-reduce of every gradient, then divide by the world size."""
-    if world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
 
 
 def _write_line(msg: str) -> None:
@@ -161,10 +151,16 @@ def train(
     corpus_dir: str,
     reporter: Reporter,
     tracker: Tracker | None = None,
-    resume: LoadedCheckpoint | None = None,
+    resume_dirs: list[str] = (),
     info: DistInfo | None = None,
+    fault_marker: str | None = None,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainResult:
+    """Train from scratch, or from the newest loadable checkpoint in `resume_dirs` (newest first).
+
+    `fault_marker`: a file path on storage every rank sees; train.fault_injection writes the kill
+    time there (so it fires once per run) and the first step after the restart reads it back.
+    """
     info = info or DistInfo.current()
     tracker = tracker if (tracker is not None and info.rank == 0) else NullTracker()
     log = print0(info.rank)
@@ -174,16 +170,22 @@ def train(
     model.init_weights(seed=tc.seed)  # same seed everywhere: replicas start identical
     model.to(info.device)
     model.checkpoint_every = tc.activation_checkpointing
-    optimizer = build_optimizer(model, tc, info.device)
-    state = TrainerState(model_hash=cfg.model_hash(), world_size=info.world_size)
-    if resume is not None:
-        load_model_weights(model, {k: v.to(info.device) for k, v in resume.model.items()})
-        optimizer.load_state_dict(resume.optimizer)
-        torch.set_rng_state(resume.rng["torch"])
-        state = resume.state
+    ep = resolve_expert_degree(cfg.parallel.expert_degree, info.world_size, cfg.model.num_experts)
+    mesh = build_mesh(info.world_size, info.rank, ep, cfg.model.num_experts)
+    plan = parallelize(model, mesh)
+    optimizer = build_optimizer(plan.dense + plan.experts, tc, info.device)
+    state = TrainerState(model_hash=cfg.model_hash(), world_size=info.world_size, expert_degree=ep)
+    records: dict[str, Any] = {}
+    resumed = load_latest_good(list(resume_dirs), model, optimizer, plan, cfg.model_hash(), log=log)
+    if resumed is not None:
+        path, state, records = resumed
         state.restarts += 1
-        state.world_size = info.world_size
-        log(f"resumed from step {state.step} (data position {state.data_position}, restart #{state.restarts}, world size {info.world_size})")
+        log(f"resumed from step {state.step} of {path} (saved at world size {state.world_size}, expert degree "
+            f"{state.expert_degree}; now {info.world_size} and {ep}; restart #{state.restarts})")
+        state.world_size, state.expert_degree = info.world_size, ep
+    else:
+        log(f"world size {info.world_size}: expert degree {ep} x data degree {mesh.data_degree}, "
+            f"{mesh.experts_per_rank if cfg.model.num_experts else 0} routed experts per rank per layer")
     model.train()
 
     corpus = open_corpus(corpus_dir)
@@ -194,7 +196,6 @@ def train(
     )
     val = eval_batches(corpus.tokens("val"), tc.batch_size, tc.seq_len, tc.val_batches, info.rank, info.world_size)
 
-    params = [p for p in model.parameters() if p.requires_grad]
     moe_layers = model.moe_layers()
     num_experts = cfg.model.num_experts
     flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
@@ -206,11 +207,14 @@ def train(
     window_dropped = window_slots = 0
     loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)
     # Carried in every checkpoint, so the run's heatmap survives restarts.
-    load_history: list[dict[str, Any]] = list(resume.records.get(LOAD_HISTORY, [])) if resume else []
+    load_history: list[dict[str, Any]] = list(records.get(LOAD_HISTORY, []))
+    a2a_bytes = 0
+    recovery = _recovery_from_marker(fault_marker, state.step) if resumed is not None and info.rank == 0 else None
     last_train = last_val = None
 
-    if resume is not None and tracker is not None:
-        tracker.log_metrics({"elastic/restarts": state.restarts, "elastic/world_size": info.world_size}, step=state.step)
+    if resumed is not None:
+        tracker.log_metrics({"elastic/restarts": state.restarts, "elastic/world_size": info.world_size,
+                             "elastic/expert_degree": ep}, step=state.step)
     if state.step >= tc.steps:
         log(f"already at step {state.step} of train.steps={tc.steps}; nothing to train")
 
@@ -237,8 +241,8 @@ def train(
                 window_dropped += int(st.num_dropped)
                 window_slots += st.num_slots
 
-        _average_gradients(params, info.world_size)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip if tc.grad_clip > 0 else float("inf"))
+        plan.sync_gradients()
+        grad_norm = plan.clip_grad_norm_(tc.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # Every replica sees the same global load, so every replica's bias moves the same way.
@@ -251,9 +255,19 @@ def train(
         throughput.add(tokens_per_step)
         state.step = step
         state.data_position = batches.position
+        a2a_bytes += plan.take_a2a_bytes()
         if on_step is not None:
             on_step(step)
         elapsed_train = time.perf_counter() - t0
+        if recovery is not None:
+            recovery["recovery_s"] = time.time() - recovery.pop("killed_at")
+            log(f"recovered: first step after the restart finished {recovery['recovery_s']:.1f}s after the kill; "
+                f"{recovery['steps_lost']} step(s) lost (killed after step {recovery['killed_after_step']}, "
+                f"resumed from the checkpoint of step {step - 1})")
+            tracker.log_metrics({"elastic/recovery_s": recovery["recovery_s"], "elastic/steps_lost": recovery["steps_lost"]}, step=step)
+            recovery = None
+        if tc.fault_injection is not None:
+            _maybe_inject_fault(tc.fault_injection, info.rank, step, fault_marker)
 
         last = step == tc.steps
         do_log = step % tc.log_every == 0 or last
@@ -270,6 +284,9 @@ def train(
             tok_s = throughput.rate()
             metrics.update({"train/loss": last_train, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
             metrics["train/tokens_seen"] = float(step * tokens_per_step)
+            if mesh.expert_degree > 1:
+                metrics["moe/a2a_bytes"] = a2a_bytes / tc.log_every  # per step, this rank
+            a2a_bytes = 0
             if peak:
                 metrics["perf/mfu"] = flops_per_token * tok_s / (peak * info.world_size)
             # Counters summed on each rank; the global picture needs the other ranks' too.
@@ -289,13 +306,39 @@ def train(
 
         ckpt_dir = None
         if do_ckpt:
-            # Data-parallel replicas are identical: rank 0 writes the whole checkpoint.
-            if info.rank == 0:
-                ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{step:07d}-")
-                save_checkpoint(ckpt_dir, model, optimizer, state, records={LOAD_HISTORY: load_history})
+            # Every rank writes its own part (dense on rank 0, expert shards on data index 0);
+            # Ray Train merges the ranks' directories.
+            ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{step:07d}-r{info.rank}-")
+            save_checkpoint(ckpt_dir, model, optimizer, plan, state, records={LOAD_HISTORY: load_history} if info.rank == 0 else None)
         reporter.report(metrics, ckpt_dir)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         throughput.rate()  # validation and checkpoint time is not training throughput
 
     return TrainResult(state.step, last_train, last_val, load_history)
+
+
+def _maybe_inject_fault(fi, rank: int, step: int, marker: str | None) -> None:
+    """train.fault_injection: SIGKILL this worker once per run (the marker makes it once)."""
+    if rank != fi.kill_rank or step != fi.at_step or marker is None or os.path.exists(marker):
+        return
+    os.makedirs(os.path.dirname(marker), exist_ok=True)
+    with open(marker, "w") as f:
+        json.dump({"killed_at": time.time(), "killed_after_step": step, "rank": rank}, f)
+    _write_line(f"fault injection: rank {rank} kills itself (SIGKILL) after step {step}")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _recovery_from_marker(marker: str | None, resumed_step: int) -> dict[str, Any] | None:
+    """After a restart caused by fault injection: when was the kill, and how many steps were lost."""
+    if marker is None or not os.path.exists(marker):
+        return None
+    with open(marker) as f:
+        info = json.load(f)
+    if info.get("reported"):
+        return None
+    info["reported"] = True
+    with open(marker, "w") as f:  # the recovery is measured once, not again on later restarts
+        json.dump(info, f)
+    return {"killed_at": info["killed_at"], "killed_after_step": info["killed_after_step"],
+            "steps_lost": info["killed_after_step"] - resumed_step}

@@ -1,0 +1,118 @@
+"""parallelize(model, mesh): expert parallelism applied to a single-device model from outside.
+
+    model = MoETransformer(cfg.model); model.init_weights(seed)      # identical on every rank
+    plan = parallelize(model, mesh)                                   # keep only my experts
+    ...loss.backward(); plan.sync_gradients(); plan.clip_grad_norm_(1.0); opt.step()
+
+What changes on each rank:
+- every MoE layer keeps only the routed experts this rank owns (its expert slice, rows of the
+  stacked [E, ...] weights), and its `routed` step becomes the all-to-all dispatch of dispatch.py;
+- gradients: dense parameters are averaged over the whole world; expert parameters are summed only
+  over the replica group (ranks owning the same experts, the data axis) and divided by the world
+  size. Their gradients already hold the contributions of every rank in the expert group, which
+  the all-to-all's backward delivered, so summing over the expert axis would count them twice;
+- the global gradient norm adds the expert shards' squared norms over the expert group once.
+
+Bias balancing needs nothing here: the loop all-reduces expert loads over the whole world.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from raymoe.model.moe import MoE
+from raymoe.parallel.dispatch import ExpertParallelRouted
+from raymoe.parallel.mesh import Mesh
+
+
+@dataclass
+class ParallelPlan:
+    mesh: Mesh
+    dense: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    experts: list[tuple[str, nn.Parameter]] = field(default_factory=list)
+    """Sharded routed-expert parameters: dim 0 indexes this rank's local experts."""
+    dispatchers: list[ExpertParallelRouted] = field(default_factory=list)
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.dense] + [p for _, p in self.experts]
+
+    def sync_gradients(self) -> None:
+        world = self.mesh.world_size
+        if world == 1:
+            return
+        _all_reduce_flat([p.grad for _, p in self.dense if p.grad is not None], None, world)
+        if self.mesh.replica_group is not None:
+            _all_reduce_flat([p.grad for _, p in self.experts if p.grad is not None], self.mesh.replica_group, world)
+        else:
+            for _, p in self.experts:
+                if p.grad is not None:
+                    p.grad.div_(world)
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """Global-norm clipping over the whole (sharded) model; returns the norm before clipping."""
+        dense = [p.grad for _, p in self.dense if p.grad is not None]
+        expert = [p.grad for _, p in self.experts if p.grad is not None]
+        device = (dense or expert)[0].device
+        sq_dense = sum((g.float().square().sum() for g in dense), torch.zeros((), device=device))
+        sq_expert = sum((g.float().square().sum() for g in expert), torch.zeros((), device=device))
+        if self.mesh.expert_group is not None:
+            dist.all_reduce(sq_expert, group=self.mesh.expert_group)  # each shard counted once
+        norm = (sq_dense + sq_expert).sqrt()
+        if max_norm > 0:
+            scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+            for g in dense + expert:
+                g.mul_(scale)
+        return norm
+
+    def take_a2a_bytes(self) -> int:
+        total = sum(d.bytes_sent for d in self.dispatchers)
+        for d in self.dispatchers:
+            d.bytes_sent = 0
+        return total
+
+
+def _all_reduce_flat(grads: list[torch.Tensor], group, world: int) -> None:
+    """Sum in one flat buffer (one collective instead of one per tensor), then divide by world."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def expert_param_names(model: nn.Module) -> set[str]:
+    names = set()
+    for mod_name, mod in model.named_modules():
+        if isinstance(mod, MoE):
+            names.update(f"{mod_name}.experts.{n}" for n, _ in mod.experts.named_parameters())
+    return names
+
+
+def parallelize(model: nn.Module, mesh: Mesh) -> ParallelPlan:
+    plan = ParallelPlan(mesh)
+    local = mesh.local_experts()
+    for mod in model.modules():
+        if not isinstance(mod, MoE):
+            continue
+        if mesh.expert_degree > 1:
+            experts = mod.experts
+            for name in ("w1", "w2", "w3"):
+                full = getattr(experts, name)
+                setattr(experts, name, nn.Parameter(full.data[local.start : local.stop].clone()))
+            experts.num_experts = len(local)
+            # An instance attribute shadows the single-device method: the model file stays as is.
+            mod.routed = ExpertParallelRouted(mod, mesh.expert_degree, mesh.expert_group)
+            plan.dispatchers.append(mod.routed)
+    expert_names = expert_param_names(model)
+    for name, p in model.named_parameters():
+        (plan.experts if name in expert_names else plan.dense).append((name, p))
+    return plan
