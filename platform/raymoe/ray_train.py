@@ -72,6 +72,8 @@ def _worker_fn(config: dict) -> None:
 
     run_id = config.get("mlflow_run_id")
     tracker = MlflowTracker(config["tracking_uri"], run_id) if info.rank == 0 and run_id else NullTracker()
+    if isinstance(tracker, MlflowTracker):
+        tracker.resume_after_last_step()
     train(
         cfg,
         corpus_dir=config["corpus_dir"],

@@ -53,6 +53,7 @@ class MlflowTracker:
         self.uri, self.run_id = uri, run_id
         self._client = None
         self._disabled = False
+        self._skip_through = -1
 
     def _call(self, what: str, fn, *args, **kwargs) -> Any:
         if self._disabled:
@@ -67,10 +68,21 @@ class MlflowTracker:
                           "training continues without tracking", stacklevel=3)
             return None
 
+    def resume_after_last_step(self, key: str = "train/step") -> int:
+        """After a restart, skip steps this run already logged (they are recomputed from the last
+        checkpoint), so every metric's steps stay strictly increasing. Returns that last step."""
+        history = self._call("get_metric_history", lambda c: c.get_metric_history(self.run_id, key)) or []
+        self._skip_through = max((int(m.step) for m in history), default=0)
+        return self._skip_through
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
         import time
 
+        if step <= self._skip_through:
+            metrics = {k: v for k, v in metrics.items() if k.startswith("elastic/")}
+            if not metrics:
+                return
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         self._call("log_metrics", lambda c: c.log_batch(self.run_id, metrics=batch))

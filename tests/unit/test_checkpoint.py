@@ -1,6 +1,11 @@
 """parallel/checkpoint.py: a tiny real MoE model and AdamW survive a save/load round trip bit for
-bit (routers' selection biases and tied embeddings included), and every kind of damaged or
-mismatched checkpoint is refused with a CheckpointError that names the file and the reason.
+bit (routers' selection biases, tied embeddings and Adam moments included), the sharded files
+reassemble into one single-device state dict, and every kind of damaged or mismatched checkpoint
+is refused with a CheckpointError that names the file and the reason; `load_latest_good` then
+falls back to an older checkpoint.
+
+Single process, no torch.distributed: the mesh is 1 rank with expert degree 1, so the checkpoint
+is dense.safetensors plus one expert shard holding experts [0, num_experts).
 
     .venv/bin/python -m pytest tests/unit/test_checkpoint.py -q
 """
@@ -12,88 +17,100 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
+from raymoe.parallel.apply import parallelize
 from raymoe.parallel.checkpoint import (
     MANIFEST,
     CheckpointError,
     TrainerState,
+    full_state_dict,
     load_checkpoint,
+    load_latest_good,
     load_model_weights,
+    read_manifest,
     save_checkpoint,
+    verify_checkpoint,
 )
+from raymoe.parallel.mesh import build_mesh
+from raymoe.train.loop import build_optimizer
 
 V = 260
+E = 4
 _TINY = {
     "vocab_size": V,
     "hidden_size": 16,
     "num_layers": 2,
     "num_heads": 2,
     "max_seq_len": 128,
-    "num_experts": 4,
+    "num_experts": E,
     "top_k": 2,
     "expert_intermediate_size": 8,
     "dense_intermediate_size": 16,
     "num_shared_experts": 1,
 }
+DENSE = "dense.safetensors"
+EXPERTS = f"experts-{0:05d}-{E:05d}.safetensors"
 
 HISTORY = [{"step": 10, "load": [[1, 2, 3, 4], [4, 3, 2, 1]]}, {"step": 20, "load": [[2, 2, 2, 2], [0, 1, 2, 5]]}]
 
 
 def _cfg(**model):
-    return config_from_dict({"model": {**_TINY, **model}})
+    return config_from_dict({"model": {**_TINY, **model}, "train": {"lr": 1e-2}})
 
 
-def _model(seed: int = 0, **model) -> MoETransformer:
-    m = MoETransformer(_cfg(**model).model)
-    m.init_weights(seed=seed)
-    return m
+class _Run:
+    """A model parallelized over a one-rank mesh, with the loop's AdamW."""
+
+    def __init__(self, seed: int = 0, **model):
+        cfg = _cfg(**model)
+        self.model = MoETransformer(cfg.model)
+        self.model.init_weights(seed=seed)
+        self.plan = parallelize(self.model, build_mesh(1, 0, 1, cfg.model.num_experts))
+        self.opt = build_optimizer(self.plan.dense + self.plan.experts, cfg.train, torch.device("cpu"))
+        self.hash = cfg.model_hash()
+
+    def step(self, seed: int = 0) -> None:
+        tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(seed))
+        out = self.model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tokens[:, 1:].reshape(-1)) + out.aux_loss
+        self.opt.zero_grad()
+        loss.backward()
+        self.plan.sync_gradients()
+        self.opt.step()
+
+    def load(self, path: str, expect_model_hash: str | None = None):
+        return load_checkpoint(path, self.model, self.opt, self.plan, expect_model_hash)
 
 
-def _optimizer(model: torch.nn.Module) -> torch.optim.AdamW:
-    return torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
-
-
-def _step(model: MoETransformer, opt: torch.optim.Optimizer, seed: int = 0) -> None:
-    tokens = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(seed))
-    out = model(tokens[:, :-1])
-    loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), tokens[:, 1:].reshape(-1)) + out.aux_loss
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-
-
-def _trained(**model):
-    """A model whose routers carry distinct non-zero biases, and an AdamW that has taken one step."""
+def _trained(**model) -> _Run:
+    """Routers carry distinct non-zero biases, and AdamW has taken one step."""
     torch.manual_seed(0)
-    m = _model(**model)
+    run = _Run(**model)
     with torch.no_grad():
-        for i, moe in enumerate(m.moe_layers()):
+        for i, moe in enumerate(run.model.moe_layers()):
             moe.router.expert_bias.copy_(torch.tensor([0.5, -0.25, 0.125, -1.0]) * (i + 1))
-    opt = _optimizer(m)
-    _step(m, opt)
-    return m, opt
+    run.step()
+    return run
 
 
 def _state(**kw) -> TrainerState:
     return TrainerState(**{"step": 7, "data_position": 1234, "model_hash": _cfg().model_hash(), **kw})
 
 
-def _saved(tmp_path, **model):
-    m, opt = _trained(**model)
-    path = str(tmp_path / "ckpt")
-    save_checkpoint(path, m, opt, _state(model_hash=_cfg(**model).model_hash()), records={"expert_load.json": HISTORY})
-    return path, m, opt
+def _saved(tmp_path, name: str = "ckpt", **model):
+    run = _trained(**model)
+    path = str(tmp_path / name)
+    save_checkpoint(path, run.model, run.opt, run.plan, _state(model_hash=run.hash), records={"expert_load.json": HISTORY})
+    return path, run
 
 
 def _restore(path: str, **model):
-    ckpt = load_checkpoint(path, expect_model_hash=_cfg(**model).model_hash())
-    fresh = _model(seed=123, **model)
-    load_model_weights(fresh, ckpt.model)
-    opt = _optimizer(fresh)
-    opt.load_state_dict(ckpt.optimizer)
-    return ckpt, fresh, opt
+    fresh = _Run(seed=123, **model)
+    state, records = fresh.load(path, expect_model_hash=fresh.hash)
+    return fresh, state, records
 
 
 def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -103,165 +120,234 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
         assert torch.equal(sa[k], sb[k]), k
 
 
+def _flip_byte(fpath: str) -> None:
+    data = bytearray(open(fpath, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(fpath, "wb").write(bytes(data))
+
+
 # ----------------------------------------------------------------------------- round trip
 
 
 def test_weights_and_router_biases_are_identical_after_load(tmp_path):
-    path, m, _ = _saved(tmp_path)
-    _, fresh, _ = _restore(path)
-    _assert_same_weights(m, fresh)
-    biases = [moe.router.expert_bias for moe in fresh.moe_layers()]
+    path, run = _saved(tmp_path)
+    fresh, _, _ = _restore(path)
+    _assert_same_weights(run.model, fresh.model)
+    biases = [moe.router.expert_bias for moe in fresh.model.moe_layers()]
     assert len(biases) == 2
     assert biases[0].tolist() == [0.5, -0.25, 0.125, -1.0]
     assert biases[1].tolist() == [1.0, -0.5, 0.25, -2.0]
 
 
-def test_saved_file_holds_expert_bias_buffers(tmp_path):
-    from safetensors.torch import load_file
+def test_dense_file_holds_expert_bias_buffers_and_the_shard_holds_the_experts(tmp_path):
+    path, run = _saved(tmp_path)
+    dense, experts = load_file(os.path.join(path, DENSE)), load_file(os.path.join(path, EXPERTS))
+    weights = {k for k in dense if not k.startswith("opt/")}
+    assert sorted(k for k in weights if k.endswith("expert_bias")) == [
+        "layers.0.ffn.router.expert_bias", "layers.1.ffn.router.expert_bias"]
+    for i, moe in enumerate(run.model.moe_layers()):
+        assert torch.equal(dense[f"layers.{i}.ffn.router.expert_bias"], moe.router.expert_bias)
+    assert "rope_cos" not in dense and "rope_sin" not in dense  # non-persistent, rebuilt at init
+    expert_names = {n for n, _ in run.plan.experts}
+    assert expert_names and {k for k in experts if not k.startswith("opt/")} == expert_names
+    assert weights | expert_names == set(run.model.state_dict())
+    assert weights.isdisjoint(expert_names)
+    for name, p in run.plan.experts:
+        assert p.shape[0] == E
+        assert torch.equal(experts[name], p.detach())
 
-    path, m, _ = _saved(tmp_path)
-    saved = load_file(os.path.join(path, "model.safetensors"))
-    bias_keys = sorted(k for k in saved if k.endswith("expert_bias"))
-    assert len(bias_keys) == 2
-    assert "rope_cos" not in saved and "rope_sin" not in saved  # non-persistent, rebuilt at init
-    assert set(saved) == set(m.state_dict())
+
+def test_manifest_lists_one_expert_shard_covering_every_expert(tmp_path):
+    path, _ = _saved(tmp_path)
+    files = read_manifest(path)["files"]
+    assert sorted(files) == [DENSE, "expert_load.json", EXPERTS]
+    assert files[EXPERTS]["experts"] == [0, E]
+    assert "experts" not in files[DENSE]
+    assert all(len(info["sha256"]) == 64 for info in files.values())
+    assert verify_checkpoint(path)["files"] == files
 
 
 def test_optimizer_state_is_identical_after_load(tmp_path):
-    path, _, opt = _saved(tmp_path)
-    _, _, opt2 = _restore(path)
-    s1, s2 = opt.state_dict(), opt2.state_dict()
+    path, run = _saved(tmp_path)
+    fresh, _, _ = _restore(path)
+    s1, s2 = run.opt.state_dict(), fresh.opt.state_dict()
     assert s1["param_groups"] == s2["param_groups"]
     assert s1["state"].keys() == s2["state"].keys()
-    assert len(s1["state"]) == len(list(opt.param_groups[0]["params"]))
+    assert len(s1["state"]) == len(run.plan.params)
     for idx, st in s1["state"].items():
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(st[name], s2["state"][idx][name]), (idx, name)
         assert float(s2["state"][idx]["step"]) == 1.0
+    assert read_manifest(path)["adam_step"] == 1.0
     assert any(st["exp_avg"].abs().sum() > 0 for st in s2["state"].values())  # a real, non-trivial state
+    # Moments of the routed experts are in the shard file, under opt/<name>/...
+    experts = load_file(os.path.join(path, EXPERTS))
+    for name, p in run.plan.experts:
+        assert torch.equal(experts[f"opt/{name}/exp_avg_sq"], run.opt.state[p]["exp_avg_sq"])
 
 
 def test_training_continues_identically_after_load(tmp_path):
-    path, m, opt = _saved(tmp_path)
-    _, fresh, opt2 = _restore(path)
-    _step(m, opt, seed=1)
-    _step(fresh, opt2, seed=1)
-    _assert_same_weights(m, fresh)
+    path, run = _saved(tmp_path)
+    fresh, _, _ = _restore(path)
+    run.step(seed=1)
+    fresh.step(seed=1)
+    _assert_same_weights(run.model, fresh.model)
 
 
 def test_tied_embeddings_round_trip(tmp_path):
-    path, m, _ = _saved(tmp_path, tie_embeddings=True)
-    from safetensors.torch import load_file
-
-    saved = load_file(os.path.join(path, "model.safetensors"))
+    path, run = _saved(tmp_path, tie_embeddings=True)
+    saved = load_file(os.path.join(path, DENSE))
     assert "embed.weight" in saved and "lm_head.weight" not in saved  # one name per storage
-    _, fresh, _ = _restore(path, tie_embeddings=True)
-    assert fresh.lm_head.weight is fresh.embed.weight  # still tied after load
-    assert torch.equal(fresh.lm_head.weight, m.embed.weight)
-    _assert_same_weights(m, fresh)
+    assert "opt/embed.weight/exp_avg" in saved and "opt/lm_head.weight/exp_avg" not in saved
+    fresh, _, _ = _restore(path, tie_embeddings=True)
+    assert fresh.model.lm_head.weight is fresh.model.embed.weight  # still tied after load
+    assert torch.equal(fresh.model.lm_head.weight, run.model.embed.weight)
+    _assert_same_weights(run.model, fresh.model)
+    run.step(seed=1)
+    fresh.step(seed=1)
+    _assert_same_weights(run.model, fresh.model)
 
 
 def test_trainer_state_round_trips(tmp_path):
-    m, opt = _trained()
+    run = _trained()
     state = TrainerState(step=42, data_position=98765, model_hash="abc123", mlflow_run_id="run-1",
-                         restarts=2, world_size=4, extra={"best_val": 1.5, "tags": ["a", "b"]})
-    save_checkpoint(str(tmp_path), m, opt, state)
-    ckpt = load_checkpoint(str(tmp_path), expect_model_hash="abc123")
-    assert ckpt.state == state
-    assert ckpt.records == {}
+                         restarts=2, world_size=4, expert_degree=2, extra={"best_val": 1.5, "tags": ["a", "b"]})
+    save_checkpoint(str(tmp_path), run.model, run.opt, run.plan, state)
+    loaded, records = _Run().load(str(tmp_path), expect_model_hash="abc123")
+    assert loaded == state
+    assert records == {}
 
 
 def test_records_round_trip(tmp_path):
-    path, _, _ = _saved(tmp_path)
-    ckpt = load_checkpoint(path)
-    assert ckpt.records == {"expert_load.json": HISTORY}
-    with open(os.path.join(path, MANIFEST)) as f:
-        files = json.load(f)["files"]
-    assert sorted(files) == ["expert_load.json", "model.safetensors", "optimizer.pt"]
-    assert all(len(d) == 64 for d in files.values())
+    path, _ = _saved(tmp_path)
+    _, _, records = _restore(path)
+    assert records == {"expert_load.json": HISTORY}
 
 
-def test_rng_state_is_saved(tmp_path):
+def test_rng_state_is_restored(tmp_path):
+    run = _trained()
     torch.manual_seed(5)
     expected = torch.get_rng_state()
-    m, opt = _trained()
-    torch.set_rng_state(expected)
-    save_checkpoint(str(tmp_path), m, opt, _state())
-    ckpt = load_checkpoint(str(tmp_path))
-    assert torch.equal(ckpt.rng["torch"], expected)
+    save_checkpoint(str(tmp_path), run.model, run.opt, run.plan, _state())
+    after_save = torch.rand(3)
+    torch.manual_seed(999)
+    _Run().load(str(tmp_path))
+    assert torch.equal(torch.get_rng_state(), expected)
+    assert torch.equal(torch.rand(3), after_save)
 
 
 def test_no_temporary_manifest_is_left_behind(tmp_path):
-    path, _, _ = _saved(tmp_path)
-    assert sorted(os.listdir(path)) == ["expert_load.json", MANIFEST, "model.safetensors", "optimizer.pt"]
+    path, _ = _saved(tmp_path)
+    assert sorted(os.listdir(path)) == [DENSE, "expert_load.json", EXPERTS, MANIFEST]
+
+
+# ----------------------------------------------------------------------------- full state dict
+
+
+def test_full_state_dict_gives_a_single_device_model_the_same_logits(tmp_path):
+    path, run = _saved(tmp_path)
+    weights = full_state_dict(path)
+    assert not any(k.startswith("opt/") for k in weights)
+    single = MoETransformer(_cfg().model)
+    single.init_weights(seed=123)
+    load_model_weights(single, weights)
+    _assert_same_weights(run.model, single)
+    tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(7))
+    run.model.eval(), single.eval()
+    with torch.no_grad():
+        assert torch.equal(run.model(tokens).logits, single(tokens).logits)
+
+
+def test_full_state_dict_of_tied_embeddings_loads(tmp_path):
+    path, run = _saved(tmp_path, tie_embeddings=True)
+    single = MoETransformer(_cfg(tie_embeddings=True).model)
+    load_model_weights(single, full_state_dict(path))
+    assert single.lm_head.weight is single.embed.weight
+    _assert_same_weights(run.model, single)
 
 
 # ----------------------------------------------------------------------------- refused checkpoints
 
 
-def test_flipped_byte_in_weights_is_refused_naming_sha256_and_file(tmp_path):
-    path, _, _ = _saved(tmp_path)
-    fpath = os.path.join(path, "model.safetensors")
-    data = bytearray(open(fpath, "rb").read())
-    data[len(data) // 2] ^= 0x01
-    open(fpath, "wb").write(bytes(data))
+@pytest.mark.parametrize("fname", [DENSE, EXPERTS])
+def test_flipped_byte_is_refused_naming_sha256_and_file(tmp_path, fname):
+    path, _ = _saved(tmp_path)
+    fpath = os.path.join(path, fname)
+    _flip_byte(fpath)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+        _Run().load(path)
     msg = str(info.value)
-    assert "sha256" in msg and "model.safetensors" in msg
+    assert "sha256" in msg and fname in msg
     assert msg.startswith(fpath)
 
 
-def test_truncated_optimizer_state_is_refused(tmp_path):
-    path, _, _ = _saved(tmp_path)
-    fpath = os.path.join(path, "optimizer.pt")
-    size = os.path.getsize(fpath)
+def test_flipped_byte_is_refused_by_full_state_dict(tmp_path):
+    path, _ = _saved(tmp_path)
+    _flip_byte(os.path.join(path, EXPERTS))
+    with pytest.raises(CheckpointError, match=f"{EXPERTS}: sha256 does not match"):
+        full_state_dict(path)
+
+
+def test_truncated_file_is_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    fpath = os.path.join(path, EXPERTS)
     with open(fpath, "r+b") as f:
-        f.truncate(size // 2)
+        f.truncate(os.path.getsize(fpath) // 2)
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
-    assert "optimizer.pt" in str(info.value)
+        _Run().load(path)
+    assert EXPERTS in str(info.value)
     assert "truncated or corrupted" in str(info.value)
 
 
 def test_edited_record_is_refused(tmp_path):
-    path, _, _ = _saved(tmp_path)
+    path, _ = _saved(tmp_path)
     with open(os.path.join(path, "expert_load.json"), "w") as f:
         json.dump([], f)
     with pytest.raises(CheckpointError, match="expert_load.json: sha256 does not match"):
-        load_checkpoint(path)
+        _Run().load(path)
 
 
-def test_missing_file_listed_in_manifest_is_refused(tmp_path):
-    path, _, _ = _saved(tmp_path)
-    os.remove(os.path.join(path, "optimizer.pt"))
-    with pytest.raises(CheckpointError, match="optimizer.pt: missing from the checkpoint"):
-        load_checkpoint(path)
+@pytest.mark.parametrize("fname", [DENSE, EXPERTS])
+def test_missing_file_listed_in_manifest_is_refused(tmp_path, fname):
+    path, _ = _saved(tmp_path)
+    os.remove(os.path.join(path, fname))
+    with pytest.raises(CheckpointError, match=f"{fname}: missing from the checkpoint"):
+        _Run().load(path)
 
 
 def test_checkpoint_without_manifest_is_refused_as_never_completed(tmp_path):
-    path, _, _ = _saved(tmp_path)
+    path, _ = _saved(tmp_path)
     os.remove(os.path.join(path, MANIFEST))
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path)
+        _Run().load(path)
     assert str(info.value) == f"{path}: no {MANIFEST}; the checkpoint was never completed"
 
 
 def test_unreadable_manifest_is_refused(tmp_path):
-    path, _, _ = _saved(tmp_path)
+    path, _ = _saved(tmp_path)
     with open(os.path.join(path, MANIFEST), "w") as f:
-        f.write('{"format": 1, "sta')
+        f.write('{"format": 2, "sta')
     with pytest.raises(CheckpointError, match="manifest.json: unreadable"):
-        load_checkpoint(path)
+        _Run().load(path)
+
+
+def test_manifest_of_another_format_is_refused(tmp_path):
+    path, _ = _saved(tmp_path)
+    mpath = os.path.join(path, MANIFEST)
+    manifest = json.load(open(mpath))
+    manifest["format"] = 1
+    json.dump(manifest, open(mpath, "w"))
+    with pytest.raises(CheckpointError, match="checkpoint format 1 is not 2"):
+        _Run().load(path)
 
 
 def test_checkpoint_of_a_different_architecture_is_refused_naming_both_hashes(tmp_path):
-    path, _, _ = _saved(tmp_path)
+    path, _ = _saved(tmp_path)
     saved_hash = _cfg().model_hash()
     other_hash = _cfg(num_experts=8).model_hash()
     assert saved_hash != other_hash
     with pytest.raises(CheckpointError) as info:
-        load_checkpoint(path, expect_model_hash=other_hash)
+        _Run().load(path, expect_model_hash=other_hash)
     msg = str(info.value)
     assert saved_hash in msg and other_hash in msg
     assert "different model architecture" in msg
@@ -272,20 +358,68 @@ def test_checkpoint_error_is_a_runtime_error():
 
 
 def test_weights_with_other_layer_count_are_refused_as_checkpoint_error(tmp_path):
-    path, _, _ = _saved(tmp_path)
-    ckpt = load_checkpoint(path)
-    deeper = _model(num_layers=3)
+    path, _ = _saved(tmp_path)
+    deeper = MoETransformer(_cfg(num_layers=3).model)
     with pytest.raises(CheckpointError) as info:
-        load_model_weights(deeper, ckpt.model)
+        load_model_weights(deeper, full_state_dict(path))
     assert "missing ['layers.2." in str(info.value)
+    with pytest.raises(CheckpointError, match=r"does not match the model: it has no layers.2."):
+        _Run(num_layers=3).load(path)  # no model hash given: the tensors themselves are checked
 
 
 def test_weights_with_other_tensor_shapes_raise_a_checkpoint_error_naming_the_tensor(tmp_path):
     # Same key names, different shapes: torch's size-mismatch error is re-raised as ours, so the
     # CLI reports it in one line. load_checkpoint's model-hash check normally stops this earlier.
-    path, _, _ = _saved(tmp_path)
-    ckpt = load_checkpoint(path)
-    wider = _model(hidden_size=32)
+    path, _ = _saved(tmp_path)
+    wider = MoETransformer(_cfg(hidden_size=32).model)
     with pytest.raises(CheckpointError) as info:
-        load_model_weights(wider, ckpt.model)
+        load_model_weights(wider, full_state_dict(path))
     assert "does not match the model" in str(info.value)
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        _Run(hidden_size=32).load(path)
+
+
+def test_expert_tensors_of_another_shape_are_refused_as_checkpoint_error(tmp_path):
+    # Shared experts 2 x 8 wide vs 1 x 16 wide: every dense tensor matches, only the routed
+    # experts' hidden dim differs.
+    path, _ = _saved(tmp_path, num_shared_experts=2)
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        _Run(num_shared_experts=1, expert_intermediate_size=16).load(path)
+
+
+# ----------------------------------------------------------------------------- load_latest_good
+
+
+def test_load_latest_good_falls_back_past_a_corrupted_newer_checkpoint(tmp_path):
+    older, run = _saved(tmp_path, "step-7")
+    newer = str(tmp_path / "step-8")
+    run.step(seed=1)
+    save_checkpoint(newer, run.model, run.opt, run.plan, _state(step=8, model_hash=run.hash))
+    _flip_byte(os.path.join(newer, EXPERTS))
+    fresh, lines = _Run(seed=123), []
+    result = load_latest_good([newer, older], fresh.model, fresh.opt, fresh.plan, fresh.hash, log=lines.append)
+    assert result is not None
+    path, state, records = result
+    assert path == older
+    assert state.step == 7 and records == {"expert_load.json": HISTORY}
+    assert len(lines) == 1 and lines[0].startswith(f"checkpoint {newer} refused")
+    assert "sha256" in lines[0] and EXPERTS in lines[0]
+    reference, _, _ = _restore(older)
+    _assert_same_weights(reference.model, fresh.model)
+
+
+def test_load_latest_good_without_candidates_returns_none():
+    fresh, lines = _Run(), []
+    assert load_latest_good([], fresh.model, fresh.opt, fresh.plan, fresh.hash, log=lines.append) is None
+    assert lines == []
+
+
+def test_load_latest_good_raises_when_every_candidate_is_refused(tmp_path):
+    a, _ = _saved(tmp_path, "a")
+    b, _ = _saved(tmp_path, "b")
+    _flip_byte(os.path.join(a, DENSE))
+    os.remove(os.path.join(b, MANIFEST))
+    fresh, lines = _Run(), []
+    with pytest.raises(CheckpointError, match=f"none of the 2 checkpoints could be loaded \\(newest: {a}\\)"):
+        load_latest_good([a, b], fresh.model, fresh.opt, fresh.plan, fresh.hash, log=lines.append)
+    assert [line.split(" refused")[0] for line in lines] == [f"checkpoint {a}", f"checkpoint {b}"]

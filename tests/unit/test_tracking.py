@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from raymoe.config import config_from_dict, load_config
 from raymoe.tracking import MlflowTracker, expert_load_heatmap, log_final_artifacts, open_run, tracking_uri
@@ -214,22 +215,31 @@ def test_expert_load_heatmap_of_no_history_writes_nothing(tmp_path):
 
 
 def _checkpoint(path: str):
+    """A sharded checkpoint of a tiny model after one AdamW step; returns the model."""
     from raymoe.model.transformer import MoETransformer
+    from raymoe.parallel.apply import parallelize
     from raymoe.parallel.checkpoint import TrainerState, save_checkpoint
+    from raymoe.parallel.mesh import build_mesh
+    from raymoe.train.loop import build_optimizer
 
     cfg = config_from_dict({"model": {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "num_experts": 4,
                                       "expert_intermediate_size": 8, "dense_intermediate_size": 16}})
     model = MoETransformer(cfg.model)
     model.init_weights(seed=0)
-    opt = torch.optim.AdamW(model.parameters())
-    save_checkpoint(path, model, opt, TrainerState(step=20, model_hash=cfg.model_hash()),
+    plan = parallelize(model, build_mesh(1, 0, 1, cfg.model.num_experts))
+    opt = build_optimizer(plan.dense + plan.experts, cfg.train, torch.device("cpu"))
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(tokens)
+    (out.logits.float().square().mean() + out.aux_loss).backward()
+    opt.step()
+    save_checkpoint(path, model, opt, plan, TrainerState(step=20, model_hash=cfg.model_hash()),
                     records={"expert_load.json": HISTORY})
-    return cfg
+    return model
 
 
 def test_log_final_artifacts_logs_weights_config_load_history_and_heatmap(tmp_path, store, client):
     ckpt = str(tmp_path / "ckpt")
-    _checkpoint(ckpt)
+    model = _checkpoint(ckpt)
     cfg = _cfg(tmp_path / "run", store)
     tracker, _ = _quiet_open(cfg)
     with warnings.catch_warnings(record=True) as record:
@@ -244,7 +254,13 @@ def test_log_final_artifacts_logs_weights_config_load_history_and_heatmap(tmp_pa
 
     dl = tmp_path / "dl"
     weights = client.download_artifacts(tracker.run_id, "model/model.safetensors", str(dl))
-    assert open(weights, "rb").read() == open(os.path.join(ckpt, "model.safetensors"), "rb").read()
+    # The whole single-device model: dense tensors and every expert of every layer, no optimizer state.
+    logged = load_file(weights)
+    expected = model.state_dict()
+    assert logged.keys() == expected.keys()
+    for k in expected:
+        assert torch.equal(logged[k], expected[k]), k
+    assert logged["layers.0.ffn.experts.w1"].shape[0] == 4
     logged_cfg = client.download_artifacts(tracker.run_id, "model/config.yaml", str(dl))
     assert load_config(logged_cfg) == cfg
     history = client.download_artifacts(tracker.run_id, "expert_load.json", str(dl))

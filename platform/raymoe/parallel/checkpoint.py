@@ -234,6 +234,21 @@ def load_checkpoint(
         keys = set(f.keys())
         weights = {k: f.get_tensor(k) for k in keys if not k.startswith("opt/")}
         moments = {k: f.get_tensor(k) for k in keys if k.startswith("opt/")}
+    expert_rows: dict[str, torch.Tensor] = {}
+    if plan.experts:
+        local = plan.mesh.local_experts()
+        shards = _shards_for(manifest, local.start, local.stop)
+        saved_keys = _keys(path, shards[0][0])
+        for name, p in plan.experts:
+            if name not in saved_keys:
+                raise CheckpointError(f"{path}: checkpoint does not match the model: it has no {name}")
+            for key in [name, *(f"opt/{name}/{m}" for m in _MOMENTS if f"opt/{name}/{m}" in saved_keys)]:
+                rows = _read_expert_rows(path, shards, key, local.start, local.stop)
+                if rows.shape != p.shape:
+                    raise CheckpointError(f"{path}: checkpoint does not match the model: {key} has shape "
+                                          f"{tuple(rows.shape)}, the model needs {tuple(p.shape)}")
+                expert_rows[key] = rows
+    # Every shape is checked before anything is copied: a refused checkpoint leaves the model as it was.
     load_model_weights(model, weights, allow_missing={n for n, _ in plan.experts})
     for name, p in plan.dense:
         if f"opt/{name}/exp_avg" in moments:
@@ -241,18 +256,14 @@ def load_checkpoint(
                 "step": step.to(p.device) if fused else step.clone(),
                 **{m: moments[f"opt/{name}/{m}"].to(p.device, p.dtype) for m in _MOMENTS},
             }
-    if plan.experts:
-        local = plan.mesh.local_experts()
-        shards = _shards_for(manifest, local.start, local.stop)
-        saved_keys = _keys(path, shards[0][0])
-        for name, p in plan.experts:
-            with torch.no_grad():
-                p.copy_(_read_expert_rows(path, shards, name, local.start, local.stop))
-            if all(f"opt/{name}/{m}" in saved_keys for m in _MOMENTS):
-                optimizer.state[p] = {
-                    "step": step.to(p.device) if fused else step.clone(),
-                    **{m: _read_expert_rows(path, shards, f"opt/{name}/{m}", local.start, local.stop).to(p.device, p.dtype) for m in _MOMENTS},
-                }
+    for name, p in plan.experts:
+        with torch.no_grad():
+            p.copy_(expert_rows[name])
+        if f"opt/{name}/exp_avg" in expert_rows:
+            optimizer.state[p] = {
+                "step": step.to(p.device) if fused else step.clone(),
+                **{m: expert_rows[f"opt/{name}/{m}"].to(p.device, p.dtype) for m in _MOMENTS},
+            }
     assert dense_names.isdisjoint(n for n, _ in plan.experts)
     torch.set_rng_state(torch.tensor(manifest["rng"], dtype=torch.uint8))
     records = {}
@@ -283,10 +294,11 @@ def full_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], allow_missing: set[str] = frozenset()) -> None:
     """Load a state dict; tied aliases dropped at save time are restored by the tie itself."""
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise CheckpointError(f"checkpoint does not match the model: {str(e).splitlines()[-1].strip()}") from None
+    own = model.state_dict()
+    for k, v in weights.items():
+        if k in own and own[k].shape != v.shape:
+            raise CheckpointError(f"checkpoint does not match the model: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
     missing = [k for k in missing if k not in tied and k not in allow_missing]
     if missing or unexpected:

@@ -1,0 +1,72 @@
+"""Elastic: a node leaves mid-run, so the group restarts smaller (4 -> 2 workers, expert degree
+4 -> 2) from the last checkpoint and still finishes.
+
+Ray allows one cluster per process and the session's local Ray is not multi-node, so this test
+runs its own two-node `ray.cluster_utils.Cluster` in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = [pytest.mark.slow]
+
+SCRIPT = textwrap.dedent('''
+    import glob, json, os, sys, threading, time
+    import ray
+    from ray.cluster_utils import Cluster
+    from raymoe.config import config_from_dict
+    from raymoe.ray_train import run_training
+
+    out = sys.argv[1]
+    cfg = config_from_dict({
+        "name": "elastic", "output_dir": out,
+        "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 32, "num_experts": 8,
+                  "top_k": 2, "expert_intermediate_size": 16},
+        "scaling": {"num_workers": [2, 4], "max_failures": 3},
+        "train": {"steps": 40, "batch_size": 2, "seq_len": 32, "warmup_steps": 2, "log_every": 5,
+                  "val_every": 20, "val_batches": 1, "checkpoint_every": 5, "sample_tokens": 0},
+        "data": {"max_bytes": 300000},
+    })
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    extra = cluster.add_node(num_cpus=2)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    result = {}
+    trainer = threading.Thread(target=lambda: result.update(outcome=run_training(cfg)))
+    trainer.start()
+    # Take the second node away once the first checkpoint exists.
+    run_dir = os.path.join(cfg.storage_path, cfg.name)
+    while not glob.glob(os.path.join(run_dir, "checkpoint_*", "manifest.json")):
+        time.sleep(0.2)
+    cluster.remove_node(extra)
+    trainer.join()
+    o = result["outcome"]
+    print("RESULT " + json.dumps({"step": o.step, "run_id": o.mlflow_run_id, "uri": o.tracking_uri}))
+    ray.shutdown()
+    cluster.shutdown()
+''')
+
+
+def test_group_resumes_smaller_after_a_node_leaves_and_finishes(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], capture_output=True, text=True, timeout=480)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["step"] == 40
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(result["uri"])
+    sizes = [m.value for m in client.get_metric_history(result["run_id"], "elastic/world_size")]
+    degrees = [m.value for m in client.get_metric_history(result["run_id"], "elastic/expert_degree")]
+    assert sizes and sizes[-1] == 2.0, sizes
+    assert degrees[-1] == 2.0, degrees
+    steps = [m.step for m in client.get_metric_history(result["run_id"], "train/loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40
+    assert "world size 4" in proc.stdout and "now 2 and 2" in proc.stdout
