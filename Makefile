@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# A fresh run name each time: running the same name again would resume (and find it finished).
 demo: $(STAMP)
-	$(BIN)/raymoe train jobs/configs/demo.yaml
+	$(BIN)/raymoe train jobs/configs/demo.yaml --set name=demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

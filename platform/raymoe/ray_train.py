@@ -30,6 +30,8 @@ class TrainingOutcome:
     tracking_uri: str
     sample: str | None
     seconds: float
+    recovery: dict | None = None
+    """What train.fault_injection measured: killed_after_step, resumed_from_step, steps_lost, recovery_s."""
 
 
 class RayReporter:
@@ -81,8 +83,12 @@ def _worker_fn(config: dict) -> None:
         tracker=tracker,
         resume_dirs=_resume_candidates(ray.train.get_checkpoint()),
         info=info,
-        fault_marker=os.path.join(cfg.storage_path, cfg.name, "fault_injected.json"),
+        fault_marker=fault_marker_path(cfg),
     )
+
+
+def fault_marker_path(cfg: RunConfig) -> str:
+    return os.path.join(cfg.storage_path, cfg.name, "fault_injected.json")
 
 
 def _resume_candidates(latest) -> list[str]:
@@ -180,6 +186,7 @@ def run_training(cfg: RunConfig, config_yaml: str | None = None, *, address: str
     """Train `cfg` on Ray Train (starting a local Ray unless one is running or an address is given)."""
     from raymoe.tracking import log_final_artifacts, open_run, tracking_uri
     from raymoe.train.data import prepare_corpus
+    from raymoe.train.loop import read_recovery
 
     t0 = time.perf_counter()
     corpus = prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, log=log)
@@ -226,4 +233,5 @@ def run_training(cfg: RunConfig, config_yaml: str | None = None, *, address: str
         tracking_uri=uri,
         sample=sample,
         seconds=time.perf_counter() - t0,
+        recovery=read_recovery(fault_marker_path(cfg)) if cfg.train.fault_injection else None,
     )

@@ -260,11 +260,13 @@ def train(
             on_step(step)
         elapsed_train = time.perf_counter() - t0
         if recovery is not None:
-            recovery["recovery_s"] = time.time() - recovery.pop("killed_at")
+            recovery["recovery_s"] = time.time() - recovery["killed_at"]
             log(f"recovered: first step after the restart finished {recovery['recovery_s']:.1f}s after the kill; "
                 f"{recovery['steps_lost']} step(s) lost (killed after step {recovery['killed_after_step']}, "
-                f"resumed from the checkpoint of step {step - 1})")
+                f"resumed from the checkpoint of step {recovery['resumed_from_step']})")
             tracker.log_metrics({"elastic/recovery_s": recovery["recovery_s"], "elastic/steps_lost": recovery["steps_lost"]}, step=step)
+            with open(fault_marker, "w") as f:  # for the driver's summary
+                json.dump(recovery, f)
             recovery = None
         if tc.fault_injection is not None:
             _maybe_inject_fault(tc.fault_injection, info.rank, step, fault_marker)
@@ -335,10 +337,16 @@ def _recovery_from_marker(marker: str | None, resumed_step: int) -> dict[str, An
         return None
     with open(marker) as f:
         info = json.load(f)
-    if info.get("reported"):
+    if "recovery_s" in info:  # measured once, not again on later restarts
         return None
-    info["reported"] = True
-    with open(marker, "w") as f:  # the recovery is measured once, not again on later restarts
-        json.dump(info, f)
-    return {"killed_at": info["killed_at"], "killed_after_step": info["killed_after_step"],
-            "steps_lost": info["killed_after_step"] - resumed_step}
+    return {**info, "resumed_from_step": resumed_step, "steps_lost": info["killed_after_step"] - resumed_step}
+
+
+def read_recovery(marker: str) -> dict[str, Any] | None:
+    """What fault injection recorded for a run: kill step, rank, recovery_s, steps_lost (or None)."""
+    try:
+        with open(marker) as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return info if "recovery_s" in info else None
