@@ -28,6 +28,7 @@ class TrainingOutcome:
     checkpoint_path: str | None
     mlflow_run_id: str | None
     tracking_uri: str
+    registered_model: str | None
     sample: str | None
     seconds: float
     recovery: dict | None = None
@@ -81,7 +82,7 @@ def _worker_fn(config: dict) -> None:
         corpus_dir=config["corpus_dir"],
         reporter=RayReporter(),
         tracker=tracker,
-        resume_dirs=_resume_candidates(ray.train.get_checkpoint()),
+        resume_dirs=_resume_candidates(ray.train.get_checkpoint(), os.path.join(cfg.storage_path, cfg.name)),
         info=info,
         fault_marker=fault_marker_path(cfg),
     )
@@ -91,27 +92,31 @@ def fault_marker_path(cfg: RunConfig) -> str:
     return os.path.join(cfg.storage_path, cfg.name, "fault_injected.json")
 
 
-def _resume_candidates(latest) -> list[str]:
-    """The latest checkpoint Ray Train knows, then the older ones beside it, newest first.
+def _resume_candidates(latest, run_dir: str) -> list[str]:
+    """Every complete checkpoint of the run, newest step first: the one Ray Train reports as latest
+    and any other in the run's storage directory.
 
-    Older ones are the fallback when the latest fails its checksums. They are read in place, which
-    needs storage every worker mounts (a local disk, NFS); other filesystems give only the latest.
+    Older ones are the fallback when the latest fails its checksums. The directory is also read
+    when Ray Train knows none: a worker lost right after its checkpoint was uploaded, before the
+    controller registered it, must not send the run back to step 0. Reading in place needs
+    storage every worker mounts (local disk, NFS); on other filesystems only the latest is tried.
     """
-    if latest is None:
-        return []
     import pyarrow.fs
 
-    if not isinstance(latest.filesystem, pyarrow.fs.LocalFileSystem):
-        return [latest.to_directory()]
     from raymoe.parallel.checkpoint import MANIFEST
 
-    parent = os.path.dirname(latest.path)
-    others = []
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        if name.startswith("checkpoint_") and path != latest.path and os.path.exists(os.path.join(path, MANIFEST)):
-            others.append(path)
-    return [latest.path, *sorted(others, key=_checkpoint_step, reverse=True)]
+    if latest is not None and not isinstance(latest.filesystem, pyarrow.fs.LocalFileSystem):
+        return [latest.to_directory()]
+    found = []
+    if os.path.isdir(run_dir):
+        for name in os.listdir(run_dir):
+            path = os.path.join(run_dir, name)
+            if name.startswith("checkpoint_") and os.path.exists(os.path.join(path, MANIFEST)):
+                found.append(path)
+    if latest is not None and os.path.realpath(latest.path) not in {os.path.realpath(p) for p in found}:
+        found.append(latest.path)
+    # By step, not by what Ray registered: a complete checkpoint it never heard of is still newer.
+    return sorted(found, key=_checkpoint_step, reverse=True)
 
 
 def _checkpoint_step(path: str) -> int:
@@ -231,6 +236,7 @@ def run_training(cfg: RunConfig, config_yaml: str | None = None, *, address: str
         checkpoint_path=ckpt_path,
         mlflow_run_id=tracker.run_id if tracker else None,
         tracking_uri=uri,
+        registered_model=tracker.registered if tracker else None,
         sample=sample,
         seconds=time.perf_counter() - t0,
         recovery=read_recovery(fault_marker_path(cfg)) if cfg.train.fault_injection else None,

@@ -37,6 +37,10 @@ SCRIPT = textwrap.dedent('''
     extra = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)
+    # Ray Train sizes an elastic group from the resources it sees at start: make sure that is both nodes.
+    while ray.cluster_resources().get("CPU", 0) < 4:
+        time.sleep(0.2)
+    time.sleep(2)
     result = {}
     trainer = threading.Thread(target=lambda: result.update(outcome=run_training(cfg)))
     trainer.start()
@@ -44,7 +48,10 @@ SCRIPT = textwrap.dedent('''
     run_dir = os.path.join(cfg.storage_path, cfg.name)
     while not glob.glob(os.path.join(run_dir, "checkpoint_*", "manifest.json")):
         time.sleep(0.2)
+    first = glob.glob(os.path.join(run_dir, "checkpoint_*", "manifest.json"))[0]
+    print("FIRST_CHECKPOINT_WORLD " + str(json.load(open(first))["state"]["world_size"]), flush=True)
     cluster.remove_node(extra)
+    print("NODE_REMOVED_AT " + repr(time.time()), flush=True)
     trainer.join()
     o = result["outcome"]
     print("RESULT " + json.dumps({"step": o.step, "run_id": o.mlflow_run_id, "uri": o.tracking_uri}))
@@ -59,14 +66,18 @@ def test_group_resumes_smaller_after_a_node_leaves_and_finishes(tmp_path):
     assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT "):])
     assert result["step"] == 40
+    assert "FIRST_CHECKPOINT_WORLD 4" in proc.stdout, proc.stdout[-3000:]  # started on both nodes
 
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(result["uri"])
     sizes = [m.value for m in client.get_metric_history(result["run_id"], "elastic/world_size")]
     degrees = [m.value for m in client.get_metric_history(result["run_id"], "elastic/expert_degree")]
-    assert sizes and sizes[-1] == 2.0, sizes
+    assert sizes and sizes[-1] == 2.0, (sizes, proc.stdout[-3000:])
     assert degrees[-1] == 2.0, degrees
+    removed_at = float(next(l for l in proc.stdout.splitlines() if l.startswith("NODE_REMOVED_AT ")).split()[1])
+    restarted = client.get_metric_history(result["run_id"], "elastic/restarts")[0]
+    print(f"node removed -> group resumed at world size 2: {restarted.timestamp / 1000 - removed_at:.1f} s")
     steps = [m.step for m in client.get_metric_history(result["run_id"], "train/loss")]
     assert steps == sorted(set(steps)) and steps[-1] == 40
     assert "world size 4" in proc.stdout and "now 2 and 2" in proc.stdout
