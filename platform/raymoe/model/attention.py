@@ -36,6 +36,16 @@ def apply_rope(x_BHSr: torch.Tensor, cos_Sr: torch.Tensor, sin_Sr: torch.Tensor)
     return (x_BHSr * cos_Sr + rotated * sin_Sr).to(x_BHSr.dtype)
 
 
+def cached_mask(positions_BS: torch.Tensor, num_keys: int, window: int | None) -> torch.Tensor:
+    """bool [B, 1, S, T]: query at absolute position p sees cached keys j <= p (and p - j < window)."""
+    j = torch.arange(num_keys, device=positions_BS.device)
+    dist = positions_BS[:, :, None] - j[None, None, :]
+    allowed = dist >= 0
+    if window is not None:
+        allowed &= dist < window
+    return allowed.unsqueeze(1)
+
+
 def causal_mask(seq_len: int, window: int | None, device) -> torch.Tensor | None:
     """None for plain causal (SDPA's is_causal); else bool [S, S], True where attention is allowed."""
     if window is None:
@@ -68,13 +78,25 @@ class Attention(nn.Module):
     def rope_dim(self) -> int:
         return self.head_dim
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-token cache entries: keys and values of every KV head."""
+        return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q_BHSd = self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k_BJSd = self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BJSd = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSd, k_BJSd = apply_rope(q_BHSd, cos, sin), apply_rope(k_BJSd, cos, sin)
-        out_BHSd = _attend(q_BHSd, k_BJSd, v_BJSd, self.window)
+        if cache is None:
+            out_BHSd = _attend(q_BHSd, k_BJSd, v_BJSd, self.window)
+        else:
+            k_all, v_all = cache.write_read(k=k_BJSd.transpose(1, 2), v=v_BJSd.transpose(1, 2))  # [B, T, J, d]
+            mask = cached_mask(cache.positions, k_all.shape[1], self.window)
+            out_BHSd = F.scaled_dot_product_attention(
+                q_BHSd, k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )
         return self.wo(out_BHSd.transpose(1, 2).reshape(B, S, -1))
 
 
@@ -104,7 +126,11 @@ class MLAttention(nn.Module):
     def rope_dim(self) -> int:
         return self.r
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def cache_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-token cache entries: the normalized latent and the shared rotary key, nothing per head."""
+        return {"latent": (self.kv_lora_rank,), "k_rope": (self.r,)}
+
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H, n, r, v = self.num_heads, self.n, self.r, self.v
         q = self.wq_b(self.q_norm(self.wq_a(x_BSD))) if hasattr(self, "wq_a") else self.wq(x_BSD)
@@ -112,14 +138,44 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q_BHS_nr.split([n, r], dim=-1)
 
         latent_BSL, k_rope_BSr = self.wkv_a(x_BSD).split([self.kv_lora_rank, r], dim=-1)
-        kv = self.wkv_b(self.kv_norm(latent_BSL)).view(B, S, H, n + v).transpose(1, 2)
-        k_nope, v_BHSv = kv.split([n, v], dim=-1)
+        latent_BSL = self.kv_norm(latent_BSL)
         k_rope_B1Sr = apply_rope(k_rope_BSr.unsqueeze(1), cos, sin)  # shared by all heads
+        mask = None
+        if cache is not None:
+            # The cache holds only the latent and the rotary key; per-head keys and values are
+            # rebuilt from it for every step (memory over compute, as DeepSeek-V2 argues).
+            latent_BSL, k_rope_BTr = cache.write_read(latent=latent_BSL, k_rope=k_rope_B1Sr.squeeze(1))
+            k_rope_B1Sr = k_rope_BTr.unsqueeze(1)
+            mask = cached_mask(cache.positions, latent_BSL.shape[1], self.window)
+        T = latent_BSL.shape[1]
+        kv = self.wkv_b(latent_BSL).view(B, T, H, n + v).transpose(1, 2)
+        k_nope, v_BHTv = kv.split([n, v], dim=-1)
 
         q_BHSd = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
-        k_BHSd = torch.cat([k_nope, k_rope_B1Sr.expand(B, H, S, r)], dim=-1)
-        out_BHSv = _attend(q_BHSd, k_BHSd, v_BHSv, self.window, scale=(n + r) ** -0.5)
+        k_BHTd = torch.cat([k_nope, k_rope_B1Sr.expand(B, H, T, r)], dim=-1)
+        if cache is None:
+            out_BHSv = _attend(q_BHSd, k_BHTd, v_BHTv, self.window, scale=(n + r) ** -0.5)
+        else:
+            out_BHSv = F.scaled_dot_product_attention(q_BHSd, k_BHTd, v_BHTv, attn_mask=mask, scale=(n + r) ** -0.5)
         return self.wo(out_BHSv.transpose(1, 2).reshape(B, S, H * v))
+
+
+class CacheView:
+    """One layer's slice of a KV cache as seen by one forward: which cache rows (`slots` [B]) and
+    which absolute positions (`positions` [B, S]) the new tokens take."""
+
+    def __init__(self, storage: dict[str, torch.Tensor], slots: torch.Tensor, positions: torch.Tensor, num_keys: int):
+        self.storage, self.slots, self.positions, self.num_keys = storage, slots, positions, num_keys
+
+    def write_read(self, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Store each new [B, S, ...] entry at (slot, position); return each entry's [B, T, ...]
+        for T = num_keys cached positions (positions beyond a row's length are masked out)."""
+        out = []
+        for name, value in new.items():
+            buf = self.storage[name]
+            buf[self.slots[:, None], self.positions] = value.to(buf.dtype)
+            out.append(buf[self.slots, : self.num_keys].to(value.dtype))
+        return tuple(out)
 
 
 def build_attention(cfg: ModelConfig, layer: int) -> nn.Module:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raymoe.config import ModelConfig
-from raymoe.model.attention import build_attention, rope_tables
+from raymoe.model.attention import CacheView, build_attention, rope_tables
 from raymoe.model.moe import MoE, MoEStats, SwiGLU
 
 
@@ -34,6 +34,26 @@ class ModelOutput:
     """One entry per MoE layer, in layer order."""
 
 
+class KVCache:
+    """Key/value storage for up to `max_batch` sequences of `max_len` tokens, one row per sequence.
+
+    MHA/GQA layers keep keys and values per KV head; MLA layers keep only the compressed latent and
+    the shared rotary key (kv_lora_rank + qk_rope_head_dim numbers per token, for all heads).
+    """
+
+    def __init__(self, model: "MoETransformer", max_batch: int, max_len: int, dtype: torch.dtype | None = None):
+        device = model.embed.weight.device
+        dtype = dtype or model.embed.weight.dtype
+        self.max_batch, self.max_len = max_batch, max_len
+        self.layers = [
+            {name: torch.zeros(max_batch, max_len, *shape, device=device, dtype=dtype) for name, shape in block.attn.cache_shapes().items()}
+            for block in model.layers
+        ]
+
+    def bytes_per_token(self) -> int:
+        return sum(t[0, 0].numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -43,8 +63,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
 
-    def forward(self, x_BSD, cos, sin):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin)
+    def forward(self, x_BSD, cos, sin, cache=None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache)
         h = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             y, aux, stats = self.ffn(h)
@@ -91,10 +111,19 @@ class MoETransformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+    def forward(self, tokens_BS: torch.Tensor, cache: "KVCache | None" = None, slots: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> ModelOutput:
+        """Without a cache: a full causal pass from position 0. With one: the tokens take absolute
+        `positions` [B, S] in cache rows `slots` [B], and attend to everything cached before them."""
         S = tokens_BS.shape[1]
-        assert S <= self.cfg.max_seq_len, f"sequence of {S} tokens > model.max_seq_len={self.cfg.max_seq_len}"
-        cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+        if cache is None:
+            assert S <= self.cfg.max_seq_len, f"sequence of {S} tokens > model.max_seq_len={self.cfg.max_seq_len}"
+            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+            views = [None] * len(self.layers)
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # [B, 1, S, r]
+            num_keys = int(positions.max()) + 1
+            views = [CacheView(layer, slots, positions, num_keys) for layer in cache.layers]
         x = self.embed(tokens_BS)
         aux_total = x.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats] = []
@@ -102,7 +131,7 @@ class MoETransformer(nn.Module):
             if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
                 x, aux, st = checkpoint(block, x, cos, sin, use_reentrant=False)
             else:
-                x, aux, st = block(x, cos, sin)
+                x, aux, st = block(x, cos, sin, views[i])
             if st is not None:
                 aux_total = aux_total + aux
                 stats.append(st)

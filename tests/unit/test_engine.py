@@ -1,0 +1,164 @@
+"""The serving engine without Ray: KV cache, continuous batching, sampling, stop strings, loading."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from raymoe.config import config_from_dict
+from raymoe.model.transformer import KVCache, MoETransformer
+from raymoe.serve.engine import Engine, RequestError, SamplingParams, load_model, sample_next
+from raymoe.train.data import ByteTokenizer
+
+LAYOUTS = {
+    "mha": {},
+    "gqa-sliding": {"num_kv_heads": 2, "sliding_window": 8, "global_every": 2},
+    "mla": {"attention": "mla", "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
+    "mla-qlora": {"attention": "mla", "q_lora_rank": 24, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
+}
+
+
+def tiny_model(**model):
+    cfg = config_from_dict({"model": {"hidden_size": 64, "num_layers": 2, "max_seq_len": 64, "first_k_dense_layers": 1, **model},
+                            "train": {"seq_len": 32}}).model
+    m = MoETransformer(cfg)
+    m.init_weights(0)
+    return m.eval()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_cached_decoding_of_ragged_rows_equals_the_full_causal_pass(layout):
+    model = tiny_model(**LAYOUTS[layout])
+    x = torch.randint(0, 260, (3, 20))
+    with torch.no_grad():
+        full = model(x).logits
+        cache = KVCache(model, max_batch=4, max_len=64)
+        slots = torch.tensor([3, 0, 2])
+        # Rows prefilled to different lengths, then decoded together: each attends only to its own past.
+        lengths = [12, 7, 15]
+        for r, n in enumerate(lengths):
+            out = model(x[r : r + 1, :n], cache, slots[r : r + 1], torch.arange(n)[None]).logits
+            torch.testing.assert_close(out[0], full[r, :n], atol=2e-5, rtol=0)
+        pos = torch.tensor(lengths)
+        for _ in range(4):
+            out = model(x[torch.arange(3), pos][:, None], cache, slots, pos[:, None]).logits
+            torch.testing.assert_close(out[:, 0], full[torch.arange(3), pos], atol=2e-5, rtol=0)
+            pos = pos + 1
+
+
+def test_mla_cache_stores_only_the_latent_and_the_rotary_key():
+    mla, mha = tiny_model(**LAYOUTS["mla"]), tiny_model(num_heads=4)
+    # Per token and layer: latent 32 + rotary key 8 floats, against k and v of 4 heads x 16 dims.
+    assert KVCache(mla, 1, 8).bytes_per_token() == 2 * (32 + 8) * 4
+    assert KVCache(mha, 1, 8).bytes_per_token() == 2 * (2 * 4 * 16) * 4
+
+
+def test_greedy_generation_matches_the_uncached_reference():
+    model, tok = tiny_model(**LAYOUTS["mla"]), ByteTokenizer()
+    got = Engine(model, tok, max_batch=2).generate("def f", SamplingParams(max_tokens=24, temperature=0))
+    ref = model.generate([int(t) for t in tok.encode("def f")], 24, temperature=0)
+    assert got.text == tok.decode(ref) and got.finish_reason == "length" and got.completion_tokens == 24
+
+
+def test_requests_join_and_leave_the_running_batch_between_decode_steps():
+    model, tok = tiny_model(), ByteTokenizer()
+    engine = Engine(model, tok, max_batch=3)
+    reqs = [engine.add_request(f"p{i}", SamplingParams(max_tokens=4 + 3 * i, temperature=0.9, seed=i)) for i in range(5)]
+    running_sizes = []
+    while engine.has_work():
+        engine.step()
+        running_sizes.append(len(engine.running))
+    assert [len(r.output_ids) for r in reqs] == [4, 7, 10, 13, 16]
+    assert max(running_sizes) == 3  # never more than the cache rows
+    assert engine.stats["prefills"] == 5
+    # Fewer decode steps than running everything one after another: sequences shared steps.
+    assert engine.stats["decode_steps"] < sum(len(r.output_ids) - 1 for r in reqs)
+    # Batching does not change what a seeded request samples.
+    solo = Engine(model, tok, max_batch=1).generate("p3", SamplingParams(max_tokens=13, temperature=0.9, seed=3))
+    assert solo.text == reqs[3].text
+
+
+def test_seed_makes_sampling_reproducible_and_top_k_1_is_greedy():
+    model, tok = tiny_model(), ByteTokenizer()
+    a = Engine(model, tok).generate("x", SamplingParams(max_tokens=16, temperature=1.0, seed=7))
+    b = Engine(model, tok).generate("x", SamplingParams(max_tokens=16, temperature=1.0, seed=7))
+    greedy = Engine(model, tok).generate("x", SamplingParams(max_tokens=16, temperature=0))
+    top1 = Engine(model, tok).generate("x", SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=3))
+    assert a.text == b.text and top1.text == greedy.text
+
+
+def test_top_p_keeps_the_smallest_set_reaching_the_mass():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    gen = torch.Generator().manual_seed(0)
+    seen = {sample_next(logits, SamplingParams(top_p=0.7), gen) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are never drawn
+
+
+def _forced_engine(text: str, **params):
+    """The real engine, its logits overridden so that it spells `text` then EOS: the stop-string
+    and finish logic is what is under test, not the model."""
+    model, tok = tiny_model(num_experts=0), ByteTokenizer()
+    targets = list(text.encode())
+    engine = Engine(model, tok, max_batch=1)
+    orig = engine._forward
+
+    def forward(slots, tokens, start):
+        logits = orig(slots, tokens, start)
+        req = next(iter(engine.running.values()))
+        nxt = targets[len(req.output_ids)] if len(req.output_ids) < len(targets) else tok.eos_id
+        forced = torch.full_like(logits, -1e9)
+        forced[:, nxt] = 0
+        return forced
+
+    engine._forward = forward
+    return engine.generate("a", SamplingParams(temperature=0, **params))
+
+
+def test_stop_string_ends_generation_before_it():
+    out = _forced_engine("hello world. more", max_tokens=40, stop=(". ",))
+    assert out.text == "hello world" and out.finish_reason == "stop"
+
+
+def test_eos_ends_generation_with_stop_and_max_tokens_with_length():
+    assert _forced_engine("hi", max_tokens=40).finish_reason == "stop"
+    out = _forced_engine("abcdefgh", max_tokens=3)
+    assert out.text == "abc" and out.finish_reason == "length"
+
+
+def test_bad_requests_are_refused_with_a_clear_error():
+    engine = Engine(tiny_model(), ByteTokenizer(), max_batch=1, max_len=16)
+    with pytest.raises(RequestError, match="empty"):
+        engine.add_request("", SamplingParams())
+    with pytest.raises(RequestError, match="at most 15"):
+        engine.add_request("x" * 16, SamplingParams())
+    with pytest.raises(RequestError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_engine_counts_tokens_per_expert_per_layer():
+    model = tiny_model(num_experts=4, top_k=2)
+    engine = Engine(model, ByteTokenizer(), max_batch=2)
+    engine.generate("abc", SamplingParams(max_tokens=5, temperature=0))
+    # 3 prompt tokens + 4 decoded inputs, 2 experts each, one MoE layer.
+    assert engine.load.shape == (1, 4) and int(engine.load.sum()) == (3 + 4) * 2
+
+
+def test_load_model_reads_a_model_directory_and_refuses_anything_else(tmp_path):
+    from safetensors.torch import save_file
+
+    from raymoe.parallel.checkpoint import _unique
+
+    model = tiny_model()
+    cfg = config_from_dict({"name": "tiny", "model": model.cfg.__dict__ | {"balance": {}}, "train": {"seq_len": 32}})
+    d = tmp_path / "model"
+    d.mkdir()
+    save_file(_unique(model.state_dict()), str(d / "model.safetensors"))
+    (d / "config.yaml").write_text(cfg.to_yaml())
+    loaded_cfg, loaded = load_model(str(d))
+    assert loaded_cfg.name == "tiny"
+    x = torch.randint(0, 260, (1, 10))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    with pytest.raises(RequestError, match="not a model"):
+        load_model(str(tmp_path))
