@@ -467,3 +467,27 @@ def test_moe_forward_and_gradients_equal_a_naive_per_token_reference(model):
     assert stats.num_dropped.item() == routing.num_dropped.item()
     if "capacity_factor" in model:
         assert not routing.keep_TK.all()  # the case really exercises skipped/dropped slots
+
+
+def test_group_limited_routing_keeps_each_token_on_at_most_top_k_groups_expert_ranks():
+    """DeepSeek's node-limited routing: with expert groups laid onto expert ranks (groups a
+    multiple of the expert degree), a token's experts live on at most top_k_groups ranks."""
+    from raymoe.parallel.mesh import Mesh
+
+    cfg = config_from_dict({"model": {"hidden_size": 32, "num_experts": 16, "top_k": 4, "score_func": "sigmoid",
+                                      "num_expert_groups": 8, "top_k_groups": 2}}).model
+    router = TopKRouter(cfg)
+    torch.nn.init.normal_(router.weight)
+    router.expert_bias.normal_(0, 0.5)
+    expert_TK = router(torch.randn(512, 32)).expert_TK
+    for expert_degree in (2, 4, 8):
+        mesh = Mesh(world_size=expert_degree, rank=0, expert_degree=expert_degree, num_experts=16)
+        rank_TK = expert_TK // mesh.experts_per_rank
+        ranks_per_token = torch.tensor([len(set(r.tolist())) for r in rank_TK])
+        assert int(ranks_per_token.max()) <= 2, expert_degree
+    # Without the limit the same router spreads tokens over more ranks.
+    free = config_from_dict({"model": {"hidden_size": 32, "num_experts": 16, "top_k": 4, "score_func": "sigmoid"}}).model
+    unlimited = TopKRouter(free)
+    unlimited.weight.data.copy_(router.weight.data)
+    spread = unlimited(torch.randn(512, 32)).expert_TK // 2
+    assert max(len(set(r.tolist())) for r in spread) > 2

@@ -8,6 +8,11 @@ tokens by all-to-all. Ranks with the same expert_index form a *replica group*: t
 experts, and only they average those experts' gradients. Dense parameters are replicated on
 every rank and averaged over the whole world.
 
+Experts are laid out contiguously, and so are expert groups (moe.py): when num_expert_groups is
+a multiple of expert_degree each rank holds whole groups, and group-limited routing becomes
+DeepSeek's node-limited routing: a token's experts live on at most top_k_groups ranks, which
+bounds its all-to-all fan-out.
+
 Every rank must build the mesh (process-group creation is collective).
 """
 
