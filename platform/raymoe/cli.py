@@ -42,6 +42,8 @@ def _cmd_train(args) -> int:
               f"step-{r['resumed_from_step']} checkpoint and finished its first step {r['recovery_s']:.1f}s after the kill "
               f"({r['steps_lost']} steps recomputed)")
     print_where_to_look(outcome.tracking_uri, outcome.mlflow_run_id)
+    if outcome.registered_model:
+        print(f"registered: {outcome.registered_model}  (serve it: raymoe serve {outcome.registered_model})")
     if outcome.sample is not None:
         print("sample from the trained model:")
         print("-" * 60)

@@ -367,6 +367,9 @@ class TrackingConfig:
     """MLflow run name (null = the config's name)."""
     log_checkpoint: bool = True
     """Log the final weights (safetensors) and config as artifacts."""
+    registered_model: Optional[str] = None
+    """Register the final model in the MLflow model registry under this name (null = don't);
+    serve it with `raymoe serve models:/<name>/<version>`."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -399,6 +402,8 @@ class RunConfig:
             _fail(f"parallel.expert_degree={ep} must divide scaling.num_workers={lo}")
         if self.train.fault_injection is not None and self.train.fault_injection.kill_rank >= hi:
             _fail(f"train.fault_injection.kill_rank={self.train.fault_injection.kill_rank} must be < the number of workers ({hi})")
+        if self.tracking.registered_model is not None and not self.tracking.registered_model.strip():
+            _fail("tracking.registered_model must be a non-empty name or null")
         if self.data.tokenizer == "byte" and self.model.vocab_size < 260:
             _fail(f"model.vocab_size={self.model.vocab_size} must be >= 260 for data.tokenizer=byte")
 

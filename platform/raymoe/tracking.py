@@ -54,6 +54,8 @@ class MlflowTracker:
         self._client = None
         self._disabled = False
         self._skip_through = -1
+        self.registered: str | None = None
+        """models:/<name>/<version> once the final model is registered."""
 
     def _call(self, what: str, fn, *args, **kwargs) -> Any:
         if self._disabled:
@@ -207,6 +209,8 @@ def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: 
             with open(os.path.join(mdir, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
             tracker.log_artifact(mdir, "model")
+            if cfg.tracking.registered_model:
+                register_model(tracker, cfg.tracking.registered_model)
         history_path = os.path.join(checkpoint_dir, "expert_load.json")
         if os.path.exists(history_path):
             tracker.log_artifact(history_path)
@@ -215,6 +219,26 @@ def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: 
             png = os.path.join(d, "expert_load_heatmap.png")
             if expert_load_heatmap(history, png):
                 tracker.log_artifact(png)
+
+
+def register_model(tracker: MlflowTracker, name: str) -> str | None:
+    """A new version of registered model `name` from this run's model/ artifacts; returns its URI."""
+
+    def create(c):
+        from mlflow.exceptions import MlflowException
+
+        try:
+            c.create_registered_model(name)
+        except MlflowException as e:
+            if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
+                raise
+        return c.create_model_version(name, source=f"runs:/{tracker.run_id}/model", run_id=tracker.run_id).version
+
+    version = tracker._call("register_model", create)
+    if version is None:
+        return None
+    tracker.registered = f"models:/{name}/{version}"
+    return tracker.registered
 
 
 def print_where_to_look(uri: str, run_id: str | None, out=sys.stdout) -> None:

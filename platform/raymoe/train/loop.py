@@ -42,6 +42,7 @@ from raymoe.train.metrics import Throughput, device_peak_flops, format_progress,
 
 
 LOAD_HISTORY = "expert_load.json"
+RUN_CONFIG = "run_config.json"  # what serving rebuilds the model from
 
 
 class Reporter(Protocol):
@@ -311,7 +312,7 @@ def train(
             # Every rank writes its own part (dense on rank 0, expert shards on data index 0);
             # Ray Train merges the ranks' directories.
             ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{step:07d}-r{info.rank}-")
-            save_checkpoint(ckpt_dir, model, optimizer, plan, state, records={LOAD_HISTORY: load_history} if info.rank == 0 else None)
+            save_checkpoint(ckpt_dir, model, optimizer, plan, state, records={LOAD_HISTORY: load_history, RUN_CONFIG: cfg.to_dict()} if info.rank == 0 else None)
         reporter.report(metrics, ckpt_dir)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
