@@ -1,0 +1,1 @@
+"""Serving: expert groups as Ray Serve deployments, and where each routed expert lives."""

@@ -1,0 +1,208 @@
+"""OpenAI-compatible HTTP API over a generation backend (a `ThreadedEngine`, or anything with its
+`stream` coroutine): POST /v1/completions (streaming as server-sent events), GET /v1/models,
+GET /healthz, GET /v1/expert_load.
+
+Every bad request gets a 4xx with an error body in OpenAI's shape and the server keeps serving:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
+
+`CompletionsAPI.handle(request)` takes a Starlette request and returns a Starlette response, so
+the same code runs under Ray Serve (a deployment's `__call__`) and in a plain ASGI app for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from raymoe.serve.engine import RequestError, SamplingParams
+
+
+@dataclass(frozen=True)
+class APILimits:
+    max_prompt_tokens: int
+    max_tokens: int
+    """Largest max_tokens a request may ask for."""
+    max_body_bytes: int = 1 << 20
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status)
+
+
+def _number(body: dict, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise APIError(400, f"{key} must be a number", key)
+    if v > hi or v < lo or (lo_open and v == lo):
+        raise APIError(400, f"{key}={v} must be in {'(' if lo_open else '['}{lo}, {hi}]", key)
+    return float(v)
+
+
+def _integer(body: dict, key: str, default: int | None, lo: int, hi: int | None) -> int | None:
+    v = body.get(key, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise APIError(400, f"{key} must be an integer", key)
+    if v < lo or (hi is not None and v > hi):
+        raise APIError(400, f"{key}={v} must be in [{lo}, {hi if hi is not None else 'inf'}]", key)
+    return v
+
+
+@dataclass
+class CompletionRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    stream: bool
+
+
+def parse_completion_request(raw: bytes, tokenizer, limits: APILimits, model_name: str) -> CompletionRequest:
+    if len(raw) > limits.max_body_bytes:
+        raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise APIError(400, "request body is not valid UTF-8") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and model != model_name:
+        raise APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise APIError(400, "prompt must be a string", "prompt")
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", "prompt")
+    ids = [int(t) for t in tokenizer.encode(prompt)]
+    if len(ids) > limits.max_prompt_tokens:
+        raise APIError(400, f"prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}", "prompt", code="context_length_exceeded")
+    n = _integer(body, "n", 1, 1, 1)
+    assert n == 1
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+        raise APIError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings", "stop")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise APIError(400, "stream must be true or false", "stream")
+    try:
+        params = SamplingParams(
+            max_tokens=_integer(body, "max_tokens", 16, 1, limits.max_tokens),
+            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+            top_k=_integer(body, "top_k", 0, 0, None),
+            seed=_integer(body, "seed", None, 0, 2**63 - 1),
+            stop=tuple(stop),
+        )
+    except RequestError as e:
+        raise APIError(400, str(e)) from None
+    return CompletionRequest(ids, params, stream)
+
+
+class CompletionsAPI:
+    """Routes requests to `backend.stream(prompt_ids, params)` (an async generator of (delta, req))."""
+
+    def __init__(self, backend, tokenizer, *, model_name: str, limits: APILimits, api_key: str | None = None,
+                 expert_load: Callable[[], dict[str, Any]] | None = None):
+        self.backend, self.tokenizer, self.model_name, self.limits = backend, tokenizer, model_name, limits
+        self.api_key = api_key
+        self.expert_load = expert_load
+        self.created = int(time.time())
+
+    async def handle(self, request: Request) -> Response:
+        try:
+            # Under Serve the app may sit behind a route prefix, which arrives as root_path.
+            path = request.url.path[len(request.scope.get("root_path", "")):] if request.scope.get("root_path") else request.url.path
+            path, method = path.rstrip("/") or "/", request.method
+            if path == "/healthz" and method == "GET":
+                return JSONResponse({"status": "ok"})
+            self._authorize(request)
+            if path == "/v1/completions":
+                if method != "POST":
+                    raise APIError(405, "use POST for /v1/completions")
+                return await self._completions(request)
+            if path == "/v1/models" and method == "GET":
+                return JSONResponse({"object": "list", "data": [
+                    {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raymoe"}]})
+            if path == "/v1/expert_load" and method == "GET":
+                return JSONResponse(self.expert_load() if self.expert_load else {"layers": []})
+            raise APIError(404, f"no route {method} {path}", code="not_found")
+        except APIError as e:
+            return e.response()
+
+    def _authorize(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
+
+    async def _completions(self, request: Request) -> Response:
+        req = parse_completion_request(await request.body(), self.tokenizer, self.limits, self.model_name)
+        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        if req.stream:
+            return StreamingResponse(self._sse(req, cid, created), media_type="text/event-stream")
+        text, state = [], None
+        try:
+            async for delta, state in self.backend.stream(req.prompt_ids, req.params):
+                text.append(delta)
+        except RequestError as e:
+            raise APIError(400, str(e)) from None
+        return JSONResponse({
+            "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+            "choices": [{"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": state.finish_reason}],
+            "usage": _usage(state),
+        })
+
+    async def _sse(self, req: CompletionRequest, cid: str, created: int):
+        def chunk(text: str, finish: str | None, usage=None) -> str:
+            body = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
+                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
+            if usage:
+                body["usage"] = usage
+            return f"data: {json.dumps(body)}\n\n"
+
+        try:
+            async for delta, state in self.backend.stream(req.prompt_ids, req.params):
+                done = state.finish_reason is not None
+                if delta or done:
+                    yield chunk(delta, state.finish_reason if done else None, _usage(state) if done else None)
+        except RequestError as e:
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error', 'param': None, 'code': None}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def _usage(req) -> dict[str, int]:
+    return {"prompt_tokens": len(req.prompt_ids), "completion_tokens": len(req.output_ids),
+            "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
+
+
+def build_asgi_app(api: CompletionsAPI):
+    """A plain Starlette app around the API (tests, or serving without Ray)."""
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    return Starlette(routes=[Route("/{path:path}", api.handle, methods=["GET", "POST", "PUT", "DELETE"])])

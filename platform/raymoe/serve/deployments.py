@@ -1,0 +1,203 @@
+"""Ray Serve deployments: a Router that runs the model with continuous batching behind the HTTP
+API, and ExpertGroup deployments that each host a slice of the routed experts of every layer.
+
+    app = build_app(ServeSettings(model="models:/raymoe-demo/1", mode="routed", num_groups=2))
+    serve.run(app)
+
+Routed mode: at each MoE layer of a decode step the router sorts the batch's routed slots by
+expert and makes ONE call per expert group that received any (all groups' calls are in flight at
+once), then combines the returned outputs with the routing weights. An ExpertGroup is stateless:
+any replica of a group can serve any call, and `@serve.batch` merges calls arriving together
+from several router replicas into one grouped GEMM per layer.
+
+Monolithic mode: the same router with every expert inside it. It is the baseline.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from ray import serve
+
+from raymoe.model.moe import GroupedExperts, MoE, Routing, permute, unpermute
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    model: str
+    """A MODEL source (see engine.MODEL_SOURCES)."""
+    mode: str = "routed"
+    """'routed' (ExpertGroup deployments) or 'monolithic' (every expert in the router)."""
+    num_groups: int = 2
+    """Expert groups in routed mode; must divide the number of routed experts."""
+    max_batch: int = 16
+    """Sequences decoded together by one router replica."""
+    max_tokens: int = 256
+    """Largest max_tokens a request may ask for."""
+    api_key: str | None = None
+    """Require 'Authorization: Bearer <api_key>' (null = open)."""
+    tracking_uri: str | None = None
+    """Where models:/ and runs:/ URIs resolve (null = $MLFLOW_TRACKING_URI)."""
+    router_replicas: int = 1
+    group_replicas: tuple[int, int] = (1, 1)
+    """Each ExpertGroup's [min, max] replicas."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("routed", "monolithic"):
+            raise ValueError(f"mode={self.mode!r} must be 'routed' or 'monolithic'")
+        if self.num_groups < 1:
+            raise ValueError(f"num_groups={self.num_groups} must be >= 1")
+
+
+class RemoteExperts:
+    """Replaces `MoE.routed` in the router: one batched call per expert group per layer."""
+
+    def __init__(self, layer: int, groups: list[range], handles: list, stats: "RouterStats"):
+        self.layer, self.groups, self.handles, self.stats = layer, groups, handles, stats
+
+    def __call__(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        num_experts = self.groups[-1].stop
+        x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, num_experts)
+        counts = counts_E.tolist()
+        pending, offset = [], 0
+        for g, (experts, handle) in enumerate(zip(self.groups, self.handles)):
+            n = sum(counts[experts.start : experts.stop])
+            if n:
+                rows = x_ND[offset : offset + n]
+                pending.append((offset, n, handle.forward.remote((self.layer, rows, counts_E[experts.start : experts.stop]))))
+                self.stats.add(g, n)
+            offset += n
+        out_ND = x_ND.new_empty(x_ND.shape)
+        for start, n, response in pending:  # all calls are in flight before the first wait
+            out_ND[start : start + n] = response.result()
+        return unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
+
+
+@dataclass
+class RouterStats:
+    """Calls and tokens the router sent to each expert group (what the group autoscaler reads)."""
+
+    num_groups: int
+    tokens: list[int] = field(default_factory=list)
+    calls: list[int] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.tokens = [0] * self.num_groups
+        self.calls = [0] * self.num_groups
+
+    def add(self, group: int, tokens: int) -> None:
+        with self._lock:
+            self.tokens[group] += tokens
+            self.calls[group] += 1
+
+
+def expert_ranges(num_experts: int, num_groups: int) -> list[range]:
+    if num_experts % num_groups:
+        raise ValueError(f"num_groups={num_groups} must divide the model's {num_experts} routed experts")
+    e = num_experts // num_groups
+    return [range(g * e, (g + 1) * e) for g in range(num_groups)]
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class ExpertGroup:
+    """Hosts routed experts [first, last) of every MoE layer; stateless."""
+
+    def __init__(self, settings: ServeSettings, group: int):
+        from raymoe.serve.engine import load_model
+
+        _, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
+        num_experts = model.cfg.num_experts
+        self.experts = expert_ranges(num_experts, settings.num_groups)[group]
+        self.layers: dict[int, GroupedExperts] = {}
+        for i, moe in enumerate(model.moe_layers()):
+            full = moe.experts
+            part = GroupedExperts(len(self.experts), full.w1.shape[1], full.w1.shape[2])
+            for name in ("w1", "w2", "w3"):
+                getattr(part, name).data = getattr(full, name).data[self.experts.start : self.experts.stop].clone()
+            self.layers[i] = part.eval()
+        self.group, self.tokens, self.batches = group, 0, 0
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def forward(self, calls: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Each call: (layer, rows sorted by local expert, counts per local expert). Calls for the
+        same layer are merged into one grouped GEMM; results go back to each caller."""
+        self.batches += 1
+        out: list[torch.Tensor | None] = [None] * len(calls)
+        by_layer: dict[int, list[int]] = {}
+        for i, (layer, _, _) in enumerate(calls):
+            by_layer.setdefault(layer, []).append(i)
+        with torch.no_grad():
+            for layer, idx in by_layer.items():
+                xs = [calls[i][1] for i in idx]
+                counts = [calls[i][2] for i in idx]
+                e = len(self.experts)
+                local = torch.cat([torch.repeat_interleave(torch.arange(e), c) for c in counts])
+                order = torch.argsort(local, stable=True)
+                y_sorted = self.layers[layer](torch.cat(xs)[order], torch.stack(counts).sum(0))
+                y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+                for i, part in zip(idx, y.split([x.shape[0] for x in xs])):
+                    out[i] = part
+                self.tokens += int(sum(x.shape[0] for x in xs))
+        return out
+
+    def load(self) -> dict:
+        return {"group": self.group, "experts": [self.experts.start, self.experts.stop], "tokens": self.tokens, "batches": self.batches}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
+class Router:
+    """The model minus (in routed mode) its routed experts, continuous batching, the HTTP API."""
+
+    def __init__(self, settings: ServeSettings, *groups):
+        import os
+
+        from raymoe.serve.api import APILimits, CompletionsAPI
+        from raymoe.serve.engine import Engine, ThreadedEngine, load_model
+        from raymoe.train.data import get_tokenizer
+
+        cfg, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
+        self.mode = settings.mode
+        self.stats = RouterStats(settings.num_groups if settings.mode == "routed" else 0)
+        if settings.mode == "routed":
+            ranges = expert_ranges(cfg.model.num_experts, settings.num_groups)
+            for layer, moe in enumerate(model.moe_layers()):
+                moe.routed = RemoteExperts(layer, ranges, list(groups), self.stats)
+                moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
+        tok = get_tokenizer(cfg.data.tokenizer)
+        self.engine = Engine(model, tok, max_batch=settings.max_batch)
+        self.threaded = ThreadedEngine(self.engine)
+        limits = APILimits(max_prompt_tokens=model.cfg.max_seq_len // 2, max_tokens=settings.max_tokens)
+        self.api = CompletionsAPI(self.threaded, tok, model_name=cfg.name, limits=limits,
+                                  api_key=settings.api_key or os.environ.get("RAYMOE_API_KEY"),
+                                  expert_load=self.expert_load)
+        self.started = time.time()
+
+    def expert_load(self) -> dict:
+        per_expert = self.engine.load.tolist()
+        out = {"mode": self.mode, "layers": per_expert, "total_per_expert": [sum(col) for col in zip(*per_expert)] if per_expert else []}
+        if self.mode == "routed":
+            out["groups"] = {"tokens": list(self.stats.tokens), "calls": list(self.stats.calls)}
+        out["decode_steps"] = self.engine.stats["decode_steps"]
+        out["prefills"] = self.engine.stats["prefills"]
+        return out
+
+    async def __call__(self, request):
+        return await self.api.handle(request)
+
+
+def build_app(settings: ServeSettings):
+    """The Serve application: a Router, plus one ExpertGroup deployment per group in routed mode."""
+    router = Router.options(num_replicas=settings.router_replicas)
+    if settings.mode == "monolithic":
+        return router.bind(settings)
+    lo, hi = settings.group_replicas
+    groups = [
+        ExpertGroup.options(name=f"ExpertGroup{g}", num_replicas=lo if lo == hi else "auto",
+                            **({"autoscaling_config": {"min_replicas": lo, "max_replicas": hi}} if lo != hi else {})).bind(settings, g)
+        for g in range(settings.num_groups)
+    ]
+    return router.bind(settings, *groups)

@@ -1,0 +1,313 @@
+"""Batched generation with a KV cache and continuous batching. No Ray in here: deployments wrap it.
+
+    engine = Engine(model, tokenizer, max_batch=16)
+    req = engine.add_request("def ", SamplingParams(max_tokens=32, temperature=0.8, seed=1))
+    while engine.has_work():
+        for event in engine.step():        # (request, text delta, finished)
+            ...
+
+Each `step` first admits waiting requests into free cache rows (one prefill each: the prompt's
+keys and values are written into that row), then runs ONE decode forward over every running
+sequence at once, whatever their lengths: each row attends to its own cached positions. Finished
+sequences leave at once and their row is reused by the next request, so requests join and leave
+the running batch between decode steps (continuous batching).
+
+The engine knows only token ids and text; `ThreadedEngine` runs `step` in a background thread and
+hands each request's deltas to an asyncio queue, which is what the Serve router uses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+import torch
+
+from raymoe.model.transformer import KVCache, MoETransformer
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (too long, bad sampling values)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0
+    """0 = greedy."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 = no top-k filter."""
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    """Generation ends before the first occurrence of any of these strings."""
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestError(f"max_tokens={self.max_tokens} must be >= 1")
+        if self.temperature < 0:
+            raise RequestError(f"temperature={self.temperature} must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.top_k < 0:
+            raise RequestError(f"top_k={self.top_k} must be >= 0")
+
+
+@dataclass
+class Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    """Text emitted so far (after stop-string handling)."""
+    finish_reason: str | None = None
+    slot: int | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def sample_next(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """Temperature, then top-k, then nucleus (top-p) filtering; greedy at temperature 0."""
+    logits = logits_V.float()
+    if params.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / params.temperature
+    if params.top_k:
+        kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if params.top_p < 1:
+        sorted_p, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = sorted_p.cumsum(0) - sorted_p >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0)
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+class Engine:
+    """Continuous-batching generation over one model replica (single device)."""
+
+    def __init__(self, model: MoETransformer, tokenizer, *, max_batch: int = 8, max_len: int | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch
+        self.max_len = max_len or model.cfg.max_seq_len
+        self.device = model.embed.weight.device
+        self.cache = KVCache(model, max_batch, self.max_len)
+        self.waiting: list[Request] = []
+        self.running: dict[int, Request] = {}  # slot -> request
+        self._ids = itertools.count()
+        self.stats = {"decode_steps": 0, "prefills": 0, "tokens": 0}
+        self.load = torch.zeros(len(model.moe_layers()), max(model.cfg.num_experts, 1), dtype=torch.long)
+        """Tokens routed to each expert of each MoE layer since the engine started."""
+
+    # -- requests
+    def add_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
+        ids = [int(t) for t in self.tokenizer.encode(prompt)] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        if len(ids) >= self.max_len:
+            raise RequestError(f"the prompt has {len(ids)} tokens; this model takes at most {self.max_len - 1}")
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        req = Request(next(self._ids), ids, params, gen)
+        self.waiting.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, req: Request) -> None:
+        if req in self.waiting:
+            self.waiting.remove(req)
+        if req.slot is not None and self.running.get(req.slot) is req:
+            del self.running[req.slot]
+        req.finish_reason = req.finish_reason or "abort"
+
+    # -- the scheduler
+    @torch.no_grad()
+    def step(self) -> list[tuple[Request, str, bool]]:
+        """Admit what fits, then decode one token for every running sequence."""
+        events: list[tuple[Request, str, bool]] = []
+        # Sequences admitted in this step get their first token from the prefill, not a decode.
+        active = [r for r in self.running.values() if r.finish_reason is None]
+        free = [s for s in range(self.max_batch) if s not in self.running]
+        while self.waiting and free:
+            req = self.waiting.pop(0)
+            req.slot = free.pop(0)
+            self.running[req.slot] = req
+            logits = self._forward([req.slot], [req.prompt_ids], start=[0])
+            self.stats["prefills"] += 1
+            events.append(self._accept(req, logits[0]))
+        if active:
+            logits = self._forward([r.slot for r in active], [[r.output_ids[-1]] for r in active], start=[r.length - 1 for r in active])
+            self.stats["decode_steps"] += 1
+            for r, lg in zip(active, logits):
+                events.append(self._accept(r, lg))
+        for r, _, done in events:
+            if done and self.running.get(r.slot) is r:
+                del self.running[r.slot]
+        return events
+
+    def _forward(self, slots: list[int], tokens: list[list[int]], start: list[int]) -> torch.Tensor:
+        """Logits of the last position of each row. Rows here all have the same number of new tokens."""
+        S = len(tokens[0])
+        x = torch.tensor(tokens, device=self.device)
+        positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(S, device=self.device)
+        out = self.model(x, self.cache, torch.tensor(slots, device=self.device), positions)
+        for layer, st in enumerate(out.moe_stats):
+            self.load[layer] += st.tokens_per_expert.cpu()
+        return out.logits[:, -1]
+
+    def _accept(self, req: Request, logits_V: torch.Tensor) -> tuple[Request, str, bool]:
+        tok = sample_next(logits_V, req.params, req.generator)
+        if req.first_token_at is None:
+            req.first_token_at = time.perf_counter()
+        self.stats["tokens"] += 1
+        if tok == self.tokenizer.eos_id:
+            req.finish_reason = "stop"
+            return req, "", True
+        req.output_ids.append(tok)
+        full = self.tokenizer.decode(req.output_ids)
+        # Hold back a trailing partial UTF-8 character (decoded as U+FFFD) until it completes.
+        visible = full.rstrip("\ufffd") if len(req.output_ids) < req.params.max_tokens else full
+        for stop in req.params.stop:
+            cut = visible.find(stop)
+            if cut >= 0:
+                delta = visible[len(req.text):cut] if cut > len(req.text) else ""
+                req.text += delta
+                req.finish_reason = "stop"
+                return req, delta, True
+        # A stop string may be forming at the end: emit only what cannot be its beginning.
+        hold = max((len(s) - 1 for s in req.params.stop), default=0)
+        safe = visible[: max(len(req.text), len(visible) - hold)] if hold else visible
+        delta = safe[len(req.text):]
+        req.text += delta
+        done = len(req.output_ids) >= req.params.max_tokens or req.length >= self.max_len
+        if done:
+            req.finish_reason = "length"
+            tail = visible[len(req.text):]
+            req.text += tail
+            delta += tail
+        return req, delta, done
+
+    # -- convenience (tests, CLI)
+    def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
+        req = self.add_request(prompt, params)
+        while req.finish_reason is None:
+            self.step()
+        return Completion(req.text, req.finish_reason, len(req.prompt_ids), len(req.output_ids))
+
+
+
+class ThreadedEngine:
+    """Runs `Engine.step` in a background thread; requests are awaited or streamed from asyncio."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._lock = threading.Condition()
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self.engine.has_work():
+                    self._lock.wait()
+                events = self.engine.step()
+            for req, delta, done in events:
+                loop, q = self._queues.get(req.id, (None, None))
+                if q is not None:
+                    loop.call_soon_threadsafe(q.put_nowait, (delta, done, req))
+
+    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[tuple[str, Request]]:
+        """Yields (text delta, request) until the request finishes; the last delta may be ''."""
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            req = self.engine.add_request(prompt, params)
+            self._queues[req.id] = (loop, q)
+            self._lock.notify()
+        try:
+            while True:
+                delta, done, _ = await q.get()
+                yield delta, req
+                if done:
+                    return
+        finally:
+            with self._lock:
+                self._queues.pop(req.id, None)
+                if req.finish_reason is None:  # the client went away: free its cache row
+                    self.engine.abort(req)
+
+    async def complete(self, prompt: str | list[int], params: SamplingParams) -> Completion:
+        req = None
+        async for _, req in self.stream(prompt, params):
+            pass
+        return Completion(req.text, req.finish_reason, len(req.prompt_ids), len(req.output_ids))
+
+
+MODEL_SOURCES = (
+    "a raymoe training checkpoint directory (with manifest.json), a model directory (model.safetensors + "
+    "config.yaml, as logged to MLflow), or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
+)
+
+
+def load_model(source: str, *, tracking_uri: str | None = None, device: str = "cpu"):
+    """(RunConfig, MoETransformer in eval mode) from any of MODEL_SOURCES."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from raymoe.config import config_from_dict
+    from raymoe.parallel.checkpoint import MANIFEST, CheckpointError, full_state_dict, load_model_weights
+
+    path = source
+    if source.startswith(("runs:/", "models:/")):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=source)
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
+            raise RequestError(f"cannot fetch {source} from MLflow ({type(e).__name__}: {str(e)[:200]}); "
+                               f"check the URI and MLFLOW_TRACKING_URI") from None
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        record = os.path.join(path, "run_config.json")
+        if not os.path.exists(record):
+            raise CheckpointError(f"{path}: checkpoint has no run_config.json (written since raymoe 0.1); serve the model logged to MLflow instead")
+        import json
+
+        with open(record) as f:
+            cfg = config_from_dict(json.load(f), source=record)
+        weights = full_state_dict(path)
+    elif os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "config.yaml")):
+        with open(os.path.join(path, "config.yaml")) as f:
+            cfg = config_from_dict(yaml.safe_load(f), source=os.path.join(path, "config.yaml"))
+        weights = load_file(os.path.join(path, "model.safetensors"))
+    else:
+        raise RequestError(f"{source}: not a model; MODEL must be {MODEL_SOURCES}")
+    model = MoETransformer(cfg.model)
+    load_model_weights(model, weights)
+    return cfg, model.to(device).eval()

@@ -1,0 +1,75 @@
+"""Serving on the session's local Ray: the routed app (router + 2 ExpertGroup deployments) and the
+monolithic app answer the same requests with the same text, over real HTTP."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+from safetensors.torch import save_file
+
+from raymoe.config import config_from_dict
+from raymoe.model.transformer import MoETransformer
+from raymoe.parallel.checkpoint import _unique
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    cfg = config_from_dict({"name": "tiny-serve", "model": {"hidden_size": 32, "num_layers": 3, "first_k_dense_layers": 1,
+                                                         "num_experts": 8, "top_k": 2, "max_seq_len": 128}})
+    model = MoETransformer(cfg.model)
+    model.init_weights(0)
+    d = tmp_path_factory.mktemp("model")
+    save_file(_unique(model.state_dict()), str(d / "model.safetensors"))
+    (d / "config.yaml").write_text(cfg.to_yaml())
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, model_dir):
+    from ray import serve
+
+    from raymoe.serve.deployments import ServeSettings, build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(ServeSettings(model=model_dir, mode="monolithic")), name="mono", route_prefix="/mono")
+    serve.run(build_app(ServeSettings(model=model_dir, mode="routed", num_groups=2)), name="routed", route_prefix="/routed")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+def test_routed_and_monolithic_apps_give_the_same_completions(served):
+    with httpx.Client(timeout=60) as http:
+        for prompt in ("def ", "import os\n", "x = "):
+            req = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
+            mono = http.post(f"{served}/mono/v1/completions", json=req).json()
+            routed = http.post(f"{served}/routed/v1/completions", json=req).json()
+            assert routed["choices"][0]["text"] == mono["choices"][0]["text"], prompt
+            assert routed["usage"]["completion_tokens"] == 12
+
+
+def test_routed_router_makes_at_most_one_call_per_group_per_layer_per_step(served):
+    with httpx.Client(timeout=60) as http:
+        http.post(f"{served}/routed/v1/completions", json={"prompt": "abc", "max_tokens": 8, "temperature": 0})
+        load = http.get(f"{served}/routed/v1/expert_load").json()
+    calls, tokens = load["groups"]["calls"], load["groups"]["tokens"]
+    forwards = load["decode_steps"] + load.get("prefills", 0)
+    assert sum(tokens) == sum(load["total_per_expert"])  # every routed slot went to exactly one group
+    assert all(c > 0 for c in calls)
+    # 2 MoE layers x 2 groups: never more than 4 hops per forward (decode steps + prefills).
+    assert sum(calls) <= 4 * (load["decode_steps"] + load["prefills"])
+
+
+def test_bad_request_is_a_4xx_and_streaming_works_through_serve(served):
+    with httpx.Client(timeout=60) as http:
+        bad = http.post(f"{served}/routed/v1/completions", content=b"{oops", headers={"content-type": "application/json"})
+        assert bad.status_code == 400 and "error" in bad.json()
+        with http.stream("POST", f"{served}/routed/v1/completions", json={"prompt": "def ", "max_tokens": 6, "stream": True, "temperature": 0}) as r:
+            lines = [l for l in r.iter_lines() if l.startswith("data: ")]
+        assert lines[-1] == "data: [DONE]" and len(lines) >= 2
