@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml
 # A fresh run name each time: running the same name again would resume (and find it finished).
 demo: $(STAMP)
 	$(BIN)/raymoe train jobs/configs/demo.yaml --set name=demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/raymoe serve models:/raymoe-demo/latest --routed --try "def " --try "import os" --try "class "
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

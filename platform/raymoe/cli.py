@@ -10,6 +10,7 @@ Config errors are reported in one line naming the file and key, before Ray start
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from raymoe.config import ConfigError, load_config
@@ -67,6 +68,62 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    import time
+
+    import ray
+    from ray import serve
+
+    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.engine import load_model
+
+    if args.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and os.path.exists(".raymoe/mlflow.db"):
+        args.tracking_uri = "sqlite:///" + os.path.abspath(".raymoe/mlflow.db")  # the default store of `raymoe train`
+    settings = ServeSettings(model=args.model, mode="monolithic" if args.monolithic else "routed", num_groups=args.groups,
+                             max_batch=args.max_batch, api_key=args.api_key, tracking_uri=args.tracking_uri)
+    cfg, _ = load_model(args.model, tracking_uri=args.tracking_uri)  # fail here, in one line, on a bad MODEL
+    ray.init(address=args.address) if args.address else ray.init()
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(settings), name="raymoe", route_prefix="/")
+    url = f"http://{args.host}:{args.port}"
+    print(f"serving {cfg.name!r} ({settings.mode}, {settings.num_groups if settings.mode == 'routed' else 'no'} expert groups) at {url}")
+    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"def \", \"max_tokens\": 32}}'")
+    if args.try_prompts:
+        _try_completions(url, args.try_prompts, api_key=settings.api_key)
+        serve.shutdown()
+        return 0
+    print("Ctrl-C stops it.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
+def _try_completions(url: str, prompts: list[str], api_key: str | None) -> None:
+    """Send each prompt over HTTP, as a client would, and print what came back."""
+    import json
+    import time
+    import urllib.request
+
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    for prompt in prompts:
+        body = json.dumps({"prompt": prompt, "max_tokens": 64, "temperature": 0.7, "seed": 0}).encode()
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", body, headers), timeout=120) as r:
+            out = json.load(r)
+        dt = time.perf_counter() - t0
+        print(f"POST /v1/completions {prompt!r} -> {out['usage']['completion_tokens']} tokens in {dt:.2f}s:")
+        print("    " + (prompt + out["choices"][0]["text"]).replace("\n", "\n    "))
+    with urllib.request.urlopen(urllib.request.Request(f"{url}/v1/expert_load", headers=headers), timeout=30) as r:
+        load = json.load(r)
+    if "groups" in load:
+        steps = load["decode_steps"] + load["prefills"]
+        print(f"expert groups received {load['groups']['tokens']} routed tokens in {sum(load['groups']['calls'])} calls "
+              f"({sum(load['groups']['calls']) / max(steps, 1):.1f} hops per forward)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description="Train DeepSeek-style Mixture-of-Experts models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -75,6 +132,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API on Ray Serve")
+    p.add_argument("model", help="a training checkpoint dir, a model dir, runs:/<id>/model or models:/<name>/<version|latest>")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--routed", action="store_true", default=True, help="experts in ExpertGroup deployments (default)")
+    mode.add_argument("--monolithic", action="store_true", help="every expert inside the router (the baseline)")
+    p.add_argument("--groups", type=int, default=2, help="expert groups in routed mode (default 2)")
+    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $RAYMOE_API_KEY, else open)")
+    p.add_argument("--tracking-uri", default=None, help="where models:/ and runs:/ resolve (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--try", dest="try_prompts", action="append", default=[], metavar="PROMPT",
+                   help="send this prompt over HTTP once serving, print the completion, then stop (repeatable)")
+    p.set_defaults(fn=_cmd_serve)
 
     p = sub.add_parser("params", help="total / activated parameters and training FLOPs per token of a config")
     _add_config_args(p)
@@ -99,9 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:
         from raymoe.parallel.checkpoint import CheckpointError
+        from raymoe.serve.engine import RequestError
         from raymoe.train.data import DataError
 
-        if isinstance(e, (DataError, CheckpointError)):
+        if isinstance(e, (DataError, CheckpointError, RequestError)):
             print(f"raymoe: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise
