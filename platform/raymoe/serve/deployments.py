@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from ray import serve
 
-from raymoe.model.moe import GroupedExperts, MoE, Routing, permute, unpermute
+from raymoe.model.moe import GroupedExperts, Routing, permute, unpermute
+from raymoe.serve.autoscale import LOAD_METRIC, TokenRate, expert_group_autoscaling
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class ServeSettings:
     """Where models:/ and runs:/ URIs resolve (null = $MLFLOW_TRACKING_URI)."""
     router_replicas: int = 1
     group_replicas: tuple[int, int] = (1, 1)
-    """Each ExpertGroup's [min, max] replicas."""
+    """Each ExpertGroup's [min, max] replicas; min < max turns on expert-load autoscaling."""
+    target_tokens_per_s: float = 2000.0
+    """Routed tokens per second one ExpertGroup replica should handle (the autoscaling target)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("routed", "monolithic"):
@@ -120,6 +123,7 @@ class ExpertGroup:
                 getattr(part, name).data = getattr(full, name).data[self.experts.start : self.experts.stop].clone()
             self.layers[i] = part.eval()
         self.group, self.tokens, self.batches = group, 0, 0
+        self.rate = TokenRate()
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
     async def forward(self, calls: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -141,8 +145,14 @@ class ExpertGroup:
                 y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
                 for i, part in zip(idx, y.split([x.shape[0] for x in xs])):
                     out[i] = part
-                self.tokens += int(sum(x.shape[0] for x in xs))
+                n = int(sum(x.shape[0] for x in xs))
+                self.tokens += n
+                self.rate.add(n)
         return out
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's hook for custom autoscaling metrics (see autoscale.py)."""
+        return {LOAD_METRIC: self.rate.rate()}
 
     def load(self) -> dict:
         return {"group": self.group, "experts": [self.experts.start, self.experts.stop], "tokens": self.tokens, "batches": self.batches}
@@ -195,9 +205,12 @@ def build_app(settings: ServeSettings):
     if settings.mode == "monolithic":
         return router.bind(settings)
     lo, hi = settings.group_replicas
-    groups = [
-        ExpertGroup.options(name=f"ExpertGroup{g}", num_replicas=lo if lo == hi else "auto",
-                            **({"autoscaling_config": {"min_replicas": lo, "max_replicas": hi}} if lo != hi else {})).bind(settings, g)
-        for g in range(settings.num_groups)
-    ]
+    scaling = {}
+    if lo != hi:
+        scaling = {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(lo, hi, settings.target_tokens_per_s),
+                   # Replicas push their load every second, so a hot group is seen within seconds.
+                   "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}}}
+    else:
+        scaling = {"num_replicas": lo}
+    groups = [ExpertGroup.options(name=f"ExpertGroup{g}", **scaling).bind(settings, g) for g in range(settings.num_groups)]
     return router.bind(settings, *groups)
