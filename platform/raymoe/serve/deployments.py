@@ -70,13 +70,29 @@ class RemoteExperts:
             n = sum(counts[experts.start : experts.stop])
             if n:
                 rows = x_ND[offset : offset + n]
-                pending.append((offset, n, handle.forward.remote((self.layer, rows, counts_E[experts.start : experts.stop]))))
+                pending.append((offset, n, g, handle.forward.remote((self.layer, rows, counts_E[experts.start : experts.stop]))))
                 self.stats.add(g, n)
             offset += n
         out_ND = x_ND.new_empty(x_ND.shape)
-        for start, n, response in pending:  # all calls are in flight before the first wait
-            out_ND[start : start + n] = response.result()
+        for start, n, g, response in pending:  # all calls are in flight before the first wait
+            out_ND[start : start + n] = self._result(g, response, x_ND[start : start + n], counts_E)
         return unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
+
+    def _result(self, g: int, response, rows: torch.Tensor, counts_E: torch.Tensor, attempts: int = 3) -> torch.Tensor:
+        """The group's answer; if the replica died mid-call, the same call again (Serve routes it
+        to a live replica of that group: ExpertGroups are stateless, so a retry is always safe)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        experts = self.groups[g]
+        for attempt in range(attempts):
+            try:
+                return response.result()
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                if attempt == attempts - 1:
+                    raise
+                self.stats.retries += 1
+                response = self.handles[g].forward.remote((self.layer, rows, counts_E[experts.start : experts.stop]))
+        raise AssertionError("unreachable")
 
 
 @dataclass
@@ -86,6 +102,8 @@ class RouterStats:
     num_groups: int
     tokens: list[int] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    retries: int = 0
+    """Calls sent again because the replica serving them died."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -190,7 +208,7 @@ class Router:
         per_expert = self.engine.load.tolist()
         out = {"mode": self.mode, "layers": per_expert, "total_per_expert": [sum(col) for col in zip(*per_expert)] if per_expert else []}
         if self.mode == "routed":
-            out["groups"] = {"tokens": list(self.stats.tokens), "calls": list(self.stats.calls)}
+            out["groups"] = {"tokens": list(self.stats.tokens), "calls": list(self.stats.calls), "retries": self.stats.retries}
         out["decode_steps"] = self.engine.stats["decode_steps"]
         out["prefills"] = self.engine.stats["prefills"]
         return out
