@@ -53,6 +53,31 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def _cmd_placement(args) -> int:
+    import json
+
+    from raymoe.serve.placement import contiguous_placement, load_from_history, plan_placement, report
+
+    path = args.source
+    if os.path.isdir(path):
+        path = os.path.join(path, "expert_load.json")
+    try:
+        with open(path) as f:
+            history = json.load(f)
+    except (OSError, ValueError) as e:
+        print(f"raymoe: {args.source}: need an expert_load.json (from a training checkpoint or MLflow run): {e}", file=sys.stderr)
+        return 2
+    load = load_from_history(history, last_n=args.last)
+    before = contiguous_placement(len(load), args.groups)
+    after = plan_placement(load, args.groups, slots_per_group=args.slots_per_group)
+    print(report(load, before, after))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(after.to_dict(), f, indent=1)
+        print(f"wrote {args.out}  (raymoe serve MODEL --groups {args.groups} --placement {args.out})")
+    return 0
+
+
 def _cmd_params(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from raymoe.model.params import format_report
@@ -79,12 +104,20 @@ def _cmd_serve(args) -> int:
 
     if args.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and os.path.exists(".raymoe/mlflow.db"):
         args.tracking_uri = "sqlite:///" + os.path.abspath(".raymoe/mlflow.db")  # the default store of `raymoe train`
+    placement = None
+    if args.placement:
+        import json
+
+        with open(args.placement) as f:
+            placement = json.load(f)
     settings = ServeSettings(model=args.model, mode="monolithic" if args.monolithic else "routed", num_groups=args.groups,
-                             max_batch=args.max_batch, api_key=args.api_key, tracking_uri=args.tracking_uri)
+                             max_batch=args.max_batch, api_key=args.api_key, tracking_uri=args.tracking_uri,
+                             placement=placement, group_replicas=(args.group_replicas[0], args.group_replicas[-1]))
     cfg, _ = load_model(args.model, tracking_uri=args.tracking_uri)  # fail here, in one line, on a bad MODEL
     ray.init(address=args.address) if args.address else ray.init()
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(settings), name="raymoe", route_prefix="/")
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}  # no line per request and per expert call
+    serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
+    serve.run(build_app(settings), name="raymoe", route_prefix="/", logging_config=quiet)
     url = f"http://{args.host}:{args.port}"
     print(f"serving {cfg.name!r} ({settings.mode}, {settings.num_groups if settings.mode == 'routed' else 'no'} expert groups) at {url}")
     print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"def \", \"max_tokens\": 32}}'")
@@ -145,9 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $RAYMOE_API_KEY, else open)")
     p.add_argument("--tracking-uri", default=None, help="where models:/ and runs:/ resolve (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
+    p.add_argument("--placement", default=None, help="expert placement JSON from `raymoe placement` (default: contiguous groups)")
+    p.add_argument("--group-replicas", type=int, nargs="+", default=[1], metavar="N",
+                   help="ExpertGroup replicas: N, or MIN MAX to autoscale each group on its routed tokens/s")
     p.add_argument("--try", dest="try_prompts", action="append", default=[], metavar="PROMPT",
                    help="send this prompt over HTTP once serving, print the completion, then stop (repeatable)")
     p.set_defaults(fn=_cmd_serve)
+
+    p = sub.add_parser("placement", help="plan which expert groups host (and replicate) which experts, from recorded loads")
+    p.add_argument("source", help="expert_load.json, or a training checkpoint directory holding one")
+    p.add_argument("--groups", type=int, required=True, help="expert groups (ExpertGroup deployments)")
+    p.add_argument("--slots-per-group", type=int, default=None, help="experts per group (default E/groups; more = replicate hot experts)")
+    p.add_argument("--last", type=int, default=None, help="use only the last N load records")
+    p.add_argument("--out", default=None, help="write the placement JSON here")
+    p.set_defaults(fn=_cmd_placement)
 
     p = sub.add_parser("params", help="total / activated parameters and training FLOPs per token of a config")
     _add_config_args(p)

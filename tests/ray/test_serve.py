@@ -73,3 +73,28 @@ def test_bad_request_is_a_4xx_and_streaming_works_through_serve(served):
         with http.stream("POST", f"{served}/routed/v1/completions", json={"prompt": "def ", "max_tokens": 6, "stream": True, "temperature": 0}) as r:
             lines = [l for l in r.iter_lines() if l.startswith("data: ")]
         assert lines[-1] == "data: [DONE]" and len(lines) >= 2
+
+
+def test_a_planned_placement_with_a_replicated_hot_expert_serves_the_same_text(served, model_dir):
+    from ray import serve
+
+    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.placement import plan_placement
+
+    # Expert 0 hot: 8 experts on 2 groups of 5 slots, so the two spare slots become copies.
+    placement = plan_placement([100, 40, 5, 5, 5, 5, 5, 5], 2, slots_per_group=5)
+    assert placement.replicas[0] == 2 and sorted(placement.groups[0] + placement.groups[1]) != list(range(8))
+    settings = ServeSettings(model=model_dir, mode="routed", num_groups=2, placement=placement.to_dict(), router_cpus=0.5, group_cpus=0.25)
+    serve.run(build_app(settings), name="placed", route_prefix="/placed")
+    try:
+        with httpx.Client(timeout=60) as http:
+            for prompt in ("def ", "x = "):
+                req = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+                mono = http.post(f"{served}/mono/v1/completions", json=req).json()["choices"][0]["text"]
+                placed = http.post(f"{served}/placed/v1/completions", json=req).json()["choices"][0]["text"]
+                assert placed == mono, prompt
+            load = http.get(f"{served}/placed/v1/expert_load").json()
+        assert load["groups"]["placement"]["replicas"]["0"] == 2
+        assert all(t > 0 for t in load["groups"]["tokens"])
+    finally:
+        serve.delete("placed")

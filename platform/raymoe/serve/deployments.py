@@ -24,6 +24,7 @@ from ray import serve
 
 from raymoe.model.moe import GroupedExperts, Routing, permute, unpermute
 from raymoe.serve.autoscale import LOAD_METRIC, TokenRate, expert_group_autoscaling
+from raymoe.serve.placement import Placement, contiguous_placement
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class ServeSettings:
     router_replicas: int = 1
     group_replicas: tuple[int, int] = (1, 1)
     """Each ExpertGroup's [min, max] replicas; min < max turns on expert-load autoscaling."""
+    router_cpus: float = 1.0
+    """CPUs reserved per Router replica."""
+    group_cpus: float = 0.5
+    """CPUs reserved per ExpertGroup replica."""
+    placement: dict | None = None
+    """An expert placement (Placement.to_dict(), e.g. from `raymoe placement`); null = contiguous groups."""
     target_tokens_per_s: float = 2000.0
     """Routed tokens per second one ExpertGroup replica should handle (the autoscaling target)."""
 
@@ -56,34 +63,51 @@ class ServeSettings:
 
 
 class RemoteExperts:
-    """Replaces `MoE.routed` in the router: one batched call per expert group per layer."""
+    """Replaces `MoE.routed` in the router: one batched call per expert group per layer.
 
-    def __init__(self, layer: int, groups: list[range], handles: list, stats: "RouterStats"):
-        self.layer, self.groups, self.handles, self.stats = layer, groups, handles, stats
+    Any placement works: a group may host any set of experts, and an expert hosted by k groups
+    (a replicated hot expert) has its slots dealt round-robin over the k copies.
+    """
+
+    def __init__(self, layer: int, placement: Placement, handles: list, stats: "RouterStats"):
+        self.layer, self.placement, self.handles, self.stats = layer, placement, handles, stats
+        E, G = placement.num_experts, placement.num_groups
+        copies = [placement.group_of(e) for e in range(E)]
+        self.num_copies = torch.tensor([len(c) for c in copies])
+        self.copy_group = torch.tensor([c + [c[0]] * (G - len(c)) for c in copies])  # [E, G], padded
+        self.local_index = torch.full((G, E), -1, dtype=torch.long)  # [G, E]: row of e in group g
+        for g, experts in enumerate(placement.groups):
+            self.local_index[g, list(experts)] = torch.arange(len(experts))
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        num_experts = self.groups[-1].stop
-        x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, num_experts)
-        counts = counts_E.tolist()
+        E, G = self.placement.num_experts, self.placement.num_groups
+        x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, E)
+        expert_N = torch.repeat_interleave(torch.arange(E), counts_E.cpu())
+        rank_N = torch.arange(expert_N.numel()) - (torch.cumsum(counts_E.cpu(), 0) - counts_E.cpu())[expert_N]
+        group_N = self.copy_group[expert_N, rank_N % self.num_copies[expert_N]]
+        local_N = self.local_index[group_N, expert_N]
+        order = torch.argsort(group_N * E + local_N, stable=True)  # by group, then by its local expert
+        x_sorted = x_ND[order]
+        sizes = torch.bincount(group_N, minlength=G).tolist()
         pending, offset = [], 0
-        for g, (experts, handle) in enumerate(zip(self.groups, self.handles)):
-            n = sum(counts[experts.start : experts.stop])
+        for g, n in enumerate(sizes):
             if n:
-                rows = x_ND[offset : offset + n]
-                pending.append((offset, n, g, handle.forward.remote((self.layer, rows, counts_E[experts.start : experts.stop]))))
+                counts = torch.bincount(local_N[group_N == g], minlength=len(self.placement.groups[g]))
+                rows = x_sorted[offset : offset + n]
+                pending.append((offset, n, g, rows, counts, self.handles[g].forward.remote((self.layer, rows, counts))))
                 self.stats.add(g, n)
             offset += n
-        out_ND = x_ND.new_empty(x_ND.shape)
-        for start, n, g, response in pending:  # all calls are in flight before the first wait
-            out_ND[start : start + n] = self._result(g, response, x_ND[start : start + n], counts_E)
+        out_sorted = x_ND.new_empty(x_ND.shape)
+        for start, n, g, rows, counts, response in pending:  # all calls are in flight before the first wait
+            out_sorted[start : start + n] = self._result(g, response, rows, counts)
+        out_ND = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
         return unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
 
-    def _result(self, g: int, response, rows: torch.Tensor, counts_E: torch.Tensor, attempts: int = 3) -> torch.Tensor:
+    def _result(self, g: int, response, rows: torch.Tensor, counts: torch.Tensor, attempts: int = 3) -> torch.Tensor:
         """The group's answer; if the replica died mid-call, the same call again (Serve routes it
         to a live replica of that group: ExpertGroups are stateless, so a retry is always safe)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        experts = self.groups[g]
         for attempt in range(attempts):
             try:
                 return response.result()
@@ -91,7 +115,7 @@ class RemoteExperts:
                 if attempt == attempts - 1:
                     raise
                 self.stats.retries += 1
-                response = self.handles[g].forward.remote((self.layer, rows, counts_E[experts.start : experts.stop]))
+                response = self.handles[g].forward.remote((self.layer, rows, counts))
         raise AssertionError("unreachable")
 
 
@@ -116,29 +140,32 @@ class RouterStats:
             self.calls[group] += 1
 
 
-def expert_ranges(num_experts: int, num_groups: int) -> list[range]:
-    if num_experts % num_groups:
-        raise ValueError(f"num_groups={num_groups} must divide the model's {num_experts} routed experts")
-    e = num_experts // num_groups
-    return [range(g * e, (g + 1) * e) for g in range(num_groups)]
+def resolve_placement(settings: ServeSettings, num_experts: int) -> Placement:
+    """settings.placement (a planned layout) or the contiguous one, checked against the model."""
+    if settings.placement is None:
+        return contiguous_placement(num_experts, settings.num_groups)
+    placement = Placement.from_dict(settings.placement)
+    if placement.num_experts != num_experts or placement.num_groups != settings.num_groups:
+        raise ValueError(f"the placement has {placement.num_experts} experts in {placement.num_groups} groups; the model has "
+                         f"{num_experts} routed experts and num_groups={settings.num_groups}")
+    return placement
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
 class ExpertGroup:
-    """Hosts routed experts [first, last) of every MoE layer; stateless."""
+    """Hosts its placement's routed experts of every MoE layer; stateless."""
 
     def __init__(self, settings: ServeSettings, group: int):
         from raymoe.serve.engine import load_model
 
         _, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
-        num_experts = model.cfg.num_experts
-        self.experts = expert_ranges(num_experts, settings.num_groups)[group]
+        self.experts = list(resolve_placement(settings, model.cfg.num_experts).groups[group])
         self.layers: dict[int, GroupedExperts] = {}
         for i, moe in enumerate(model.moe_layers()):
             full = moe.experts
             part = GroupedExperts(len(self.experts), full.w1.shape[1], full.w1.shape[2])
             for name in ("w1", "w2", "w3"):
-                getattr(part, name).data = getattr(full, name).data[self.experts.start : self.experts.stop].clone()
+                getattr(part, name).data = getattr(full, name).data[self.experts].clone()
             self.layers[i] = part.eval()
         self.group, self.tokens, self.batches = group, 0, 0
         self.rate = TokenRate()
@@ -173,7 +200,7 @@ class ExpertGroup:
         return {LOAD_METRIC: self.rate.rate()}
 
     def load(self) -> dict:
-        return {"group": self.group, "experts": [self.experts.start, self.experts.stop], "tokens": self.tokens, "batches": self.batches}
+        return {"group": self.group, "experts": self.experts, "tokens": self.tokens, "batches": self.batches}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
@@ -191,9 +218,9 @@ class Router:
         self.mode = settings.mode
         self.stats = RouterStats(settings.num_groups if settings.mode == "routed" else 0)
         if settings.mode == "routed":
-            ranges = expert_ranges(cfg.model.num_experts, settings.num_groups)
+            self.placement = resolve_placement(settings, cfg.model.num_experts)
             for layer, moe in enumerate(model.moe_layers()):
-                moe.routed = RemoteExperts(layer, ranges, list(groups), self.stats)
+                moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats)
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         tok = get_tokenizer(cfg.data.tokenizer)
         self.engine = Engine(model, tok, max_batch=settings.max_batch)
@@ -208,7 +235,8 @@ class Router:
         per_expert = self.engine.load.tolist()
         out = {"mode": self.mode, "layers": per_expert, "total_per_expert": [sum(col) for col in zip(*per_expert)] if per_expert else []}
         if self.mode == "routed":
-            out["groups"] = {"tokens": list(self.stats.tokens), "calls": list(self.stats.calls), "retries": self.stats.retries}
+            out["groups"] = {"tokens": list(self.stats.tokens), "calls": list(self.stats.calls), "retries": self.stats.retries,
+                             "placement": self.placement.to_dict()}
         out["decode_steps"] = self.engine.stats["decode_steps"]
         out["prefills"] = self.engine.stats["prefills"]
         return out
@@ -219,16 +247,17 @@ class Router:
 
 def build_app(settings: ServeSettings):
     """The Serve application: a Router, plus one ExpertGroup deployment per group in routed mode."""
-    router = Router.options(num_replicas=settings.router_replicas)
+    router = Router.options(num_replicas=settings.router_replicas, ray_actor_options={"num_cpus": settings.router_cpus})
     if settings.mode == "monolithic":
         return router.bind(settings)
     lo, hi = settings.group_replicas
-    scaling = {}
+    actor = {"num_cpus": settings.group_cpus}
     if lo != hi:
-        scaling = {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(lo, hi, settings.target_tokens_per_s),
-                   # Replicas push their load every second, so a hot group is seen within seconds.
-                   "ray_actor_options": {"num_cpus": 0.5, "runtime_env": {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}}}
+        # Replicas push their load every second, so a hot group is seen within seconds.
+        actor["runtime_env"] = {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}
+        scaling = {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(lo, hi, settings.target_tokens_per_s)}
     else:
         scaling = {"num_replicas": lo}
-    groups = [ExpertGroup.options(name=f"ExpertGroup{g}", **scaling).bind(settings, g) for g in range(settings.num_groups)]
+    groups = [ExpertGroup.options(name=f"ExpertGroup{g}", ray_actor_options=actor, **scaling).bind(settings, g)
+              for g in range(settings.num_groups)]
     return router.bind(settings, *groups)

@@ -1,0 +1,209 @@
+"""Serving benchmark: closed-loop load against the HTTP API, routed vs monolithic, side by side.
+
+    python bench/serve.py                                   # random-weight demo architecture
+    python bench/serve.py --model models:/raymoe-demo/latest --concurrency 1 8 32 64 --seconds 10
+
+For each mode (monolithic first, the baseline; then routed with --groups expert groups) and each
+concurrency c, c clients each send streaming completions back to back for --seconds. Reported:
+requests/s, output tokens/s, time to first token (TTFT) and per-token latency (time between
+tokens after the first) at p50 and p99, and failed requests. For routed mode also the Serve
+handle round trip measured directly (driver -> ExpertGroup replica, a 1-token call, p50) and the
+hops per forward pass (expert-group calls / (decode steps + prefills)). Prints a table and
+writes JSON (--out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform as _stdlib_platform  # noqa: F401  (the stdlib module; platform/ is only a source root)
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "platform"))
+
+PROMPTS = ["def ", "import os\n", "class Node:\n    ", "for i in range(", "return self.", "# Copyright"]
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+async def _client(http, url: str, i: int, deadline: float, max_tokens: int, out: dict) -> None:
+    n = 0
+    while time.perf_counter() < deadline:
+        body = {"prompt": PROMPTS[(i + n) % len(PROMPTS)], "max_tokens": max_tokens, "stream": True, "temperature": 0.8, "seed": i * 1000 + n}
+        n += 1
+        t0 = time.perf_counter()
+        first = last = None
+        tokens = 0
+        try:
+            async with http.stream("POST", url, json=body) as r:
+                if r.status_code != 200:
+                    out["failed"] += 1
+                    await r.aread()
+                    continue
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    chunk = json.loads(line[6:])
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    if chunk["choices"][0]["finish_reason"]:
+                        tokens = chunk["usage"]["completion_tokens"]
+        except Exception:  # noqa: BLE001 - a failed request is a result here
+            out["failed"] += 1
+            continue
+        out["requests"] += 1
+        out["tokens"] += tokens
+        out["ttft"].append(first - t0)
+        if tokens > 1:
+            out["tpot"].append((last - first) / (tokens - 1))
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
+    import httpx
+
+    out = {"requests": 0, "tokens": 0, "failed": 0, "ttft": [], "tpot": []}
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        start = time.perf_counter()
+        deadline = start + seconds
+        await asyncio.gather(*(_client(http, url, i, deadline, max_tokens, out) for i in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {
+        "concurrency": concurrency,
+        "requests_per_s": out["requests"] / elapsed,
+        "output_tokens_per_s": out["tokens"] / elapsed,
+        "ttft_p50_ms": _pct(out["ttft"], 0.5) * 1e3,
+        "ttft_p99_ms": _pct(out["ttft"], 0.99) * 1e3,
+        "tpot_p50_ms": _pct(out["tpot"], 0.5) * 1e3,
+        "tpot_p99_ms": _pct(out["tpot"], 0.99) * 1e3,
+        "failed": out["failed"],
+        "requests": out["requests"],
+    }
+
+
+def handle_round_trip_ms(app: str, hidden: int, n: int = 200) -> float:
+    """Driver -> ExpertGroup0 replica -> driver with one token's activations, p50 over n calls."""
+    import torch
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ExpertGroup0", app_name=app)
+    x = torch.randn(1, hidden)
+    counts = None
+    times = []
+    for i in range(n + 10):
+        if counts is None:
+            load = handle.load.remote().result()
+            e = len(load["experts"])
+            counts = torch.zeros(e, dtype=torch.long)
+            counts[0] = 1
+        t0 = time.perf_counter()
+        handle.forward.remote((0, x, counts)).result()
+        if i >= 10:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def random_model_dir(config: str) -> str:
+    """The architecture of `config` with random weights, saved as a model directory."""
+    from safetensors.torch import save_file
+
+    from raymoe.config import load_config
+    from raymoe.model.transformer import MoETransformer
+    from raymoe.parallel.checkpoint import _unique
+
+    cfg = load_config(config)
+    model = MoETransformer(cfg.model)
+    model.init_weights(0)
+    d = tempfile.mkdtemp(prefix="raymoe-bench-model-")
+    save_file(_unique(model.state_dict()), os.path.join(d, "model.safetensors"))
+    with open(os.path.join(d, "config.yaml"), "w") as f:
+        f.write(cfg.to_yaml())
+    return d
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="MODEL to serve (default: jobs/configs/demo.yaml's architecture, random weights)")
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo.yaml"))
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--groups", type=int, default=2)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--modes", nargs="+", default=["monolithic", "routed"])
+    p.add_argument("--out", default=None, help="JSON output (default bench/results/serve-<time>.json)")
+    args = p.parse_args()
+
+    import ray
+    from ray import serve
+
+    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.engine import load_model
+
+    model = args.model or random_model_dir(args.config)
+    cfg, _ = load_model(model)
+    ray.init(log_to_driver=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+    results = {"model": args.model or f"random weights, {os.path.basename(args.config)} architecture", "device": "cpu",
+               "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
+               "seconds_per_point": args.seconds, "modes": {}}
+    for mode in args.modes:
+        settings = ServeSettings(model=model, mode=mode, num_groups=args.groups, max_batch=args.max_batch)
+        serve.run(build_app(settings), name=mode, route_prefix=f"/{mode}", logging_config=quiet)
+        url = f"http://127.0.0.1:{port}/{mode}/v1/completions"
+        asyncio.run(closed_loop(url, 1, 1.0, 4))  # warm up
+        points = [asyncio.run(closed_loop(url, c, args.seconds, args.max_tokens)) for c in args.concurrency]
+        entry = {"points": points}
+        if mode == "routed":
+            import urllib.request
+
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{mode}/v1/expert_load") as r:
+                load = json.load(r)
+            forwards = load["decode_steps"] + load["prefills"]
+            entry["hops_per_forward"] = sum(load["groups"]["calls"]) / max(forwards, 1)
+            entry["handle_round_trip_p50_ms"] = handle_round_trip_ms(mode, cfg.model.hidden_size)
+        results["modes"][mode] = entry
+        serve.delete(mode)
+    serve.shutdown()
+
+    print(f"\nserving {results['model']}, {args.max_tokens} tokens per request, {args.seconds:.0f} s per point, "
+          f"{os.cpu_count()} CPUs")
+    header = f"{'mode':<11} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'failed':>6}"
+    print(header)
+    print("-" * len(header))
+    for mode, entry in results["modes"].items():
+        for pt in entry["points"]:
+            print(f"{mode:<11} {pt['concurrency']:>4} {pt['requests_per_s']:>7.2f} {pt['output_tokens_per_s']:>8.1f} "
+                  f"{pt['ttft_p50_ms']:>7.0f}ms {pt['ttft_p99_ms']:>7.0f}ms {pt['tpot_p50_ms']:>7.1f}ms {pt['tpot_p99_ms']:>7.1f}ms {pt['failed']:>6}")
+    if "routed" in results["modes"] and "monolithic" in results["modes"]:
+        r, m = results["modes"]["routed"], results["modes"]["monolithic"]
+        for pr, pm in zip(r["points"], m["points"]):
+            pr["ratio_to_monolithic"] = pr["output_tokens_per_s"] / max(pm["output_tokens_per_s"], 1e-9)
+        print(f"routed / monolithic output tokens/s: " + ", ".join(f"c={p['concurrency']}: {p['ratio_to_monolithic']:.2f}x" for p in r["points"]))
+        print(f"routed: {r['hops_per_forward']:.2f} expert-group hops per forward; handle round trip p50 {r['handle_round_trip_p50_ms']:.2f} ms")
+    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
