@@ -124,7 +124,8 @@ def parse_completion_request(raw: bytes, tokenizer, limits: APILimits, model_nam
 
 
 class CompletionsAPI:
-    """Routes requests to `backend.stream(prompt_ids, params)` (an async generator of (delta, req))."""
+    """Routes requests to `backend.stream(prompt_ids, params)`, an async generator of
+    (delta, finished, request) such as `ThreadedEngine.stream`."""
 
     def __init__(self, backend, tokenizer, *, model_name: str, limits: APILimits, api_key: str | None = None,
                  expert_load: Callable[[], dict[str, Any]] | None = None):
@@ -167,7 +168,7 @@ class CompletionsAPI:
             return StreamingResponse(self._sse(req, cid, created), media_type="text/event-stream")
         text, state = [], None
         try:
-            async for delta, state in self.backend.stream(req.prompt_ids, req.params):
+            async for delta, _, state in self.backend.stream(req.prompt_ids, req.params):
                 text.append(delta)
         except RequestError as e:
             raise APIError(400, str(e)) from None
@@ -186,8 +187,7 @@ class CompletionsAPI:
             return f"data: {json.dumps(body)}\n\n"
 
         try:
-            async for delta, state in self.backend.stream(req.prompt_ids, req.params):
-                done = state.finish_reason is not None
+            async for delta, done, state in self.backend.stream(req.prompt_ids, req.params):
                 if delta or done:
                     yield chunk(delta, state.finish_reason if done else None, _usage(state) if done else None)
         except RequestError as e:

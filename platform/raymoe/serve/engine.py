@@ -241,8 +241,11 @@ class ThreadedEngine:
                 if q is not None:
                     loop.call_soon_threadsafe(q.put_nowait, (delta, done, req))
 
-    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[tuple[str, Request]]:
-        """Yields (text delta, request) until the request finishes; the last delta may be ''."""
+    async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[tuple[str, bool, Request]]:
+        """Yields (text delta, finished, request) until finished; the last delta may be ''.
+
+        Read the request's finish_reason only once `finished`: the engine thread runs ahead of
+        the consumer, so the live object may already be finished while earlier deltas queue."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
@@ -252,7 +255,7 @@ class ThreadedEngine:
         try:
             while True:
                 delta, done, _ = await q.get()
-                yield delta, req
+                yield delta, done, req
                 if done:
                     return
         finally:
@@ -263,7 +266,7 @@ class ThreadedEngine:
 
     async def complete(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         req = None
-        async for _, req in self.stream(prompt, params):
+        async for _, _, req in self.stream(prompt, params):
             pass
         return Completion(req.text, req.finish_reason, len(req.prompt_ids), len(req.output_ids))
 
