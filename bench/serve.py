@@ -143,6 +143,10 @@ def main() -> int:
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--modes", nargs="+", default=["monolithic", "routed"])
+    p.add_argument("--micro-batches", type=int, nargs="+", default=[1, 2],
+                   help="routed mode runs once per value: decode micro-batches that overlap expert calls with compute")
+    p.add_argument("--throughput-optimized", action="store_true",
+                   help="set RAY_SERVE_THROUGHPUT_OPTIMIZED=1 for the Ray started here (cheaper handle hops)")
     p.add_argument("--out", default=None, help="JSON output (default bench/results/serve-<time>.json)")
     args = p.parse_args()
 
@@ -154,6 +158,8 @@ def main() -> int:
 
     model = args.model or random_model_dir(args.config)
     cfg, _ = load_model(model)
+    if args.throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # inherited by the Ray processes started below
     ray.init(log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -161,16 +167,19 @@ def main() -> int:
     quiet = {"enable_access_log": False, "log_level": "WARNING"}
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
     results = {"model": args.model or f"random weights, {os.path.basename(args.config)} architecture", "device": "cpu",
+               "throughput_optimized": args.throughput_optimized,
                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
                "seconds_per_point": args.seconds, "modes": {}}
-    for mode in args.modes:
-        settings = ServeSettings(model=model, mode=mode, num_groups=args.groups, max_batch=args.max_batch)
+    runs = [(m, 1) for m in args.modes if m == "monolithic"] + [("routed", k) for k in args.micro_batches if "routed" in args.modes]
+    for base, micro in runs:
+        mode = base if base == "monolithic" else f"routed-mb{micro}"
+        settings = ServeSettings(model=model, mode=base, num_groups=args.groups, max_batch=args.max_batch, micro_batches=micro)
         serve.run(build_app(settings), name=mode, route_prefix=f"/{mode}", logging_config=quiet)
         url = f"http://127.0.0.1:{port}/{mode}/v1/completions"
         asyncio.run(closed_loop(url, 1, 1.0, 4))  # warm up
         points = [asyncio.run(closed_loop(url, c, args.seconds, args.max_tokens)) for c in args.concurrency]
         entry = {"points": points}
-        if mode == "routed":
+        if base == "routed":
             import urllib.request
 
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/{mode}/v1/expert_load") as r:
@@ -184,19 +193,22 @@ def main() -> int:
 
     print(f"\nserving {results['model']}, {args.max_tokens} tokens per request, {args.seconds:.0f} s per point, "
           f"{os.cpu_count()} CPUs")
-    header = f"{'mode':<11} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'failed':>6}"
+    header = f"{'mode':<12} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'TTFT p50':>9} {'TTFT p99':>9} {'TPOT p50':>9} {'TPOT p99':>9} {'failed':>6}"
     print(header)
     print("-" * len(header))
     for mode, entry in results["modes"].items():
         for pt in entry["points"]:
-            print(f"{mode:<11} {pt['concurrency']:>4} {pt['requests_per_s']:>7.2f} {pt['output_tokens_per_s']:>8.1f} "
+            print(f"{mode:<12} {pt['concurrency']:>4} {pt['requests_per_s']:>7.2f} {pt['output_tokens_per_s']:>8.1f} "
                   f"{pt['ttft_p50_ms']:>7.0f}ms {pt['ttft_p99_ms']:>7.0f}ms {pt['tpot_p50_ms']:>7.1f}ms {pt['tpot_p99_ms']:>7.1f}ms {pt['failed']:>6}")
-    if "routed" in results["modes"] and "monolithic" in results["modes"]:
-        r, m = results["modes"]["routed"], results["modes"]["monolithic"]
-        for pr, pm in zip(r["points"], m["points"]):
-            pr["ratio_to_monolithic"] = pr["output_tokens_per_s"] / max(pm["output_tokens_per_s"], 1e-9)
-        print(f"routed / monolithic output tokens/s: " + ", ".join(f"c={p['concurrency']}: {p['ratio_to_monolithic']:.2f}x" for p in r["points"]))
-        print(f"routed: {r['hops_per_forward']:.2f} expert-group hops per forward; handle round trip p50 {r['handle_round_trip_p50_ms']:.2f} ms")
+    m = results["modes"].get("monolithic")
+    for mode, r in results["modes"].items():
+        if mode == "monolithic":
+            continue
+        if m:
+            for pr, pm in zip(r["points"], m["points"]):
+                pr["ratio_to_monolithic"] = pr["output_tokens_per_s"] / max(pm["output_tokens_per_s"], 1e-9)
+            print(f"{mode} / monolithic output tokens/s: " + ", ".join(f"c={p['concurrency']}: {p['ratio_to_monolithic']:.2f}x" for p in r["points"]))
+        print(f"{mode}: {r['hops_per_forward']:.2f} expert-group hops per forward; handle round trip p50 {r['handle_round_trip_p50_ms']:.2f} ms")
     out = args.out or os.path.join(os.path.dirname(__file__), "results", f"serve-{time.strftime('%Y%m%d-%H%M%S')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:

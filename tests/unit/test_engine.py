@@ -162,3 +162,15 @@ def test_load_model_reads_a_model_directory_and_refuses_anything_else(tmp_path):
     torch.testing.assert_close(loaded(x).logits, model(x).logits)
     with pytest.raises(RequestError, match="not a model"):
         load_model(str(tmp_path))
+
+
+def test_micro_batched_decoding_gives_the_same_tokens():
+    model, tok = tiny_model(**LAYOUTS["mla"]), ByteTokenizer()
+    texts = {}
+    for micro in (1, 2, 3):
+        engine = Engine(model, tok, max_batch=5, micro_batches=micro)
+        reqs = [engine.add_request(f"q{i}", SamplingParams(max_tokens=12, temperature=0)) for i in range(5)]
+        while engine.has_work():
+            engine.step()
+        texts[micro] = [r.text for r in reqs]
+    assert texts[1] == texts[2] == texts[3]

@@ -39,6 +39,8 @@ class ServeSettings:
     """Sequences decoded together by one router replica."""
     max_tokens: int = 256
     """Largest max_tokens a request may ask for."""
+    micro_batches: int | None = None
+    """Decode micro-batches overlapping expert calls with router compute (null = 2 routed, 1 monolithic)."""
     api_key: str | None = None
     """Require 'Authorization: Bearer <api_key>' (null = open)."""
     tracking_uri: str | None = None
@@ -223,7 +225,8 @@ class Router:
                 moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats)
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         tok = get_tokenizer(cfg.data.tokenizer)
-        self.engine = Engine(model, tok, max_batch=settings.max_batch)
+        micro = settings.micro_batches or (2 if settings.mode == "routed" else 1)
+        self.engine = Engine(model, tok, max_batch=settings.max_batch, micro_batches=micro)
         self.threaded = ThreadedEngine(self.engine)
         limits = APILimits(max_prompt_tokens=model.cfg.max_seq_len // 2, max_tokens=settings.max_tokens)
         self.api = CompletionsAPI(self.threaded, tok, model_name=cfg.name, limits=limits,

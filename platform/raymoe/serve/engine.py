@@ -107,7 +107,7 @@ def sample_next(logits_V: torch.Tensor, params: SamplingParams, generator: torch
 class Engine:
     """Continuous-batching generation over one model replica (single device)."""
 
-    def __init__(self, model: MoETransformer, tokenizer, *, max_batch: int = 8, max_len: int | None = None):
+    def __init__(self, model: MoETransformer, tokenizer, *, max_batch: int = 8, max_len: int | None = None, micro_batches: int = 1):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_batch = max_batch
@@ -117,6 +117,11 @@ class Engine:
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}  # slot -> request
         self._ids = itertools.count()
+        self.micro_batches = micro_batches
+        """Split each decode step into this many micro-batches run in parallel threads: while one
+        waits on remote experts (routed serving), another computes. 1 = no split."""
+        self._pool = None
+        self._load_lock = threading.Lock()
         self.stats = {"decode_steps": 0, "prefills": 0, "tokens": 0}
         self.load = torch.zeros(len(model.moe_layers()), max(model.cfg.num_experts, 1), dtype=torch.long)
         """Tokens routed to each expert of each MoE layer since the engine started."""
@@ -160,7 +165,7 @@ class Engine:
             self.stats["prefills"] += 1
             events.append(self._accept(req, logits[0]))
         if active:
-            logits = self._forward([r.slot for r in active], [[r.output_ids[-1]] for r in active], start=[r.length - 1 for r in active])
+            logits = self._decode(active)
             self.stats["decode_steps"] += 1
             for r, lg in zip(active, logits):
                 events.append(self._accept(r, lg))
@@ -169,14 +174,33 @@ class Engine:
                 del self.running[r.slot]
         return events
 
+    def _decode(self, active: list[Request]) -> torch.Tensor:
+        """One new token for every active row, in `micro_batches` concurrent slices."""
+        def run(rows: list[Request]) -> torch.Tensor:
+            return self._forward([r.slot for r in rows], [[r.output_ids[-1]] for r in rows], start=[r.length - 1 for r in rows])
+
+        k = min(self.micro_batches, len(active))
+        if k <= 1:
+            return run(active)
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.micro_batches, thread_name_prefix="raymoe-microbatch")
+        size = -(-len(active) // k)
+        # Each slice writes only its own cache rows, so the slices never touch the same memory.
+        parts = [active[i : i + size] for i in range(0, len(active), size)]
+        with torch.no_grad():
+            return torch.cat(list(self._pool.map(run, parts)))
+
     def _forward(self, slots: list[int], tokens: list[list[int]], start: list[int]) -> torch.Tensor:
         """Logits of the last position of each row. Rows here all have the same number of new tokens."""
         S = len(tokens[0])
         x = torch.tensor(tokens, device=self.device)
         positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(S, device=self.device)
         out = self.model(x, self.cache, torch.tensor(slots, device=self.device), positions)
-        for layer, st in enumerate(out.moe_stats):
-            self.load[layer] += st.tokens_per_expert.cpu()
+        with self._load_lock:
+            for layer, st in enumerate(out.moe_stats):
+                self.load[layer] += st.tokens_per_expert.cpu()
         return out.logits[:, -1]
 
     def _accept(self, req: Request, logits_V: torch.Tensor) -> tuple[Request, str, bool]:

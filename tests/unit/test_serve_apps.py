@@ -1,0 +1,50 @@
+"""`serve deploy serve_apps/config.yaml`: the config validates against Serve's own schema, and its
+import path and args build the app through the typed builder (no cluster needed to check that)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(autouse=True)
+def repo_root_on_path(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)  # what `serve deploy` does with the working dir
+
+
+def test_shipped_serve_config_validates_against_serves_schema():
+    from ray.serve.schema import ServeDeploySchema
+
+    with open(os.path.join(ROOT, "serve_apps", "config.yaml")) as f:
+        schema = ServeDeploySchema.model_validate(yaml.safe_load(f))
+    app = schema.applications[0]
+    assert app.import_path == "serve_apps.app:app"
+    assert schema.http_options.host == "127.0.0.1"
+
+
+def test_typed_builder_builds_a_router_and_one_group_deployment_per_group():
+    from ray.serve.deployment import Application
+
+    module = importlib.import_module("serve_apps.app")
+    with open(os.path.join(ROOT, "serve_apps", "config.yaml")) as f:
+        args = yaml.safe_load(f)["applications"][0]["args"]
+    built = module.app(module.AppArgs(**args))
+    assert isinstance(built, Application)
+    bound = built._bound_deployment
+    assert bound.name == "Router"
+    groups = [a for a in bound.init_args if hasattr(a, "_bound_deployment")]
+    assert [g._bound_deployment.name for g in groups] == ["ExpertGroup0", "ExpertGroup1"]
+    mono = module.app(module.AppArgs(model="m", mode="monolithic"))
+    assert not [a for a in mono._bound_deployment.init_args if hasattr(a, "_bound_deployment")]
+
+
+def test_typed_builder_rejects_a_bad_mode():
+    module = importlib.import_module("serve_apps.app")
+    with pytest.raises(Exception, match="mode"):
+        module.AppArgs(model="m", mode="sideways")
