@@ -78,6 +78,22 @@ def _cmd_placement(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from raymoe.tune import run_search
+
+    out = run_search(cfg, address=args.address, resume=args.resume)
+    print()
+    print(f"best: {out.best_yaml}  ({cfg.tune.metric} {out.best_metric:.4f})")
+    print(f"train it: raymoe train {out.best_yaml}")
+    print(f"results:  {out.table_csv}")
+    if out.parent_run_id:
+        from raymoe.tracking import print_where_to_look, tracking_uri
+
+        print_where_to_look(tracking_uri(cfg), out.parent_run_id)
+    return 0
+
+
 def _cmd_params(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from raymoe.model.params import format_report
@@ -165,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("tune", help="search hyperparameters with Ray Tune (ASHA); writes best.yaml")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search of the same name (Tuner.restore)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.set_defaults(fn=_cmd_tune)
 
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API on Ray Serve")
     p.add_argument("model", help="a training checkpoint dir, a model dir, runs:/<id>/model or models:/<name>/<version|latest>")

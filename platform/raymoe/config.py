@@ -372,6 +372,86 @@ class TrackingConfig:
     serve it with `raymoe serve models:/<name>/<version>`."""
 
 
+SEARCH_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    """`raymoe tune`: a hyperparameter search whose trials are short training runs (tune.py)."""
+
+    space: dict = field(default_factory=dict)
+    """Dotted config key -> one of {choice: [...]}, {grid: [...]}, {uniform: [lo, hi]},
+    {loguniform: [lo, hi]}, {randint: [lo, hi]} (hi exclusive)."""
+    metric: str = "val/loss"
+    """Metric the search optimizes (reported every train.log_every steps)."""
+    mode: Literal["min", "max"] = "min"
+    """Minimize or maximize the metric."""
+    num_samples: int = 4
+    """Trials to sample (with grid entries: samples of every grid point)."""
+    scheduler: Literal["asha", "fifo"] = "asha"
+    """'asha' stops weak trials early; 'fifo' runs every trial to train.steps."""
+    grace_period: int = 20
+    """ASHA: steps every trial runs before it can be stopped."""
+    reduction_factor: float = 2.0
+    """ASHA: 1/reduction_factor of the trials continue at each rung."""
+    search: Literal["random", "optuna"] = "random"
+    """How non-grid values are drawn: random sampling, or Optuna's TPE (pip install optuna)."""
+    max_concurrent_trials: int = 2
+    """Trials running at once (each uses scaling.num_workers workers)."""
+    seed: Optional[int] = 0
+    """Seed of the search's sampling (null = nondeterministic)."""
+
+    def __post_init__(self) -> None:
+        # PyYAML reads 1e-4 (no dot) as a string: make range bounds numbers where they spell one.
+        normalized = {}
+        for key, spec in self.space.items():
+            if isinstance(spec, dict) and len(spec) == 1:
+                kind, values = next(iter(spec.items()))
+                if kind in ("uniform", "loguniform", "randint") and isinstance(values, list):
+                    values = [_maybe_number(v) for v in values]
+                spec = {kind: values}
+            normalized[key] = spec
+        object.__setattr__(self, "space", normalized)
+        for key, spec in self.space.items():
+            where = f"tune.space.{key}"
+            if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in SEARCH_KINDS:
+                _fail(f"{where} must be a mapping with one of {', '.join(SEARCH_KINDS)}, e.g. {{choice: [8, 16]}}")
+            kind, values = next(iter(spec.items()))
+            if not isinstance(values, list) or not values:
+                _fail(f"{where}.{kind} must be a non-empty list")
+            if kind in ("uniform", "loguniform", "randint"):
+                if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or values[0] >= values[1]:
+                    _fail(f"{where}.{kind} must be [lo, hi] numbers with lo < hi")
+                if kind == "loguniform" and values[0] <= 0:
+                    _fail(f"{where}.loguniform needs lo > 0")
+            path = key.split(".")
+            if path[0] in ("name", "output_dir", "tune") or not _is_config_key(RunConfig, path):
+                _fail(f"{where}: {key!r} is not a config key a trial can vary (e.g. model.num_experts, train.lr)")
+        if self.num_samples < 1 or self.grace_period < 1 or self.max_concurrent_trials < 1:
+            _fail("tune.num_samples, tune.grace_period and tune.max_concurrent_trials must be >= 1")
+        if self.reduction_factor <= 1:
+            _fail(f"tune.reduction_factor={self.reduction_factor} must be > 1")
+
+
+def _maybe_number(v: Any) -> Any:
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
+def _is_config_key(cls: type, path: list[str]) -> bool:
+    hints = typing.get_type_hints(cls)
+    if path[0] not in hints:
+        return False
+    tp = hints[path[0]]
+    if len(path) == 1:
+        return not dataclasses.is_dataclass(tp)
+    return dataclasses.is_dataclass(tp) and _is_config_key(tp, path[1:])
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """Everything one `raymoe train` needs."""
@@ -386,6 +466,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
@@ -488,6 +569,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             _fail(f"{key}={value!r} must be a list {_type_name(tp)}")
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is dict or origin is dict:
+        if not isinstance(value, dict):
+            _fail(f"{key} must be a mapping, got {value!r}")
+        return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             _fail(f"{key} must be a mapping of {tp.__name__} keys, got {value!r}")

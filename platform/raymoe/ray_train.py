@@ -144,7 +144,7 @@ def _ensure_ray(address: str | None, log) -> None:
         log(f"started a local Ray instance ({ray.cluster_resources().get('CPU', 0):.0f} CPUs) in {time.perf_counter() - t0:.1f}s")
 
 
-def build_trainer(cfg: RunConfig, train_loop_config: dict):
+def build_trainer(cfg: RunConfig, train_loop_config: dict, callbacks: list | None = None):
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -161,6 +161,7 @@ def build_trainer(cfg: RunConfig, train_loop_config: dict):
         checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         # Our own progress lines say what matters; Ray Train's INFO logs repeat every metric.
         logging_config=LoggingConfig(log_level="WARNING"),
+        callbacks=callbacks or None,
     )
     return TorchTrainer(
         _worker_fn,
@@ -187,16 +188,31 @@ def sample_from_checkpoint(cfg: RunConfig, checkpoint_dir: str) -> str | None:
     return cfg.train.sample_prompt + tok.decode(ids)
 
 
-def run_training(cfg: RunConfig, config_yaml: str | None = None, *, address: str | None = None, log=print) -> TrainingOutcome:
-    """Train `cfg` on Ray Train (starting a local Ray unless one is running or an address is given)."""
+def run_training(
+    cfg: RunConfig,
+    config_yaml: str | None = None,
+    *,
+    address: str | None = None,
+    log=print,
+    tracker=None,
+    callbacks: list | None = None,
+    finalize: bool = True,
+) -> TrainingOutcome:
+    """Train `cfg` on Ray Train (starting a local Ray unless one is running or an address is given).
+
+    `tracker`: an MLflow run to log into (a Tune trial's child run) instead of opening one;
+    `callbacks`: Ray Train callbacks (Tune's report forwarding); `finalize`: log the final
+    weights and heatmap, register the model and print a sample (off for search trials).
+    """
     from raymoe.tracking import log_final_artifacts, open_run, tracking_uri
     from raymoe.train.data import prepare_corpus
     from raymoe.train.loop import read_recovery
 
     t0 = time.perf_counter()
     corpus = prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, log=log)
-    tracker = open_run(cfg, config_yaml or cfg.to_yaml(), log=log)
-    uri = tracking_uri(cfg)
+    if tracker is None:
+        tracker = open_run(cfg, config_yaml or cfg.to_yaml(), log=log)
+    uri = tracker.uri if tracker is not None else tracking_uri(cfg)
     _ensure_ray(address, log)
 
     lo, hi = cfg.scaling.worker_range
@@ -207,7 +223,7 @@ def run_training(cfg: RunConfig, config_yaml: str | None = None, *, address: str
         "corpus_dir": corpus.dir,
         "tracking_uri": uri,
         "mlflow_run_id": tracker.run_id if tracker else None,
-    })
+    }, callbacks=callbacks)
     try:
         result = trainer.fit()
     except BaseException:
@@ -224,9 +240,9 @@ def run_training(cfg: RunConfig, config_yaml: str | None = None, *, address: str
             from raymoe.parallel.checkpoint import read_manifest
 
             step = read_manifest(d)["state"]["step"]
-            if tracker:
+            if tracker and finalize:
                 log_final_artifacts(tracker, cfg, d)
-            sample = sample_from_checkpoint(cfg, d)
+            sample = sample_from_checkpoint(cfg, d) if finalize else None
     if tracker:
         tracker.finish("FINISHED")
     return TrainingOutcome(

@@ -136,15 +136,9 @@ def open_run(cfg: RunConfig, config_yaml: str, log=print) -> MlflowTracker | Non
             client.update_run(run_id, status="RUNNING")
             log(f"continuing MLflow run {run_id} ({uri})")
         else:
-            exp = client.get_experiment_by_name(cfg.tracking.experiment)
-            if exp is None:
-                # With a local database store MLflow would put artifacts in <cwd>/mlruns; keep
-                # them beside the database instead. A server decides for itself.
-                local = uri.startswith("sqlite:") or uri.startswith("file:")
-                artifacts = "file://" + os.path.join(cfg.output_dir, "mlartifacts") if local else None
-                exp_id = client.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
-            else:
-                exp_id = exp.experiment_id
+            # With a local database store MLflow would put artifacts in <cwd>/mlruns; keep them
+            # beside the database instead. A server decides for itself.
+            exp_id = _experiment_id(client, cfg.tracking.experiment, cfg.output_dir, uri)
             run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags={"raymoe.run": cfg.name, "mlflow.source.name": "raymoe train"})
             run_id = run.info.run_id
             _log_params(client, run_id, cfg)
@@ -156,6 +150,52 @@ def open_run(cfg: RunConfig, config_yaml: str, log=print) -> MlflowTracker | Non
         return MlflowTracker(uri, run_id)
     except Exception as e:  # noqa: BLE001
         warnings.warn(f"MLflow tracking at {uri} is unavailable ({type(e).__name__}: {str(e)[:200]}); training continues without tracking")
+        return None
+
+
+def _experiment_id(client, cfg_or_name, output_dir: str | None, uri: str) -> str:
+    name = cfg_or_name
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    local = uri.startswith(("sqlite:", "file:"))
+    artifacts = "file://" + os.path.join(output_dir, "mlartifacts") if (local and output_dir) else None
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def open_parent_run(cfg: RunConfig, log=print) -> MlflowTracker | None:
+    """The MLflow run of a whole `raymoe tune` search; trials are its nested children."""
+    uri = tracking_uri(cfg)
+    try:
+        client = _client(uri)
+        exp_id = _experiment_id(client, cfg.tracking.experiment, cfg.output_dir, uri)
+        run = client.create_run(exp_id, run_name=f"{cfg.name} (search)", tags={"raymoe.search": cfg.name, "mlflow.source.name": "raymoe tune"})
+        _log_params(client, run.info.run_id, cfg)
+        client.log_text(run.info.run_id, cfg.to_yaml(), "config.yaml")
+        log(f"MLflow search run {run.info.run_id} in experiment {cfg.tracking.experiment!r} ({uri})")
+        return MlflowTracker(uri, run.info.run_id)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"MLflow tracking at {uri} is unavailable ({type(e).__name__}: {str(e)[:200]}); searching without tracking")
+        return None
+
+
+def open_child_run(uri: str, experiment: str, parent_run_id: str | None, name: str, params: dict, cfg: RunConfig | None) -> MlflowTracker | None:
+    """A trial's run, nested under the search's run (MLflow's mlflow.parentRunId tag)."""
+    if parent_run_id is None:
+        return None
+    try:
+        from mlflow.entities import Param
+
+        client = _client(uri)
+        exp_id = client.get_run(parent_run_id).info.experiment_id
+        run = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent_run_id, "raymoe.trial": name})
+        sampled = [Param(f"trial.{k}", str(v)) for k, v in params.items()]
+        client.log_batch(run.info.run_id, params=sampled)
+        if cfg is not None:
+            _log_params(client, run.info.run_id, cfg)
+        return MlflowTracker(uri, run.info.run_id)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"MLflow child run for {name} failed ({type(e).__name__}: {str(e)[:200]}); the trial runs untracked")
         return None
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from raymoe.serve.engine import RequestError, SamplingParams
+from raymoe.serve.engine import EngineError, RequestError, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -172,6 +172,8 @@ class CompletionsAPI:
                 text.append(delta)
         except RequestError as e:
             raise APIError(400, str(e)) from None
+        except EngineError as e:
+            raise APIError(500, f"generation failed: {e}", type="server_error") from None
         return JSONResponse({
             "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
             "choices": [{"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": state.finish_reason}],
@@ -190,8 +192,9 @@ class CompletionsAPI:
             async for delta, done, state in self.backend.stream(req.prompt_ids, req.params):
                 if delta or done:
                     yield chunk(delta, state.finish_reason if done else None, _usage(state) if done else None)
-        except RequestError as e:
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'invalid_request_error', 'param': None, 'code': None}})}\n\n"
+        except (RequestError, EngineError) as e:
+            kind = "invalid_request_error" if isinstance(e, RequestError) else "server_error"
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind, 'param': None, 'code': None}})}\n\n"
         yield "data: [DONE]\n\n"
 
 

@@ -15,6 +15,9 @@ Monolithic mode: the same router with every expert inside it. It is the baseline
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -64,6 +67,14 @@ class ServeSettings:
             raise ValueError(f"num_groups={self.num_groups} must be >= 1")
 
 
+CALL_TIMEOUT_S = 30.0
+"""An expert-group call not answered by then is sent again (its replica is taken as lost)."""
+
+
+def THROUGHPUT_OPTIMIZED() -> bool:  # noqa: N802 - reads like the env flag it is
+    return os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0") == "1"
+
+
 class RemoteExperts:
     """Replaces `MoE.routed` in the router: one batched call per expert group per layer.
 
@@ -71,8 +82,12 @@ class RemoteExperts:
     (a replicated hot expert) has its slots dealt round-robin over the k copies.
     """
 
-    def __init__(self, layer: int, placement: Placement, handles: list, stats: "RouterStats"):
+    def __init__(self, layer: int, placement: Placement, handles: list, stats: "RouterStats", loop_of=lambda: None):
         self.layer, self.placement, self.handles, self.stats = layer, placement, handles, stats
+        # With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a handle refuses calls from outside the replica's
+        # event loop, so the engine's thread submits them to that loop; otherwise it calls directly
+        # (a killed replica then surfaces as an error at once, which the retry below needs).
+        self.loop_of = loop_of
         E, G = placement.num_experts, placement.num_groups
         copies = [placement.group_of(e) for e in range(E)]
         self.num_copies = torch.tensor([len(c) for c in copies])
@@ -96,7 +111,7 @@ class RemoteExperts:
             if n:
                 counts = torch.bincount(local_N[group_N == g], minlength=len(self.placement.groups[g]))
                 rows = x_sorted[offset : offset + n]
-                pending.append((offset, n, g, rows, counts, self.handles[g].forward.remote((self.layer, rows, counts))))
+                pending.append((offset, n, g, rows, counts, self._send(g, rows, counts)))
                 self.stats.add(g, n)
             offset += n
         out_sorted = x_ND.new_empty(x_ND.shape)
@@ -105,6 +120,17 @@ class RemoteExperts:
         out_ND = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
         return unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
 
+    def _send(self, g: int, rows: torch.Tensor, counts: torch.Tensor):
+        """Start one group call; returns something with .result()."""
+        loop = self.loop_of() if THROUGHPUT_OPTIMIZED() else None
+        if loop is None:
+            return self.handles[g].forward.remote((self.layer, rows, counts))
+
+        async def call():
+            return await self.handles[g].forward.remote((self.layer, rows, counts))
+
+        return asyncio.run_coroutine_threadsafe(call(), loop)
+
     def _result(self, g: int, response, rows: torch.Tensor, counts: torch.Tensor, attempts: int = 3) -> torch.Tensor:
         """The group's answer; if the replica died mid-call, the same call again (Serve routes it
         to a live replica of that group: ExpertGroups are stateless, so a retry is always safe)."""
@@ -112,12 +138,12 @@ class RemoteExperts:
 
         for attempt in range(attempts):
             try:
-                return response.result()
-            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                return response.result(timeout=CALL_TIMEOUT_S) if isinstance(response, concurrent.futures.Future) else response.result(timeout_s=CALL_TIMEOUT_S)
+            except (RayActorError, ActorDiedError, ActorUnavailableError, TimeoutError, concurrent.futures.TimeoutError):
                 if attempt == attempts - 1:
                     raise
                 self.stats.retries += 1
-                response = self.handles[g].forward.remote((self.layer, rows, counts))
+                response = self._send(g, rows, counts)
         raise AssertionError("unreachable")
 
 
@@ -222,7 +248,7 @@ class Router:
         if settings.mode == "routed":
             self.placement = resolve_placement(settings, cfg.model.num_experts)
             for layer, moe in enumerate(model.moe_layers()):
-                moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats)
+                moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats, loop_of=lambda: self.loop)
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         tok = get_tokenizer(cfg.data.tokenizer)
         micro = settings.micro_batches or (2 if settings.mode == "routed" else 1)
@@ -233,6 +259,7 @@ class Router:
                                   api_key=settings.api_key or os.environ.get("RAYMOE_API_KEY"),
                                   expert_load=self.expert_load)
         self.started = time.time()
+        self.loop = None  # the replica's event loop, known from the first request on
 
     def expert_load(self) -> dict:
         per_expert = self.engine.load.tolist()
@@ -245,6 +272,7 @@ class Router:
         return out
 
     async def __call__(self, request):
+        self.loop = self.loop or asyncio.get_running_loop()
         return await self.api.handle(request)
 
 

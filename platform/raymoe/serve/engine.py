@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,10 @@ from raymoe.model.transformer import KVCache, MoETransformer
 
 class RequestError(ValueError):
     """A request the engine cannot serve as asked (too long, bad sampling values)."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed while serving a request (a server-side error, not the request's fault)."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class Request:
     """Text emitted so far (after stop-string handling)."""
     finish_reason: str | None = None
     slot: int | None = None
+    error: str | None = None
+    """Why the request failed (finish_reason 'error')."""
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
@@ -259,7 +266,19 @@ class ThreadedEngine:
             with self._lock:
                 while not self.engine.has_work():
                     self._lock.wait()
-                events = self.engine.step()
+                try:
+                    events = self.engine.step()
+                except Exception as e:  # noqa: BLE001 - the loop must outlive any one bad step
+                    # Fail what was in flight (its cache rows may be half written), keep serving.
+                    logging.getLogger("raymoe.serve").exception("engine step failed; failing %d request(s)", len(self.engine.running) + len(self.engine.waiting))
+                    failed = list(self.engine.running.values()) + list(self.engine.waiting)
+                    self.engine.running.clear()
+                    self.engine.waiting.clear()
+                    events = []
+                    for req in failed:
+                        req.finish_reason = "error"
+                        req.error = f"{type(e).__name__}: {e}"
+                        events.append((req, "", True))
             for req, delta, done in events:
                 loop, q = self._queues.get(req.id, (None, None))
                 if q is not None:
@@ -279,6 +298,8 @@ class ThreadedEngine:
         try:
             while True:
                 delta, done, _ = await q.get()
+                if done and req.error:
+                    raise EngineError(req.error)
                 yield delta, done, req
                 if done:
                     return

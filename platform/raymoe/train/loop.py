@@ -313,7 +313,9 @@ def train(
             # Ray Train merges the ranks' directories.
             ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{step:07d}-r{info.rank}-")
             save_checkpoint(ckpt_dir, model, optimizer, plan, state, records={LOAD_HISTORY: load_history, RUN_CONFIG: cfg.to_dict()} if info.rank == 0 else None)
-        reporter.report(metrics, ckpt_dir)
+        # The reporter (Ray Train, and through it Tune's schedulers) sees the latest validation
+        # loss in every report; MLflow above gets it only at the steps where it was measured.
+        reporter.report({**metrics, "val/loss": last_val} if last_val is not None else metrics, ckpt_dir)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
         throughput.rate()  # validation and checkpoint time is not training throughput
