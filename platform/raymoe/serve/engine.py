@@ -22,6 +22,7 @@ import asyncio
 import itertools
 import logging
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -252,37 +253,72 @@ class Engine:
 
 
 class ThreadedEngine:
-    """Runs `Engine.step` in a background thread; requests are awaited or streamed from asyncio."""
+    """Runs `Engine.step` in a background thread; requests are awaited or streamed from asyncio.
+
+    The event loop never waits on the engine: it only posts to an inbox (a plain queue) that the
+    engine thread drains between steps. Remote expert calls made during a step may need that very
+    event loop (Serve's throughput-optimized mode), so blocking it on a step would deadlock.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._lock = threading.Condition()
+        self._inbox: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        self._wake = threading.Event()
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
+    def _deliver(self, req: Request, delta: str, done: bool) -> None:
+        loop, q = self._queues.get(req.id, (None, None))
+        if q is not None:
+            loop.call_soon_threadsafe(q.put_nowait, (delta, done, req))
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                msg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if msg[0] == "add":
+                _, prompt, params, loop, q, box = msg
+                try:
+                    req = self.engine.add_request(prompt, params)
+                except RequestError as e:
+                    loop.call_soon_threadsafe(q.put_nowait, e)
+                    continue
+                box.append(req)
+                self._queues[req.id] = (loop, q)
+                loop.call_soon_threadsafe(q.put_nowait, req)
+            elif msg[0] == "abort":
+                req = msg[1]
+                self._queues.pop(req.id, None)
+                if req.finish_reason is None:  # the client went away: free its cache row
+                    self.engine.abort(req)
+
     def _run(self) -> None:
         while True:
-            with self._lock:
-                while not self.engine.has_work():
-                    self._lock.wait()
-                try:
-                    events = self.engine.step()
-                except Exception as e:  # noqa: BLE001 - the loop must outlive any one bad step
-                    # Fail what was in flight (its cache rows may be half written), keep serving.
-                    logging.getLogger("raymoe.serve").exception("engine step failed; failing %d request(s)", len(self.engine.running) + len(self.engine.waiting))
-                    failed = list(self.engine.running.values()) + list(self.engine.waiting)
-                    self.engine.running.clear()
-                    self.engine.waiting.clear()
-                    events = []
-                    for req in failed:
-                        req.finish_reason = "error"
-                        req.error = f"{type(e).__name__}: {e}"
-                        events.append((req, "", True))
+            self._drain_inbox()
+            if not self.engine.has_work():
+                self._wake.wait()
+                self._wake.clear()
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as e:  # noqa: BLE001 - the loop must outlive any one bad step
+                # Fail what was in flight (its cache rows may be half written), keep serving.
+                failed = list(self.engine.running.values()) + list(self.engine.waiting)
+                logging.getLogger("raymoe.serve").exception("engine step failed; failing %d request(s)", len(failed))
+                self.engine.running.clear()
+                self.engine.waiting.clear()
+                events = []
+                for req in failed:
+                    req.finish_reason = "error"
+                    req.error = f"{type(e).__name__}: {e}"
+                    events.append((req, "", True))
             for req, delta, done in events:
-                loop, q = self._queues.get(req.id, (None, None))
-                if q is not None:
-                    loop.call_soon_threadsafe(q.put_nowait, (delta, done, req))
+                self._deliver(req, delta, done)
+                if done:
+                    self._queues.pop(req.id, None)
 
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[tuple[str, bool, Request]]:
         """Yields (text delta, finished, request) until finished; the last delta may be ''.
@@ -291,10 +327,13 @@ class ThreadedEngine:
         the consumer, so the live object may already be finished while earlier deltas queue."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            req = self.engine.add_request(prompt, params)
-            self._queues[req.id] = (loop, q)
-            self._lock.notify()
+        box: list[Request] = []
+        self._inbox.put(("add", prompt, params, loop, q, box))
+        self._wake.set()
+        first = await q.get()
+        if isinstance(first, RequestError):
+            raise first
+        req = first
         try:
             while True:
                 delta, done, _ = await q.get()
@@ -304,10 +343,9 @@ class ThreadedEngine:
                 if done:
                     return
         finally:
-            with self._lock:
-                self._queues.pop(req.id, None)
-                if req.finish_reason is None:  # the client went away: free its cache row
-                    self.engine.abort(req)
+            if req.finish_reason is None:
+                self._inbox.put(("abort", req))
+                self._wake.set()
 
     async def complete(self, prompt: str | list[int], params: SamplingParams) -> Completion:
         req = None
