@@ -174,7 +174,7 @@ def run_search(cfg: RunConfig, *, address: str | None = None, resume: bool = Fal
         _trial, base=base, parent_run_id=parent.run_id if parent else None, tracking_uri=uri, experiment=cfg.tracking.experiment
     )
     # The trial itself only orchestrates: its Ray Train workers hold the CPUs and GPUs.
-    trainable = tune.with_resources(trainable, {"CPU": 0})
+    trainable = tune.with_resources(trainable, {"CPU": 0.01})
 
     if tc.scheduler == "asha":
         scheduler = ASHAScheduler(time_attr="train/step", max_t=cfg.train.steps, grace_period=tc.grace_period,

@@ -33,7 +33,9 @@ SCRIPT = textwrap.dedent('''
                   "val_every": 20, "val_batches": 1, "checkpoint_every": 5, "sample_tokens": 0},
         "data": {"max_bytes": 300000},
     })
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    # Notice a removed node in seconds rather than Ray's default ~minute of missed health checks.
+    fast_health = {"health_check_period_ms": 500, "health_check_failure_threshold": 3, "health_check_initial_delay_ms": 1000}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "_system_config": fast_health})
     extra = cluster.add_node(num_cpus=2)
     cluster.wait_for_nodes()
     ray.init(address=cluster.address)

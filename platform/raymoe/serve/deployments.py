@@ -42,8 +42,9 @@ class ServeSettings:
     """Sequences decoded together by one router replica."""
     max_tokens: int = 256
     """Largest max_tokens a request may ask for."""
-    micro_batches: int | None = None
-    """Decode micro-batches overlapping expert calls with router compute (null = 2 routed, 1 monolithic)."""
+    micro_batches: int = 1
+    """Decode micro-batches run in parallel threads so expert calls overlap router compute. On the
+    2-core machine 2 was slower than 1 (docs/PERFORMANCE.md); try it where cores are spare."""
     api_key: str | None = None
     """Require 'Authorization: Bearer <api_key>' (null = open)."""
     tracking_uri: str | None = None
@@ -251,8 +252,7 @@ class Router:
                 moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats, loop_of=lambda: self.loop)
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         tok = get_tokenizer(cfg.data.tokenizer)
-        micro = settings.micro_batches or (2 if settings.mode == "routed" else 1)
-        self.engine = Engine(model, tok, max_batch=settings.max_batch, micro_batches=micro)
+        self.engine = Engine(model, tok, max_batch=settings.max_batch, micro_batches=settings.micro_batches)
         self.threaded = ThreadedEngine(self.engine)
         limits = APILimits(max_prompt_tokens=model.cfg.max_seq_len // 2, max_tokens=settings.max_tokens)
         self.api = CompletionsAPI(self.threaded, tok, model_name=cfg.name, limits=limits,
