@@ -17,7 +17,8 @@ class AppArgs(BaseModel):
     max_tokens: int = 256
     api_key: Optional[str] = None
     tracking_uri: Optional[str] = None
-    router_replicas: int = 1
+    router_min_replicas: int = 1
+    router_max_replicas: int = 1
     group_min_replicas: int = 1
     group_max_replicas: int = 1
 
@@ -28,5 +29,5 @@ def app(args: AppArgs):
     return build_app(ServeSettings(
         model=args.model, mode=args.mode, num_groups=args.num_groups, max_batch=args.max_batch,
         max_tokens=args.max_tokens, api_key=args.api_key, tracking_uri=args.tracking_uri,
-        router_replicas=args.router_replicas, group_replicas=(args.group_min_replicas, args.group_max_replicas),
+        router_replicas=(args.router_min_replicas, args.router_max_replicas), group_replicas=(args.group_min_replicas, args.group_max_replicas),
     ))

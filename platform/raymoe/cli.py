@@ -128,7 +128,8 @@ def _cmd_serve(args) -> int:
             placement = json.load(f)
     settings = ServeSettings(model=args.model, mode="monolithic" if args.monolithic else "routed", num_groups=args.groups,
                              max_batch=args.max_batch, api_key=args.api_key, tracking_uri=args.tracking_uri,
-                             placement=placement, group_replicas=(args.group_replicas[0], args.group_replicas[-1]))
+                             placement=placement, group_replicas=(args.group_replicas[0], args.group_replicas[-1]),
+                             router_replicas=(args.router_replicas[0], args.router_replicas[-1]))
     cfg, _ = load_model(args.model, tracking_uri=args.tracking_uri)  # fail here, in one line, on a bad MODEL
     ray.init(address=args.address) if args.address else ray.init()
     quiet = {"enable_access_log": False, "log_level": "WARNING"}  # no line per request and per expert call
@@ -203,6 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement", default=None, help="expert placement JSON from `raymoe placement` (default: contiguous groups)")
     p.add_argument("--group-replicas", type=int, nargs="+", default=[1], metavar="N",
                    help="ExpertGroup replicas: N, or MIN MAX to autoscale each group on its routed tokens/s")
+    p.add_argument("--router-replicas", type=int, nargs="+", default=[1], metavar="N",
+                   help="Router replicas: N, or MIN MAX to autoscale on ongoing requests")
     p.add_argument("--try", dest="try_prompts", action="append", default=[], metavar="PROMPT",
                    help="send this prompt over HTTP once serving, print the completion, then stop (repeatable)")
     p.set_defaults(fn=_cmd_serve)

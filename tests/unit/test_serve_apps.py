@@ -48,3 +48,15 @@ def test_typed_builder_rejects_a_bad_mode():
     module = importlib.import_module("serve_apps.app")
     with pytest.raises(Exception, match="mode"):
         module.AppArgs(model="m", mode="sideways")
+
+
+def test_router_and_groups_autoscale_when_given_a_replica_range():
+    from raymoe.serve.deployments import ServeSettings, build_app
+
+    app = build_app(ServeSettings(model="m", router_replicas=(1, 3), group_replicas=(1, 4), max_batch=8))
+    router = app._bound_deployment
+    assert router._deployment_config.autoscaling_config.max_replicas == 3
+    assert router._deployment_config.autoscaling_config.target_ongoing_requests == 8
+    group = [a for a in router.init_args if hasattr(a, "_bound_deployment")][0]._bound_deployment
+    cfg = group._deployment_config.autoscaling_config
+    assert cfg.max_replicas == 4 and cfg.policy.policy_function == "raymoe.serve.autoscale:expert_load_policy"

@@ -49,7 +49,8 @@ class ServeSettings:
     """Require 'Authorization: Bearer <api_key>' (null = open)."""
     tracking_uri: str | None = None
     """Where models:/ and runs:/ URIs resolve (null = $MLFLOW_TRACKING_URI)."""
-    router_replicas: int = 1
+    router_replicas: tuple[int, int] = (1, 1)
+    """Router [min, max] replicas; min < max autoscales the router on ongoing requests."""
     group_replicas: tuple[int, int] = (1, 1)
     """Each ExpertGroup's [min, max] replicas; min < max turns on expert-load autoscaling."""
     router_cpus: float = 1.0
@@ -278,7 +279,12 @@ class Router:
 
 def build_app(settings: ServeSettings):
     """The Serve application: a Router, plus one ExpertGroup deployment per group in routed mode."""
-    router = Router.options(num_replicas=settings.router_replicas, ray_actor_options={"num_cpus": settings.router_cpus})
+    r_lo, r_hi = settings.router_replicas
+    # Routers scale on ongoing requests (Serve's default policy): a replica is "full" at max_batch.
+    router_scaling = ({"num_replicas": "auto", "autoscaling_config": {"min_replicas": r_lo, "max_replicas": r_hi,
+                                                                      "target_ongoing_requests": settings.max_batch}}
+                      if r_lo != r_hi else {"num_replicas": r_lo})
+    router = Router.options(ray_actor_options={"num_cpus": settings.router_cpus}, **router_scaling)
     if settings.mode == "monolithic":
         return router.bind(settings)
     lo, hi = settings.group_replicas
