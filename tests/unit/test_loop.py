@@ -104,3 +104,18 @@ def test_lr_schedule_warms_up_linearly_then_decays_to_the_floor(tmp_path):
     assert lr_at(10, tc) == pytest.approx(1e-3)
     assert lr_at(55, tc) == pytest.approx(1e-4 + 0.9e-3 * 0.5)
     assert lr_at(100, tc) == pytest.approx(1e-4)
+
+
+def test_resuming_a_finished_run_trains_nothing_but_reports_its_final_metrics_once(tmp_path, corpus_dir):
+    """What a Tune trial that finished just before its search was interrupted needs on resume."""
+    cfg = tiny_cfg(tmp_path)
+    info = DistInfo(0, 1, torch.device("cpu"))
+    first = KeepingReporter(tmp_path / "a")
+    done = train(cfg, corpus_dir=corpus_dir, reporter=first, info=info)
+    again = KeepingReporter(tmp_path / "b")
+    result = train(cfg, corpus_dir=corpus_dir, reporter=again, resume_dirs=[first.checkpoint(12)], info=info)
+    assert result.step == 12
+    assert len(again.reports) == 1
+    metrics, ckpt = again.reports[0]
+    assert metrics["train/step"] == 12 and ckpt is None
+    assert metrics["val/loss"] == pytest.approx(done.val_loss, abs=1e-6)

@@ -218,6 +218,10 @@ def train(
                              "elastic/expert_degree": ep}, step=state.step)
     if state.step >= tc.steps:
         log(f"already at step {state.step} of train.steps={tc.steps}; nothing to train")
+        # Still report once: whoever drives this run (a Tune trial resumed after finishing its
+        # steps, say) needs the final metrics, not an empty result.
+        last_val = evaluate(model, val, cfg, info)
+        reporter.report({"train/step": state.step, "val/loss": last_val}, None)
 
     while state.step < tc.steps:
         step = state.step + 1
