@@ -3,7 +3,6 @@ that ExpertGroup scale up while group 1 stays at its minimum, and no request fai
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -53,85 +52,71 @@ def _replicas(app: str, deployment: str) -> int:
     return int(states.get("RUNNING", 0))
 
 
-def test_hot_group_scales_up_and_cold_group_stays_at_minimum(ray_cluster, hot_group_model):
+def test_hot_group_scales_up_and_cold_group_stays_at_minimum(serve_url, hot_group_model):
     from ray import serve
 
     from raymoe.serve.deployments import ServeSettings, build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(1, 2), target_tokens_per_s=20)
-        serve.run(build_app(settings), name="skew", route_prefix="/skew")
-        assert _replicas("skew", "ExpertGroup0") == 1 and _replicas("skew", "ExpertGroup1") == 1
+    settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(1, 2), target_tokens_per_s=20)
+    serve.run(build_app(settings), name="skew", route_prefix="/skew")
+    assert _replicas("skew", "ExpertGroup0") == 1 and _replicas("skew", "ExpertGroup1") == 1
 
-        url, stop, statuses = f"http://127.0.0.1:{port}/skew/v1/completions", threading.Event(), []
+    url, stop, statuses = f"{serve_url}/skew/v1/completions", threading.Event(), []
 
-        def client(i):
-            with httpx.Client(timeout=60) as http:
-                while not stop.is_set():
-                    r = http.post(url, json={"prompt": f"def f{i}(", "max_tokens": 16, "seed": i})
-                    statuses.append(r.status_code)
+    def client(i):
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                r = http.post(url, json={"prompt": f"def f{i}(", "max_tokens": 16, "seed": i})
+                statuses.append(r.status_code)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-        start = time.monotonic()
-        for t in threads:
-            t.start()
-        scaled_after = None
-        while time.monotonic() - start < 60:
-            if _replicas("skew", "ExpertGroup0") >= 2:
-                scaled_after = time.monotonic() - start
-                break
-            time.sleep(0.5)
-        time.sleep(2)  # keep traffic flowing across the new replica's start
-        stop.set()
-        for t in threads:
-            t.join()
-        print(f"hot group reached 2 replicas {scaled_after} s after the load started; {len(statuses)} requests")
-        assert scaled_after is not None and scaled_after < 30
-        assert _replicas("skew", "ExpertGroup1") == 1  # cold group stays at its minimum
-        assert statuses and set(statuses) == {200}  # no request failed while scaling
-        load = httpx.get(f"http://127.0.0.1:{port}/skew/v1/expert_load").json()
-        assert load["groups"]["tokens"][1] == 0 and load["groups"]["tokens"][0] > 0
-    finally:
-        serve.shutdown()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    scaled_after = None
+    while time.monotonic() - start < 60:
+        if _replicas("skew", "ExpertGroup0") >= 2:
+            scaled_after = time.monotonic() - start
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # keep traffic flowing across the new replica's start
+    stop.set()
+    for t in threads:
+        t.join()
+    print(f"hot group reached 2 replicas {scaled_after} s after the load started; {len(statuses)} requests")
+    assert scaled_after is not None and scaled_after < 30
+    assert _replicas("skew", "ExpertGroup1") == 1  # cold group stays at its minimum
+    assert statuses and set(statuses) == {200}  # no request failed while scaling
+    load = httpx.get(f"{serve_url}/skew/v1/expert_load").json()
+    assert load["groups"]["tokens"][1] == 0 and load["groups"]["tokens"][0] > 0
 
 
-def test_killing_an_expert_group_replica_mid_traffic_fails_no_request(ray_cluster, hot_group_model):
+def test_killing_an_expert_group_replica_mid_traffic_fails_no_request(serve_url, hot_group_model):
     import ray
     from ray import serve
 
     from raymoe.serve.deployments import ServeSettings, build_app
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(2, 2))
-        serve.run(build_app(settings), name="kill", route_prefix="/kill")
-        url, stop, statuses = f"http://127.0.0.1:{port}/kill/v1/completions", threading.Event(), []
+    settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(2, 2))
+    serve.run(build_app(settings), name="kill", route_prefix="/kill")
+    url, stop, statuses = f"{serve_url}/kill/v1/completions", threading.Event(), []
 
-        def client(i):
-            with httpx.Client(timeout=60) as http:
-                while not stop.is_set():
-                    statuses.append(http.post(url, json={"prompt": f"x{i}", "max_tokens": 24, "seed": i}).status_code)
+    def client(i):
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                statuses.append(http.post(url, json={"prompt": f"x{i}", "max_tokens": 24, "seed": i}).status_code)
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        time.sleep(3)
-        victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ExpertGroup0" in a["name"]]
-        assert len(victims) == 2
-        ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
-        time.sleep(6)  # traffic goes on while Serve replaces the replica
-        stop.set()
-        for t in threads:
-            t.join()
-        load = httpx.get(f"http://127.0.0.1:{port}/kill/v1/expert_load").json()
-        print(f"{len(statuses)} requests, {load['groups']['retries']} expert calls retried after the kill")
-        assert statuses and set(statuses) == {200}
-    finally:
-        serve.shutdown()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "ExpertGroup0" in a["name"]]
+    assert len(victims) == 2
+    ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+    time.sleep(6)  # traffic goes on while Serve replaces the replica
+    stop.set()
+    for t in threads:
+        t.join()
+    load = httpx.get(f"{serve_url}/kill/v1/expert_load").json()
+    print(f"{len(statuses)} requests, {load['groups']['retries']} expert calls retried after the kill")
+    assert statuses and set(statuses) == {200}
