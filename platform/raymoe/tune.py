@@ -186,7 +186,7 @@ def run_search(cfg: RunConfig, *, address: str | None = None, resume: bool = Fal
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
-            raise ConfigError("tune.search=optuna needs optuna: pip install optuna") from None
+            raise ConfigError("tune.search=optuna needs optuna: pip install -e '.[optuna]' (or pip install optuna)") from None
         search_alg = OptunaSearch(seed=tc.seed)
     elif tc.seed is not None:
         import random
