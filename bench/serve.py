@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform as _stdlib_platform  # noqa: F401  (the stdlib module; platform/ is only a source root)
 import socket
 import statistics
 import sys

@@ -3,7 +3,6 @@ per session and only started by tests that ask for it."""
 
 from __future__ import annotations
 
-import os
 
 import pytest
 

@@ -219,7 +219,8 @@ class ScalingConfig:
     def __post_init__(self) -> None:
         lo, hi = self.worker_range
         if lo < 1 or hi < lo:
-            _fail(f"scaling.num_workers={list(self.worker_range) if isinstance(self.num_workers, tuple) else self.num_workers} must be >= 1 (or [min, max] with 1 <= min <= max)")
+            shown = list(self.num_workers) if isinstance(self.num_workers, tuple) else self.num_workers
+            _fail(f"scaling.num_workers={shown} must be >= 1 (or [min, max] with 1 <= min <= max)")
         if self.cpus_per_worker <= 0:
             _fail(f"scaling.cpus_per_worker={self.cpus_per_worker} must be > 0")
         if self.max_failures < -1:

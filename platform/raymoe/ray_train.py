@@ -172,17 +172,17 @@ def build_trainer(cfg: RunConfig, train_loop_config: dict, callbacks: list | Non
     )
 
 
-def sample_from_checkpoint(cfg: RunConfig, checkpoint_dir: str) -> str | None:
-    """Decode a short continuation of train.sample_prompt with the checkpoint's weights."""
+def sample_from_weights(cfg: RunConfig, weights: dict) -> str | None:
+    """Decode a short continuation of train.sample_prompt with a full (single-device) state dict."""
     if not cfg.train.sample_prompt or cfg.train.sample_tokens == 0:
         return None
     from raymoe.model.transformer import MoETransformer
-    from raymoe.parallel.checkpoint import full_state_dict, load_model_weights
+    from raymoe.parallel.checkpoint import load_model_weights
     from raymoe.train.data import get_tokenizer
 
     tok = get_tokenizer(cfg.data.tokenizer)
     model = MoETransformer(cfg.model)
-    load_model_weights(model, full_state_dict(checkpoint_dir))
+    load_model_weights(model, weights)
     model.eval()
     ids = model.generate([int(t) for t in tok.encode(cfg.train.sample_prompt)], cfg.train.sample_tokens, seed=cfg.train.seed, stop_id=tok.eos_id)
     return cfg.train.sample_prompt + tok.decode(ids)
@@ -237,12 +237,15 @@ def run_training(
     if result.checkpoint is not None:
         ckpt_path = result.checkpoint.path
         with result.checkpoint.as_directory() as d:
-            from raymoe.parallel.checkpoint import read_manifest
+            from raymoe.parallel.checkpoint import full_state_dict, read_manifest
 
             step = read_manifest(d)["state"]["step"]
-            if tracker and finalize:
-                log_final_artifacts(tracker, cfg, d)
-            sample = sample_from_checkpoint(cfg, d) if finalize else None
+            if finalize:
+                # Assembled (and checksummed) once for both the logged model and the sample.
+                weights = full_state_dict(d)
+                if tracker:
+                    log_final_artifacts(tracker, cfg, d, weights)
+                sample = sample_from_weights(cfg, weights)
     if tracker:
         tracker.finish("FINISHED")
     return TrainingOutcome(

@@ -234,8 +234,10 @@ def expert_load_heatmap(load_history: list[dict[str, Any]], out_png: str) -> boo
     return True
 
 
-def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: str) -> None:
-    """From the final checkpoint: weights (safetensors) + config under model/, load history, heatmap."""
+def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: str, weights: dict | None = None) -> None:
+    """From the final checkpoint: weights (safetensors) + config under model/, load history, heatmap.
+
+    `weights`: the checkpoint's full state dict if the caller already assembled it."""
     with tempfile.TemporaryDirectory() as d:
         if cfg.tracking.log_checkpoint:
             from safetensors.torch import save_file
@@ -245,7 +247,7 @@ def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: 
             mdir = os.path.join(d, "model")
             os.makedirs(mdir)
             # The training checkpoint is sharded by expert; what we log is the whole model.
-            save_file(full_state_dict(checkpoint_dir), os.path.join(mdir, "model.safetensors"))
+            save_file(weights if weights is not None else full_state_dict(checkpoint_dir), os.path.join(mdir, "model.safetensors"))
             with open(os.path.join(mdir, "config.yaml"), "w") as f:
                 f.write(cfg.to_yaml())
             tracker.log_artifact(mdir, "model")

@@ -148,7 +148,6 @@ def _plot(df, ranked: list[tuple[str, float]], metric: str, path: str, log_scale
 
 def run_search(cfg: RunConfig, *, address: str | None = None, resume: bool = False, log=print) -> SearchOutcome:
     """Run the `tune:` section of `cfg` (a local Ray unless one is running or an address is given)."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 

@@ -7,7 +7,6 @@ runs its own two-node `ray.cluster_utils.Cluster` in a subprocess."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -8,7 +8,6 @@ import time
 
 import httpx
 import pytest
-import torch
 from safetensors.torch import save_file
 
 from raymoe.config import config_from_dict

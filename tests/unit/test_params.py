@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from raymoe.config import BalanceConfig, ModelConfig, load_config
+from raymoe.config import ModelConfig, load_config
 from raymoe.model.attention import Attention, MLAttention
 from raymoe.model.moe import GroupedExperts, MoE, SwiGLU, TopKRouter
 from raymoe.model.params import count_params, format_report, mean_keys_attended, train_flops_per_token

@@ -229,7 +229,6 @@ def load_checkpoint(
 
     fused = bool(optimizer.defaults.get("fused"))
     step = torch.tensor(manifest["adam_step"], dtype=torch.float32)
-    dense_names = {n for n, _ in plan.dense}
     with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
         keys = set(f.keys())
         weights = {k: f.get_tensor(k) for k in keys if not k.startswith("opt/")}
@@ -264,7 +263,6 @@ def load_checkpoint(
                 "step": step.to(p.device) if fused else step.clone(),
                 **{m: expert_rows[f"opt/{name}/{m}"].to(p.device, p.dtype) for m in _MOMENTS},
             }
-    assert dense_names.isdisjoint(n for n, _ in plan.experts)
     torch.set_rng_state(torch.tensor(manifest["rng"], dtype=torch.uint8))
     records = {}
     for name in manifest["files"]:

@@ -101,8 +101,9 @@ class RemoteExperts:
     def __call__(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         E, G = self.placement.num_experts, self.placement.num_groups
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, E)
-        expert_N = torch.repeat_interleave(torch.arange(E), counts_E.cpu())
-        rank_N = torch.arange(expert_N.numel()) - (torch.cumsum(counts_E.cpu(), 0) - counts_E.cpu())[expert_N]
+        counts_host = counts_E.cpu()
+        expert_N = torch.repeat_interleave(torch.arange(E), counts_host)
+        rank_N = torch.arange(expert_N.numel()) - (torch.cumsum(counts_host, 0) - counts_host)[expert_N]
         group_N = self.copy_group[expert_N, rank_N % self.num_copies[expert_N]]
         local_N = self.local_index[group_N, expert_N]
         order = torch.argsort(group_N * E + local_N, stable=True)  # by group, then by its local expert

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from raymoe.config import RunConfig
 from raymoe.model.params import train_flops_per_token
 from raymoe.model.transformer import MoETransformer
-from raymoe.parallel.apply import ParallelPlan, parallelize
+from raymoe.parallel.apply import parallelize
 from raymoe.parallel.checkpoint import TrainerState, load_latest_good, save_checkpoint
 from raymoe.parallel.mesh import build_mesh, resolve_expert_degree
 from raymoe.train.data import BatchIterator, eval_batches, open_corpus
