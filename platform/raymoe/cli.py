@@ -3,6 +3,8 @@
     raymoe train jobs/configs/demo.yaml --set train.steps=50
     raymoe params jobs/configs/deepseek-v3.yaml
     raymoe check jobs/configs/*.yaml
+    raymoe submit train jobs/configs/demo.yaml --address http://HEAD:8265   # as a Ray job on a cluster
+    raymoe jobs status|logs|stop JOB_ID --address http://HEAD:8265
 
 Config errors are reported in one line naming the file and key, before Ray starts, with exit code 2.
 """
@@ -94,6 +96,62 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+def _cmd_submit(args) -> int:
+    from raymoe import submit as jobs
+
+    submission = jobs.build_submission(args.kind, args.config, args.overrides, working_dir=args.working_dir,
+                                       tracking_uri=args.tracking_uri, resume=args.resume)
+    for note in submission.notes:
+        print(f"raymoe: note: {note}", file=sys.stderr)
+    import logging
+
+    # Ray's packaging logs a line per .gitignore it honours and a warning per default exclude, on
+    # every upload; what is uploaded is already said by its "Uploading package" lines.
+    logging.getLogger("ray._private.runtime_env").setLevel(logging.ERROR)
+    address = jobs.resolve_address(args.address)
+    client = jobs.connect(address)
+    job_id = jobs.submit(client, address, submission)
+    print(f"job: {job_id}  ({submission.entrypoint})")
+    print(f"  raymoe jobs status|logs|stop {job_id} --address {address}")
+    if args.no_follow:
+        return 0
+    try:
+        status = jobs.follow(client, address, job_id)
+    except KeyboardInterrupt:
+        print(f"\nraymoe: stopped following; the job keeps running (raymoe jobs stop {job_id} --address {address})", file=sys.stderr)
+        return 130
+    print(f"job {job_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def _cmd_jobs(args) -> int:
+    from raymoe import submit as jobs
+
+    address = jobs.resolve_address(args.address)
+    client = jobs.connect(address)
+    if args.action == "list":
+        for job in jobs.list_jobs(client, address):
+            print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {job.entrypoint}")
+        return 0
+    if args.action == "status":
+        info = jobs.job_info(client, address, args.job_id)
+        print(f"{args.job_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+        return 0
+    if args.action == "logs":
+        if not args.follow:
+            sys.stdout.write(jobs.job_logs(client, address, args.job_id))
+            return 0
+        status = jobs.follow(client, address, args.job_id)
+        print(f"job {args.job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    assert args.action == "stop", args.action
+    if jobs.stop(client, address, args.job_id):
+        print(f"stop requested for {args.job_id}")
+    else:
+        print(f"{args.job_id} had already ended ({jobs.status_of(client, address, args.job_id)})")
+    return 0
+
+
 def _cmd_params(args) -> int:
     cfg = load_config(args.config, args.overrides)
     from raymoe.model.params import format_report
@@ -129,7 +187,7 @@ def _cmd_serve(args) -> int:
     settings = ServeSettings(model=args.model, mode="monolithic" if args.monolithic else "routed", num_groups=args.groups,
                              max_batch=args.max_batch, api_key=args.api_key, tracking_uri=args.tracking_uri,
                              placement=placement, group_replicas=(args.group_replicas[0], args.group_replicas[-1]),
-                             router_replicas=(args.router_replicas[0], args.router_replicas[-1]))
+                             router_replicas=(args.router_replicas[0], args.router_replicas[-1]), data_path=args.data_path)
     cfg, _ = load_model(args.model, tracking_uri=args.tracking_uri)  # fail here, in one line, on a bad MODEL
     ray.init(address=args.address) if args.address else ray.init()
     quiet = {"enable_access_log": False, "log_level": "WARNING"}  # no line per request and per expert call
@@ -202,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tracking-uri", default=None, help="where models:/ and runs:/ resolve (default $MLFLOW_TRACKING_URI)")
     p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
     p.add_argument("--placement", default=None, help="expert placement JSON from `raymoe placement` (default: contiguous groups)")
+    p.add_argument("--data-path", choices=["direct", "handle"], default="direct",
+                   help="router -> expert group calls: a direct TCP channel (default; Serve still owns and scales the "
+                        "replicas) or Serve handle calls")
     p.add_argument("--group-replicas", type=int, nargs="+", default=[1], metavar="N",
                    help="ExpertGroup replicas: N, or MIN MAX to autoscale each group on its routed tokens/s")
     p.add_argument("--router-replicas", type=int, nargs="+", default=[1], metavar="N",
@@ -217,6 +278,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--last", type=int, default=None, help="use only the last N load records")
     p.add_argument("--out", default=None, help="write the placement JSON here")
     p.set_defaults(fn=_cmd_placement)
+
+    p = sub.add_parser("submit", help="run train or tune as a Ray job on a running cluster (Ray Jobs SDK), following its logs")
+    p.add_argument("kind", choices=("train", "tune"), metavar="train|tune", help="what the job runs")
+    _add_config_args(p)
+    p.add_argument("--address", default=None,
+                   help="the head's Ray dashboard, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI as the cluster's nodes reach it, e.g. http://HEAD_PRIVATE_IP:5000 "
+                        "(default: the cluster's $MLFLOW_TRACKING_URI)")
+    p.add_argument("--working-dir", default=".", help="directory uploaded as the job's working dir, holding CONFIG (default .)")
+    p.add_argument("--resume", action="store_true", help="tune: continue an interrupted search of the same name")
+    p.add_argument("--no-follow", action="store_true", help="print the job id and return instead of following the logs")
+    p.set_defaults(fn=_cmd_submit)
+
+    p = sub.add_parser("jobs", help="status, logs, stop or list Ray jobs on a cluster")
+    actions = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("status", "a job's status"), ("logs", "a job's logs"), ("stop", "stop a job"), ("list", "every job")):
+        a = actions.add_parser(action, help=text)
+        if action != "list":
+            a.add_argument("job_id", metavar="JOB_ID", help="the id `raymoe submit` printed (raysubmit_...)")
+        if action == "logs":
+            a.add_argument("--follow", action="store_true", help="keep printing until the job ends")
+        a.add_argument("--address", default=None,
+                       help="the head's Ray dashboard, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
+    p.set_defaults(fn=_cmd_jobs)
 
     p = sub.add_parser("params", help="total / activated parameters and training FLOPs per token of a config")
     _add_config_args(p)
@@ -242,8 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from raymoe.parallel.checkpoint import CheckpointError
         from raymoe.serve.engine import RequestError
+        from raymoe.submit import SubmitError
         from raymoe.train.data import DataError
 
+        if isinstance(e, SubmitError):
+            print(f"raymoe: {e}", file=sys.stderr)
+            return 2
         if isinstance(e, (DataError, CheckpointError, RequestError)):
             print(f"raymoe: {type(e).__name__}: {e}", file=sys.stderr)
             return 2

@@ -72,6 +72,15 @@ def _worker_fn(config: dict) -> None:
         # Ray reserved cpus_per_worker cores for this worker; more threads only fight the others.
         torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
     info = DistInfo(ctx.get_world_rank(), ctx.get_world_size(), device)
+    if not os.path.isdir(config["corpus_dir"]):
+        # The driver tokenized the corpus under output_dir; a worker on another node sees it only
+        # when output_dir is storage that every node mounts at the same path (checkpoints need it too).
+        import ray.util
+
+        from raymoe.train.data import DataError
+
+        raise DataError(f"{config['corpus_dir']} (tokenized by the driver) is not visible on node {ray.util.get_node_ip_address()}: "
+                        "set output_dir to a path every node mounts (NFS, EFS, a ReadWriteMany volume), e.g. --set output_dir=/shared/raymoe")
 
     run_id = config.get("mlflow_run_id")
     tracker = MlflowTracker(config["tracking_uri"], run_id) if info.rank == 0 and run_id else NullTracker()
