@@ -21,6 +21,7 @@ class AppArgs(BaseModel):
     router_max_replicas: int = 1
     group_min_replicas: int = 1
     group_max_replicas: int = 1
+    data_path: Literal["direct", "handle"] = "direct"
 
 
 def app(args: AppArgs):
@@ -30,4 +31,5 @@ def app(args: AppArgs):
         model=args.model, mode=args.mode, num_groups=args.num_groups, max_batch=args.max_batch,
         max_tokens=args.max_tokens, api_key=args.api_key, tracking_uri=args.tracking_uri,
         router_replicas=(args.router_min_replicas, args.router_max_replicas), group_replicas=(args.group_min_replicas, args.group_max_replicas),
+        data_path=args.data_path,
     ))

@@ -39,7 +39,11 @@ def served(ray_cluster, model_dir):
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ServeSettings(model=model_dir, mode="monolithic")), name="mono", route_prefix="/mono")
-    serve.run(build_app(ServeSettings(model=model_dir, mode="routed", num_groups=2)), name="routed", route_prefix="/routed")
+    # CPU reservations fit all four apps of this file (with "placed" below) in the session's 4 CPUs.
+    serve.run(build_app(ServeSettings(model=model_dir, mode="routed", num_groups=2, router_cpus=0.5, group_cpus=0.25)),
+              name="routed", route_prefix="/routed")
+    serve.run(build_app(ServeSettings(model=model_dir, mode="routed", num_groups=2, data_path="handle", router_cpus=0.25,
+                                      group_cpus=0.125)), name="handle", route_prefix="/handle")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -49,9 +53,15 @@ def test_routed_and_monolithic_apps_give_the_same_completions(served):
         for prompt in ("def ", "import os\n", "x = "):
             req = {"prompt": prompt, "max_tokens": 12, "temperature": 0}
             mono = http.post(f"{served}/mono/v1/completions", json=req).json()
-            routed = http.post(f"{served}/routed/v1/completions", json=req).json()
-            assert routed["choices"][0]["text"] == mono["choices"][0]["text"], prompt
-            assert routed["usage"]["completion_tokens"] == 12
+            for app in ("routed", "handle"):  # the direct channel and Serve handles
+                routed = http.post(f"{served}/{app}/v1/completions", json=req).json()
+                assert routed["choices"][0]["text"] == mono["choices"][0]["text"], (app, prompt)
+                assert routed["usage"]["completion_tokens"] == 12
+        direct = http.get(f"{served}/routed/v1/expert_load").json()["groups"]
+        handle = http.get(f"{served}/handle/v1/expert_load").json()["groups"]
+    assert (direct["data_path"], direct["fallbacks"]) == ("direct", 0)  # every call went over the channel
+    assert handle["data_path"] == "handle"
+    assert direct["tokens"] == handle["tokens"]  # the same routed slots reached the same groups
 
 
 def test_routed_router_makes_at_most_one_call_per_group_per_layer_per_step(served):

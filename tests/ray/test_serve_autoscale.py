@@ -1,5 +1,6 @@
 """Per-group autoscaling on measured expert load: traffic whose tokens all route to group 0 makes
-that ExpertGroup scale up while group 1 stays at its minimum, and no request fails meanwhile."""
+that ExpertGroup scale up while group 1 stays at its minimum; when the load falls it scales back
+down; no request fails at any point, with routers on the direct channel (channel.py)."""
 
 from __future__ import annotations
 
@@ -51,43 +52,68 @@ def _replicas(app: str, deployment: str) -> int:
     return int(states.get("RUNNING", 0))
 
 
-def test_hot_group_scales_up_and_cold_group_stays_at_minimum(serve_url, hot_group_model):
+def test_hot_group_scales_up_then_down_and_cold_group_stays_at_minimum(serve_url, hot_group_model):
     from ray import serve
 
     from raymoe.serve.deployments import ServeSettings, build_app
 
-    settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(1, 2), target_tokens_per_s=20)
+    settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(1, 2), target_tokens_per_s=20,
+                             downscale_delay_s=4.0)
     serve.run(build_app(settings), name="skew", route_prefix="/skew")
     assert _replicas("skew", "ExpertGroup0") == 1 and _replicas("skew", "ExpertGroup1") == 1
 
-    url, stop, statuses = f"{serve_url}/skew/v1/completions", threading.Event(), []
+    url, heavy, stop, statuses = f"{serve_url}/skew/v1/completions", threading.Event(), threading.Event(), []
+    heavy.set()
 
     def client(i):
         with httpx.Client(timeout=60) as http:
             while not stop.is_set():
-                r = http.post(url, json={"prompt": f"def f{i}(", "max_tokens": 16, "seed": i})
+                if i > 0 and not heavy.is_set():
+                    time.sleep(0.2)  # light phase: one client keeps requests flowing through the scale-down
+                    continue
+                light = not heavy.is_set()
+                r = http.post(url, json={"prompt": f"def f{i}(", "max_tokens": 2 if light else 16, "seed": i})
                 statuses.append(r.status_code)
+                if light:
+                    time.sleep(4.0)  # a trickle: under 10 routed tokens/s, half of one replica's target
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
     start = time.monotonic()
     for t in threads:
         t.start()
-    scaled_after = None
-    while time.monotonic() - start < 60:
-        if _replicas("skew", "ExpertGroup0") >= 2:
-            scaled_after = time.monotonic() - start
-            break
-        time.sleep(0.5)
-    time.sleep(2)  # keep traffic flowing across the new replica's start
+    scaled_up_after = _wait_for(lambda: _replicas("skew", "ExpertGroup0") >= 2, start, 60)
+    time.sleep(2)  # keep heavy traffic flowing across the new replica's start
+    cold_during_load = _replicas("skew", "ExpertGroup1")
+    up_statuses = len(statuses)
+    heavy.clear()
+    light_start = time.monotonic()
+    scaled_down_after = _wait_for(lambda: _replicas("skew", "ExpertGroup0") == 1
+                                  and serve.status().applications["skew"].deployments["ExpertGroup0"].status == "HEALTHY",
+                                  light_start, 60)
+    time.sleep(2)  # and the trickle goes on after the replica is gone
     stop.set()
     for t in threads:
         t.join()
-    print(f"hot group reached 2 replicas {scaled_after} s after the load started; {len(statuses)} requests")
-    assert scaled_after is not None and scaled_after < 30
-    assert _replicas("skew", "ExpertGroup1") == 1  # cold group stays at its minimum
-    assert statuses and set(statuses) == {200}  # no request failed while scaling
     load = httpx.get(f"{serve_url}/skew/v1/expert_load").json()
+    print(f"hot group reached 2 replicas {scaled_up_after} s after the load started and went back to 1 "
+          f"{scaled_down_after} s after it fell; {up_statuses} requests during the load, {len(statuses) - up_statuses} after; "
+          f"{load['groups']['retries']} expert calls retried, {load['groups']['fallbacks']} through a Serve handle")
+    assert scaled_up_after is not None and scaled_up_after < 30
+    assert cold_during_load == 1  # the cold group stays at its minimum
+    assert scaled_down_after is not None
+    assert len(statuses) > up_statuses  # requests were in flight during the scale-down
+    assert statuses and set(statuses) == {200}  # no request failed while scaling up or down
+    assert load["groups"]["data_path"] == "direct"
     assert load["groups"]["tokens"][1] == 0 and load["groups"]["tokens"][0] > 0
+
+
+def _wait_for(condition, start: float, timeout_s: float) -> float | None:
+    """Seconds from start until condition() held (polled every 0.5 s), or None."""
+    while time.monotonic() - start < timeout_s:
+        if condition():
+            return time.monotonic() - start
+        time.sleep(0.5)
+    return None
 
 
 def test_killing_an_expert_group_replica_mid_traffic_fails_no_request(serve_url, hot_group_model):
@@ -119,3 +145,4 @@ def test_killing_an_expert_group_replica_mid_traffic_fails_no_request(serve_url,
     load = httpx.get(f"{serve_url}/kill/v1/expert_load").json()
     print(f"{len(statuses)} requests, {load['groups']['retries']} expert calls retried after the kill")
     assert statuses and set(statuses) == {200}
+    assert load["groups"]["data_path"] == "direct" and load["groups"]["retries"] >= 1

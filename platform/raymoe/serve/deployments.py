@@ -10,6 +10,12 @@ once), then combines the returned outputs with the routing weights. An ExpertGro
 any replica of a group can serve any call, and `@serve.batch` merges calls arriving together
 from several router replicas into one grouped GEMM per layer.
 
+Data path: by default routers reach the groups' replicas over a direct TCP channel (channel.py):
+a call costs about 0.3 ms there against about 6 ms through a Serve handle on the 2-core machine
+(docs/PERFORMANCE.md). Serve still owns every replica: it starts them, scales each group on its
+reported load, replaces dead ones and stops them; replicas register their channel address when
+they start and withdraw it when Serve stops them. `data_path="handle"` uses Serve handles only.
+
 Monolithic mode: the same router with every expert inside it. It is the baseline.
 """
 
@@ -17,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import os
+import secrets
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +35,7 @@ from ray import serve
 
 from raymoe.model.moe import GroupedExperts, Routing, permute, unpermute
 from raymoe.serve.autoscale import LOAD_METRIC, TokenRate, expert_group_autoscaling
+from raymoe.serve.channel import Call, ChannelCall, ChannelError, ExpertChannel, ExpertServer, Registry
 from raymoe.serve.placement import Placement, contiguous_placement
 
 
@@ -61,12 +70,21 @@ class ServeSettings:
     """An expert placement (Placement.to_dict(), e.g. from `raymoe placement`); null = contiguous groups."""
     target_tokens_per_s: float = 2000.0
     """Routed tokens per second one ExpertGroup replica should handle (the autoscaling target)."""
+    downscale_delay_s: float = 30.0
+    """How long an ExpertGroup's load must stay below its replicas' capacity before one is removed."""
+    data_path: str = "direct"
+    """How routers reach expert groups: 'direct' (a TCP channel to the group's replicas, see
+    channel.py; Serve still owns their lifecycle and scaling) or 'handle' (Serve handle calls)."""
+    channel_token: str | None = None
+    """Shared secret of the direct channel; build_app draws a random one per deployment."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("routed", "monolithic"):
             raise ValueError(f"mode={self.mode!r} must be 'routed' or 'monolithic'")
         if self.num_groups < 1:
             raise ValueError(f"num_groups={self.num_groups} must be >= 1")
+        if self.data_path not in ("direct", "handle"):
+            raise ValueError(f"data_path={self.data_path!r} must be 'direct' or 'handle'")
 
 
 CALL_TIMEOUT_S = 30.0
@@ -84,8 +102,10 @@ class RemoteExperts:
     (a replicated hot expert) has its slots dealt round-robin over the k copies.
     """
 
-    def __init__(self, layer: int, placement: Placement, handles: list, stats: "RouterStats", loop_of=lambda: None):
+    def __init__(self, layer: int, placement: Placement, handles: list, stats: "RouterStats", loop_of=lambda: None,
+                 channel: ExpertChannel | None = None):
         self.layer, self.placement, self.handles, self.stats = layer, placement, handles, stats
+        self.channel = channel  # the direct data path; None = Serve handles only
         # With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a handle refuses calls from outside the replica's
         # event loop, so the engine's thread submits them to that loop; otherwise it calls directly
         # (a killed replica then surfaces as an error at once, which the retry below needs).
@@ -125,6 +145,11 @@ class RemoteExperts:
 
     def _send(self, g: int, rows: torch.Tensor, counts: torch.Tensor):
         """Start one group call; returns something with .result()."""
+        if self.channel is not None:
+            call = self.channel.send(g, self.layer, rows, counts)
+            if call is not None:
+                return call
+            self.stats.fallbacks += 1  # no live replica registered: Serve's handle waits for one
         loop = self.loop_of() if THROUGHPUT_OPTIMIZED() else None
         if loop is None:
             return self.handles[g].forward.remote((self.layer, rows, counts))
@@ -141,8 +166,12 @@ class RemoteExperts:
 
         for attempt in range(attempts):
             try:
-                return response.result(timeout=CALL_TIMEOUT_S) if isinstance(response, concurrent.futures.Future) else response.result(timeout_s=CALL_TIMEOUT_S)
-            except (RayActorError, ActorDiedError, ActorUnavailableError, TimeoutError, concurrent.futures.TimeoutError):
+                if isinstance(response, ChannelCall):
+                    return response.result()
+                if isinstance(response, concurrent.futures.Future):
+                    return response.result(timeout=CALL_TIMEOUT_S)
+                return response.result(timeout_s=CALL_TIMEOUT_S)
+            except (ChannelError, RayActorError, ActorDiedError, ActorUnavailableError, TimeoutError, concurrent.futures.TimeoutError):
                 if attempt == attempts - 1:
                     raise
                 self.stats.retries += 1
@@ -159,6 +188,8 @@ class RouterStats:
     calls: list[int] = field(default_factory=list)
     retries: int = 0
     """Calls sent again because the replica serving them died."""
+    fallbacks: int = 0
+    """Direct-channel calls that went through a Serve handle because no replica was registered."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self) -> None:
@@ -200,11 +231,38 @@ class ExpertGroup:
             self.layers[i] = part.eval()
         self.group, self.tokens, self.batches = group, 0, 0
         self.rate = TokenRate()
+        self._lock = threading.Lock()
+        self.server, self.registry, self.replica = None, None, None
+        if settings.data_path == "direct":
+            import ray
+
+            self.server = ExpertServer(self.run_calls, settings.channel_token, host=ray.util.get_node_ip_address())
+            self.registry = Registry(settings.channel_token)
+            self.replica = serve.get_replica_context().replica_id.unique_id
+            self.registry.register(group, self.replica, self.server.address)
+
+    def __del__(self):
+        """Serve calls this when it stops the replica (scale-down, redeploy): leave the registry
+        first so routers stop choosing this replica, then stop the channel."""
+        if getattr(self, "server", None) is not None:
+            try:
+                self.registry.deregister(self.group, self.replica)
+            finally:
+                self.server.close()
+                self.server = None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
-    async def forward(self, calls: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    async def forward(self, calls: list[Call]) -> list[torch.Tensor]:
+        """The Serve-handle path: calls arriving together are merged by `@serve.batch`."""
+        return self.run_calls(calls)
+
+    def run_calls(self, calls: list[Call]) -> list[torch.Tensor]:
         """Each call: (layer, rows sorted by local expert, counts per local expert). Calls for the
         same layer are merged into one grouped GEMM; results go back to each caller."""
+        with self._lock:  # the handle path and the direct channel may both be running calls
+            return self._run_calls(calls)
+
+    def _run_calls(self, calls: list[Call]) -> list[torch.Tensor]:
         self.batches += 1
         out: list[torch.Tensor | None] = [None] * len(calls)
         by_layer: dict[int, list[int]] = {}
@@ -215,6 +273,9 @@ class ExpertGroup:
                 xs = [calls[i][1] for i in idx]
                 counts = [calls[i][2] for i in idx]
                 e = len(self.experts)
+                if any(c.shape != (e,) for c in counts) or layer not in self.layers:
+                    raise ValueError(f"call for layer {layer} with counts {[tuple(c.shape) for c in counts]}: this group has "
+                                     f"{e} experts in layers {sorted(self.layers)}")
                 local = torch.cat([torch.repeat_interleave(torch.arange(e), c) for c in counts])
                 order = torch.argsort(local, stable=True)
                 y_sorted = self.layers[layer](torch.cat(xs)[order], torch.stack(counts).sum(0))
@@ -231,7 +292,9 @@ class ExpertGroup:
         return {LOAD_METRIC: self.rate.rate()}
 
     def load(self) -> dict:
-        return {"group": self.group, "experts": self.experts, "tokens": self.tokens, "batches": self.batches}
+        return {"group": self.group, "experts": self.experts, "tokens": self.tokens, "batches": self.batches,
+                "channel_calls": self.server.calls_served if self.server else 0,
+                "address": self.server.address if self.server else None}
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
@@ -248,10 +311,14 @@ class Router:
         cfg, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
         self.mode = settings.mode
         self.stats = RouterStats(settings.num_groups if settings.mode == "routed" else 0)
+        self.channel = None
         if settings.mode == "routed":
             self.placement = resolve_placement(settings, cfg.model.num_experts)
+            if settings.data_path == "direct":
+                self.channel = ExpertChannel(settings.channel_token, settings.num_groups, timeout_s=CALL_TIMEOUT_S)
             for layer, moe in enumerate(model.moe_layers()):
-                moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats, loop_of=lambda: self.loop)
+                moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats, loop_of=lambda: self.loop,
+                                           channel=self.channel)
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         tok = get_tokenizer(cfg.data.tokenizer)
         self.engine = Engine(model, tok, max_batch=settings.max_batch, micro_batches=settings.micro_batches)
@@ -268,6 +335,7 @@ class Router:
         out = {"mode": self.mode, "layers": per_expert, "total_per_expert": [sum(col) for col in zip(*per_expert)] if per_expert else []}
         if self.mode == "routed":
             out["groups"] = {"tokens": list(self.stats.tokens), "calls": list(self.stats.calls), "retries": self.stats.retries,
+                             "fallbacks": self.stats.fallbacks, "data_path": "direct" if self.channel else "handle",
                              "placement": self.placement.to_dict()}
         out["decode_steps"] = self.engine.stats["decode_steps"]
         out["prefills"] = self.engine.stats["prefills"]
@@ -288,12 +356,15 @@ def build_app(settings: ServeSettings):
     router = Router.options(ray_actor_options={"num_cpus": settings.router_cpus}, **router_scaling)
     if settings.mode == "monolithic":
         return router.bind(settings)
+    if settings.data_path == "direct" and settings.channel_token is None:
+        settings = dataclasses.replace(settings, channel_token=secrets.token_hex(16))
     lo, hi = settings.group_replicas
     actor = {"num_cpus": settings.group_cpus}
     if lo != hi:
         # Replicas push their load every second, so a hot group is seen within seconds.
         actor["runtime_env"] = {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}
-        scaling = {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(lo, hi, settings.target_tokens_per_s)}
+        scaling = {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(
+            lo, hi, settings.target_tokens_per_s, downscale_delay_s=settings.downscale_delay_s)}
     else:
         scaling = {"num_replicas": lo}
     groups = [ExpertGroup.options(name=f"ExpertGroup{g}", ray_actor_options=actor, **scaling).bind(settings, g)
