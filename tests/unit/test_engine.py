@@ -71,12 +71,26 @@ def test_requests_join_and_leave_the_running_batch_between_decode_steps():
         running_sizes.append(len(engine.running))
     assert [len(r.output_ids) for r in reqs] == [4, 7, 10, 13, 16]
     assert max(running_sizes) == 3  # never more than the cache rows
-    assert engine.stats["prefills"] == 5
+    # p0-p2 arrive together with prompts of one length: one prefill forward; p3 and p4 join later, one each.
+    assert engine.stats["prefills"] == 3
     # Fewer decode steps than running everything one after another: sequences shared steps.
     assert engine.stats["decode_steps"] < sum(len(r.output_ids) - 1 for r in reqs)
     # Batching does not change what a seeded request samples.
-    solo = Engine(model, tok, max_batch=1).generate("p3", SamplingParams(max_tokens=13, temperature=0.9, seed=3))
-    assert solo.text == reqs[3].text
+    for i in (0, 3):  # prefilled in a batch of three, and alone
+        solo = Engine(model, tok, max_batch=1).generate(f"p{i}", SamplingParams(max_tokens=4 + 3 * i, temperature=0.9, seed=i))
+        assert solo.text == reqs[i].text
+
+
+def test_waiting_prompts_of_several_lengths_are_prefilled_one_forward_per_length():
+    model, tok = tiny_model(), ByteTokenizer()
+    engine = Engine(model, tok, max_batch=8)
+    prompts = ["ab", "cd", "efg", "hij", "klmn", "op"]
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=5, temperature=0)) for p in prompts]
+    while engine.has_work():
+        engine.step()
+    assert engine.stats["prefills"] == 3  # lengths 2, 3 and 4
+    for p, r in zip(prompts, reqs):
+        assert r.text == Engine(model, tok, max_batch=1).generate(p, SamplingParams(max_tokens=5, temperature=0)).text, p
 
 
 def test_seed_makes_sampling_reproducible_and_top_k_1_is_greedy():

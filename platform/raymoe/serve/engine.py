@@ -165,13 +165,19 @@ class Engine:
         # Sequences admitted in this step get their first token from the prefill, not a decode.
         active = [r for r in self.running.values() if r.finish_reason is None]
         free = [s for s in range(self.max_batch) if s not in self.running]
+        admitted: dict[int, list[Request]] = {}
         while self.waiting and free:
             req = self.waiting.pop(0)
             req.slot = free.pop(0)
             self.running[req.slot] = req
-            logits = self._forward([req.slot], [req.prompt_ids], start=[0])
+            admitted.setdefault(len(req.prompt_ids), []).append(req)
+        # One prefill forward per prompt length among the admitted requests, not one per request:
+        # in routed mode every forward costs a round of expert-group calls per MoE layer.
+        for reqs in admitted.values():
+            logits = self._forward([r.slot for r in reqs], [r.prompt_ids for r in reqs], start=[0] * len(reqs))
             self.stats["prefills"] += 1
-            events.append(self._accept(req, logits[0]))
+            for r, lg in zip(reqs, logits):
+                events.append(self._accept(r, lg))
         if active:
             logits = self._decode(active)
             self.stats["decode_steps"] += 1
