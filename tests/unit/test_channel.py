@@ -36,6 +36,14 @@ class MemoryRegistry:
         return sorted(self.entries.get(group, {}).values())
 
 
+def registry_of(*servers: ExpertServer) -> MemoryRegistry:
+    """A registry listing the servers as the replicas of group 0."""
+    reg = MemoryRegistry()
+    for i, server in enumerate(servers):
+        reg.register(0, f"replica{i}", server.address)
+    return reg
+
+
 class Recorder:
     """An expert group's compute: y = 2x + layer, per call; remembers how calls were batched."""
 
@@ -54,8 +62,7 @@ class Recorder:
 
 def test_rows_come_back_exactly_for_every_dtype_and_empty_calls():
     server = ExpertServer(Recorder(), token="t")
-    reg = MemoryRegistry()
-    reg.register(0, "a", server.address)
+    reg = registry_of(server)
     channel = ExpertChannel("t", num_groups=1, registry=reg)
     try:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -76,8 +83,7 @@ def test_counts_reach_the_group_unchanged():
         return [rows for _, rows, _ in calls]
 
     server = ExpertServer(run, token="t")
-    reg = MemoryRegistry()
-    reg.register(0, "a", server.address)
+    reg = registry_of(server)
     try:
         ExpertChannel("t", 1, registry=reg).send(0, 0, torch.zeros(9, 4), torch.tensor([2, 0, 7])).result()
         assert seen == [[2, 0, 7]]
@@ -90,8 +96,7 @@ def test_calls_arriving_together_from_several_routers_are_merged_into_one_batch(
     gate.set()
     compute = Recorder(delay=gate)
     server = ExpertServer(compute, token="t")
-    reg = MemoryRegistry()
-    reg.register(0, "a", server.address)
+    reg = registry_of(server)
     channel = ExpertChannel("t", 1, registry=reg)
     results, connected, go = {}, threading.Barrier(6), threading.Event()
 
@@ -125,9 +130,7 @@ def test_calls_arriving_together_from_several_routers_are_merged_into_one_batch(
 def test_calls_are_dealt_round_robin_over_a_groups_replicas():
     a, b = Recorder(), Recorder()
     sa, sb = ExpertServer(a, token="t"), ExpertServer(b, token="t")
-    reg = MemoryRegistry()
-    reg.register(0, "a", sa.address)
-    reg.register(0, "b", sb.address)
+    reg = registry_of(sa, sb)
     channel = ExpertChannel("t", 1, registry=reg)
     try:
         for _ in range(10):
@@ -140,9 +143,7 @@ def test_calls_are_dealt_round_robin_over_a_groups_replicas():
 
 def test_a_replica_stopped_between_calls_is_skipped_and_no_call_fails():
     a, b = ExpertServer(Recorder(), token="t"), ExpertServer(Recorder(), token="t")
-    reg = MemoryRegistry()
-    reg.register(0, "a", a.address)
-    reg.register(0, "b", b.address)
+    reg = registry_of(a, b)
     channel = ExpertChannel("t", 1, registry=reg, refresh_s=60.0)  # a stale list: the failure must be handled
     try:
         for _ in range(4):
@@ -162,9 +163,7 @@ def test_a_replica_stopped_between_calls_is_skipped_and_no_call_fails():
 
 def test_a_killed_replica_left_in_the_registry_is_dropped_from_it():
     a, b = ExpertServer(Recorder(), token="t"), ExpertServer(Recorder(), token="t")
-    reg = MemoryRegistry()
-    reg.register(0, "a", a.address)
-    reg.register(0, "b", b.address)
+    reg = registry_of(a, b)
     a.close()  # nothing listens at a's address any more, but its entry is still there
     channel = ExpertChannel("t", 1, registry=reg)
     try:
@@ -201,8 +200,7 @@ def test_a_failing_group_reports_the_error_and_keeps_serving():
         return [rows for _, rows, _ in calls]
 
     server = ExpertServer(run, token="t")
-    reg = MemoryRegistry()
-    reg.register(0, "a", server.address)
+    reg = registry_of(server)
     channel = ExpertChannel("t", 1, registry=reg)
     try:
         with pytest.raises(RuntimeError, match="no layer 99 here"):
