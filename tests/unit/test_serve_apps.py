@@ -59,3 +59,7 @@ def test_router_and_groups_autoscale_when_given_a_replica_range():
     group = [a for a in router.init_args if hasattr(a, "_bound_deployment")][0]._bound_deployment
     cfg = group._deployment_config.autoscaling_config
     assert cfg.max_replicas == 4 and cfg.policy.policy_function == "raymoe.serve.autoscale:expert_load_policy"
+    kwargs = [g._bound_deployment._deployment_config.autoscaling_config.policy.policy_kwargs
+              for g in router.init_args if hasattr(g, "_bound_deployment")]
+    assert [k["group"] for k in kwargs] == [0, 1]  # each group scales on its own share of the routers' reports
+    assert kwargs[0]["load_key"] == kwargs[1]["load_key"] == router.init_args[0].load_key is not None

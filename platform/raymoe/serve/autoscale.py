@@ -1,27 +1,45 @@
-"""Expert-load-aware autoscaling: each ExpertGroup deployment scales on the routed tokens it serves.
+"""Expert-load-aware autoscaling: each ExpertGroup deployment scales on the routed tokens the
+routers send it.
 
-Every ExpertGroup replica reports `routed_tokens_per_s` (tokens it ran through its experts per
-second, over the last few seconds) through Serve's `record_autoscaling_stats` hook. The policy
-below, run by the Serve controller once per deployment, sums that over the group's replicas and
-asks for ceil(total / target_tokens_per_s_per_replica) replicas, within [min, max]. So a group
-holding hot experts gains replicas while cold groups stay at their minimum: each group scales on
-the traffic it actually receives, not on the router's request count.
+Every Router replica counts the tokens it routes to each expert group (over the last few
+seconds) and publishes those rates once a second on a `LoadBoard` in Ray's GCS key-value store,
+under its application's key. The Serve controller runs `expert_load_policy` once per control loop
+for each ExpertGroup deployment: it sums the fresh reports of every router for that group and asks
+for ceil(total / target_tokens_per_s) replicas, within [min, max]. So a group holding hot experts
+gains replicas while cold groups stay at their minimum: each group scales on the traffic it
+actually receives, not on the router's request count, and the count is made where the routing
+decision is (a group's replicas cannot see calls queued for them elsewhere).
 
-    autoscaling_config = expert_group_autoscaling(min_replicas=1, max_replicas=4, target_tokens_per_s=2000)
+    autoscaling_config = expert_group_autoscaling(min_replicas=1, max_replicas=4, target_tokens_per_s=2000,
+                                                  load_key=key, group=0)
+
+A router that stops withdraws its report; one that dies leaves a report that is ignored once it
+is older than REPORT_STALE_S.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import time
 from collections import deque
 from typing import Any
 
-LOAD_METRIC = "routed_tokens_per_s"
+LOAD_BOARD = "raymoe-expert-load/"
+"""Key prefix in Ray's internal KV: LOAD_BOARD + app key + '/' + router replica -> JSON report."""
+REPORT_EVERY_S = 1.0
+"""How often a router publishes its per-group rates."""
+REPORT_STALE_S = 10.0
+"""A report older than this (its router died without withdrawing it) is ignored."""
+READ_EVERY_S = 0.5
+"""The policy runs every control loop (0.1 s); it reads the board at most this often."""
+
+logger = logging.getLogger("ray.serve")
 
 
 class TokenRate:
-    """Tokens per second over a sliding window (what one replica reports)."""
+    """Tokens per second over a sliding window."""
 
     def __init__(self, window_s: float = 5.0):
         self.window_s = window_s
@@ -37,36 +55,73 @@ class TokenRate:
         return sum(t for _, t in self.events) / self.window_s
 
 
+class LoadBoard:
+    """The routers' reports of routed tokens per second per expert group, for one application."""
+
+    def __init__(self, key: str):
+        self.prefix = f"{LOAD_BOARD}{key}/"
+
+    def publish(self, router: str, tokens_per_s: list[float], now: float | None = None) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        report = {"t": time.time() if now is None else now, "tokens_per_s": [round(r, 3) for r in tokens_per_s]}
+        _internal_kv_put(self.prefix + router, json.dumps(report))
+
+    def withdraw(self, router: str) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(self.prefix + router)
+
+    def reports(self) -> list[dict]:
+        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
+
+        out = []
+        for key in _internal_kv_list(self.prefix):
+            value = _internal_kv_get(key)
+            if value:
+                out.append(json.loads(value))
+        return out
+
+
+def routed_load(reports: list[dict], group: int, now: float) -> tuple[float, int]:
+    """(tokens/s the fresh reports route to `group`, how many routers reported)."""
+    fresh = [r for r in reports if now - r["t"] <= REPORT_STALE_S and group < len(r["tokens_per_s"])]
+    return float(sum(r["tokens_per_s"][group] for r in fresh)), len(fresh)
+
+
 def desired_replicas(total_tokens_per_s: float, target_per_replica: float, lo: int, hi: int) -> int:
     want = math.ceil(total_tokens_per_s / target_per_replica) if total_tokens_per_s > 0 else lo
     return max(lo, min(hi, want))
 
 
-def expert_load_policy(ctx, target_tokens_per_s: float = 2000.0) -> tuple[int, dict[str, Any]]:
-    """Serve custom autoscaling policy (AutoscalingContext -> (replicas, state))."""
+def expert_load_policy(ctx) -> tuple[int, dict[str, Any]]:
+    """Serve custom autoscaling policy (AutoscalingContext -> (replicas, state)) for one ExpertGroup."""
     # Ray 2.60 hands a string-named policy no kwargs; they are on the deployment's config.
-    policy = getattr(ctx.config, "policy", None)
-    target_tokens_per_s = float((getattr(policy, "policy_kwargs", None) or {}).get("target_tokens_per_s", target_tokens_per_s))
-    per_replica = (ctx.aggregated_metrics or {}).get(LOAD_METRIC, {})
-    total = float(sum(per_replica.values()))
-    lo = ctx.capacity_adjusted_min_replicas
-    hi = ctx.capacity_adjusted_max_replicas
-    want = desired_replicas(total, target_tokens_per_s, lo, hi)
-    return want, {"routed_tokens_per_s": total}
+    kwargs = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
+    state = dict(ctx.policy_state or {})
+    now = time.time()
+    if now - state.get("read_at", 0.0) >= READ_EVERY_S:
+        total, routers = routed_load(LoadBoard(kwargs["load_key"]).reports(), int(kwargs["group"]), now)
+        state.update(read_at=now, routed_tokens_per_s=total, routers=routers)
+    want = desired_replicas(state["routed_tokens_per_s"], float(kwargs["target_tokens_per_s"]),
+                            ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
+    if want != state.get("wanted"):
+        logger.info(f"raymoe: {ctx.deployment_name} wants {want} replica(s): {state['routed_tokens_per_s']:.0f} routed "
+                    f"tokens/s from {state['routers']} router(s), target {kwargs['target_tokens_per_s']} per replica")
+        state["wanted"] = want
+    return want, state
 
 
-def expert_group_autoscaling(min_replicas: int, max_replicas: int, target_tokens_per_s: float,
+def expert_group_autoscaling(min_replicas: int, max_replicas: int, target_tokens_per_s: float, load_key: str, group: int,
                              upscale_delay_s: float = 3.0, downscale_delay_s: float = 30.0) -> dict[str, Any]:
-    """An autoscaling_config for an ExpertGroup deployment using `expert_load_policy`."""
+    """An autoscaling_config for ExpertGroup `group` of the application whose routers report on `load_key`."""
     return {
         "min_replicas": min_replicas,
         "max_replicas": max_replicas,
-        "metrics_interval_s": 1.0,
-        "look_back_period_s": 5.0,
         "upscale_delay_s": upscale_delay_s,
         "downscale_delay_s": downscale_delay_s,
         "policy": {
             "policy_function": "raymoe.serve.autoscale:expert_load_policy",
-            "policy_kwargs": {"target_tokens_per_s": target_tokens_per_s},
+            "policy_kwargs": {"target_tokens_per_s": target_tokens_per_s, "load_key": load_key, "group": group},
         },
     }

@@ -6,7 +6,7 @@ routed decode step makes one sequential round of group calls per MoE layer. A so
 between two processes costs tens of microseconds plus the copy.
 
 What Serve still owns: every ExpertGroup replica is a Serve replica. Serve starts it, checks its
-health, scales it on its load (`record_autoscaling_stats`, unchanged) and stops it. Each replica
+health, scales it on the load the routers report (autoscale.py) and stops it. Each replica
 opens an `ExpertServer` when it starts and registers its address in Ray's GCS key-value store
 under its application's key; Serve calling the replica's destructor on a graceful stop removes
 it. Routers read that registry (at most once a second, and at once after a failure) and deal

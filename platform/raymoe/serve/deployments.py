@@ -12,8 +12,8 @@ from several router replicas into one grouped GEMM per layer.
 
 Data path: by default routers reach the groups' replicas over a direct TCP channel (channel.py):
 a call costs about 0.3 ms there against about 6 ms through a Serve handle on the 2-core machine
-(docs/PERFORMANCE.md). Serve still owns every replica: it starts them, scales each group on its
-reported load, replaces dead ones and stops them; replicas register their channel address when
+(docs/PERFORMANCE.md). Serve still owns every replica: it starts them, scales each group on the load
+the routers report for it, replaces dead ones and stops them; replicas register their channel address when
 they start and withdraw it when Serve stops them. `data_path="handle"` uses Serve handles only.
 
 Monolithic mode: the same router with every expert inside it. It is the baseline.
@@ -34,7 +34,7 @@ import torch
 from ray import serve
 
 from raymoe.model.moe import GroupedExperts, Routing, permute, unpermute
-from raymoe.serve.autoscale import LOAD_METRIC, TokenRate, expert_group_autoscaling
+from raymoe.serve.autoscale import REPORT_EVERY_S, LoadBoard, TokenRate, expert_group_autoscaling
 from raymoe.serve.channel import Call, ChannelCall, ChannelError, ExpertChannel, ExpertServer, Registry
 from raymoe.serve.placement import Placement, contiguous_placement
 
@@ -77,6 +77,9 @@ class ServeSettings:
     channel.py; Serve still owns their lifecycle and scaling) or 'handle' (Serve handle calls)."""
     channel_token: str | None = None
     """Shared secret of the direct channel; build_app draws a random one per deployment."""
+    load_key: str | None = None
+    """Where routers publish their per-group load for the ExpertGroup autoscaler (autoscale.py);
+    build_app draws a random one per deployment when groups autoscale."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("routed", "monolithic"):
@@ -186,6 +189,8 @@ class RouterStats:
     num_groups: int
     tokens: list[int] = field(default_factory=list)
     calls: list[int] = field(default_factory=list)
+    rates: list[TokenRate] = field(default_factory=list)
+    """Routed tokens per second to each group over the last 5 s (what the group autoscaler reads)."""
     retries: int = 0
     """Calls sent again because the replica serving them died."""
     fallbacks: int = 0
@@ -195,11 +200,17 @@ class RouterStats:
     def __post_init__(self) -> None:
         self.tokens = [0] * self.num_groups
         self.calls = [0] * self.num_groups
+        self.rates = [TokenRate() for _ in range(self.num_groups)]
 
     def add(self, group: int, tokens: int) -> None:
         with self._lock:
             self.tokens[group] += tokens
             self.calls[group] += 1
+            self.rates[group].add(tokens)
+
+    def tokens_per_s(self) -> list[float]:
+        with self._lock:
+            return [r.rate() for r in self.rates]
 
 
 def resolve_placement(settings: ServeSettings, num_experts: int) -> Placement:
@@ -230,7 +241,6 @@ class ExpertGroup:
                 getattr(part, name).data = getattr(full, name).data[self.experts].clone()
             self.layers[i] = part.eval()
         self.group, self.tokens, self.batches = group, 0, 0
-        self.rate = TokenRate()
         self._lock = threading.Lock()
         self.server, self.registry, self.replica = None, None, None
         if settings.data_path == "direct":
@@ -284,12 +294,7 @@ class ExpertGroup:
                     out[i] = part
                 n = int(sum(x.shape[0] for x in xs))
                 self.tokens += n
-                self.rate.add(n)
         return out
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's hook for custom autoscaling metrics (see autoscale.py)."""
-        return {LOAD_METRIC: self.rate.rate()}
 
     def load(self) -> dict:
         return {"group": self.group, "experts": self.experts, "tokens": self.tokens, "batches": self.batches,
@@ -329,6 +334,26 @@ class Router:
                                   expert_load=self.expert_load)
         self.started = time.time()
         self.loop = None  # the replica's event loop, known from the first request on
+        self.board, self._stop_reporting = None, threading.Event()
+        if settings.mode == "routed" and settings.load_key is not None:
+            self.board = LoadBoard(settings.load_key)
+            self.replica = serve.get_replica_context().replica_id.unique_id
+            threading.Thread(target=self._report_load, name="expert-load-report", daemon=True).start()
+
+    def _report_load(self) -> None:
+        """Publish the tokens/s routed to each group, once a second, for the group autoscaler."""
+        while not self._stop_reporting.wait(REPORT_EVERY_S):
+            try:
+                self.board.publish(self.replica, self.stats.tokens_per_s())
+            except Exception as e:  # noqa: BLE001 - a GCS hiccup must not stop serving; the next report retries
+                print(f"raymoe: could not publish expert-group load: {e}", flush=True)
+
+    def __del__(self):
+        """Serve calls this when it stops the replica: withdraw the load report at once."""
+        if getattr(self, "board", None) is not None:
+            self._stop_reporting.set()
+            self.board.withdraw(self.replica)
+            self.board = None
 
     def expert_load(self) -> dict:
         per_expert = self.engine.load.tolist()
@@ -337,6 +362,7 @@ class Router:
             out["groups"] = {"tokens": list(self.stats.tokens), "calls": list(self.stats.calls), "retries": self.stats.retries,
                              "fallbacks": self.stats.fallbacks, "data_path": "direct" if self.channel else "handle",
                              "placement": self.placement.to_dict()}
+            out["groups"]["tokens_per_s"] = [round(r, 1) for r in self.stats.tokens_per_s()]
         out["decode_steps"] = self.engine.stats["decode_steps"]
         out["prefills"] = self.engine.stats["prefills"]
         return out
@@ -359,14 +385,16 @@ def build_app(settings: ServeSettings):
     if settings.data_path == "direct" and settings.channel_token is None:
         settings = dataclasses.replace(settings, channel_token=secrets.token_hex(16))
     lo, hi = settings.group_replicas
-    actor = {"num_cpus": settings.group_cpus}
-    if lo != hi:
-        # Replicas push their load every second, so a hot group is seen within seconds.
-        actor["runtime_env"] = {"env_vars": {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}}
-        scaling = {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(
-            lo, hi, settings.target_tokens_per_s, downscale_delay_s=settings.downscale_delay_s)}
-    else:
-        scaling = {"num_replicas": lo}
-    groups = [ExpertGroup.options(name=f"ExpertGroup{g}", ray_actor_options=actor, **scaling).bind(settings, g)
-              for g in range(settings.num_groups)]
+    if lo != hi and settings.load_key is None:
+        settings = dataclasses.replace(settings, load_key=secrets.token_hex(8))
+
+    def scaling(g: int) -> dict:
+        if lo == hi:
+            return {"num_replicas": lo}
+        return {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(
+            lo, hi, settings.target_tokens_per_s, load_key=settings.load_key, group=g,
+            downscale_delay_s=settings.downscale_delay_s)}
+
+    groups = [ExpertGroup.options(name=f"ExpertGroup{g}", ray_actor_options={"num_cpus": settings.group_cpus}, **scaling(g))
+              .bind(settings, g) for g in range(settings.num_groups)]
     return router.bind(settings, *groups)
