@@ -2,15 +2,20 @@
 
     python bench/serve.py                                   # random-weight demo architecture
     python bench/serve.py --model models:/raymoe-demo/latest --concurrency 1 8 32 64 --seconds 10
+    python bench/serve.py --concurrency 64 --seconds 12 --repeats 4 --data-paths direct  # the 0.8x target
 
-For each mode (monolithic first, the baseline; then routed with --groups expert groups) and each
-concurrency c, c clients each send streaming completions back to back for --seconds. Reported:
-requests/s, output tokens/s, time to first token (TTFT) and per-token latency (time between
-tokens after the first) at p50 and p99, and failed requests. Routed mode runs once per data path
-(--data-paths: 'direct', the TCP channel of serve/channel.py, and 'handle', Serve handle calls)
-and per --micro-batches value. For routed mode also the round trip of one 1-token expert call
-measured from the driver on both paths (p50) and the hops per forward pass (expert-group calls /
-(decode steps + prefills)). Prints a table and writes JSON (--out).
+Every mode is deployed first: monolithic (the baseline), then routed with --groups expert groups,
+once per data path (--data-paths: 'direct', the TCP channel of serve/channel.py, and 'handle',
+Serve handle calls) and per --micro-batches value. Then, --repeats times, each mode is measured
+at each concurrency c: c clients send streaming completions back to back for --seconds. Repeats
+are interleaved, so a slow spell of the machine hits every mode alike; the table shows, per point,
+the repeat with the median output tokens/s, and the routed/monolithic ratio of every repeat.
+
+Reported: requests/s, output tokens/s, time to first token (TTFT) and per-token latency (time
+between tokens after the first) at p50 and p99, failed requests, and the CPU milliseconds each
+process spent per output token (Linux /proc). For routed mode also the round trip of one 1-token
+expert call measured from the driver on both paths (p50) and the hops per forward pass
+(expert-group calls / (decode steps + prefills)). Prints a table and writes JSON (--out).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import socket
 import statistics
@@ -93,6 +99,40 @@ async def closed_loop(url: str, concurrency: int, seconds: float, max_tokens: in
     }
 
 
+def _median_points(repeats: list[list[dict]]) -> list[dict]:
+    """Per concurrency, the repeat with the median output tokens/s (all of its figures, as measured)."""
+    out = []
+    for same_c in zip(*repeats):
+        ranked = sorted(same_c, key=lambda p: p["output_tokens_per_s"])
+        out.append(ranked[(len(ranked) - 1) // 2])
+    return out
+
+
+def cpu_seconds_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each Ray process of this machine, by its title
+    (e.g. 'ServeReplica:routed-direct:Router'), the driver as 'load generator', and the whole
+    machine as 'all'. Linux only (/proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    with open("/proc/stat") as f:
+        cpu = f.readline().split()[1:]
+    out["all"] = (sum(map(int, cpu)) - int(cpu[3]) - int(cpu[4])) / tick  # all but idle and iowait
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                title = f.read().split(b"\0")[0].decode(errors="replace")
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        name = "load generator" if int(pid) == os.getpid() else title.removeprefix("ray::") if title.startswith("ray::") else None
+        if name:
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def round_trips_ms(app: str, hidden: int, token: str, n: int = 200) -> dict[str, float]:
     """Driver -> ExpertGroup0 replica -> driver with one token's activations, p50 over n calls,
     through a Serve handle and through the direct channel."""
@@ -145,6 +185,8 @@ def main() -> int:
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo.yaml"))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--seconds", type=float, default=8.0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="measure every mode this many times, interleaved, and report the median repeat per point")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--groups", type=int, default=2)
     p.add_argument("--max-batch", type=int, default=64)
@@ -171,7 +213,11 @@ def main() -> int:
     cfg, _ = load_model(model)
     if args.throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # inherited by the Ray processes started below
-    ray.init(log_to_driver=False)
+    # Every app stays deployed for the interleaved repeats: reserve logical CPUs for all of them
+    # (a router 1, a group 0.5); the processes still share the machine's real cores.
+    routed_apps = len(args.data_paths) * len(args.micro_batches) if "routed" in args.modes else 0
+    reserved = ("monolithic" in args.modes) + routed_apps * (1 + 0.5 * args.groups)
+    ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(reserved)), log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -188,26 +234,41 @@ def main() -> int:
     runs = [("monolithic", "direct", 1)] if "monolithic" in args.modes else []
     runs += [("routed", path, k) for path in args.data_paths for k in args.micro_batches if "routed" in args.modes]
     token = os.urandom(16).hex()
-    for base, path, micro in runs:
+    urls = {}
+    for base, path, micro in runs:  # every app is up before the first measurement; idle ones cost ~nothing
         mode = base if base == "monolithic" else f"routed-{path}" + (f"-mb{micro}" if micro > 1 else "")
         settings = ServeSettings(model=model, mode=base, num_groups=args.groups, max_batch=args.max_batch, micro_batches=micro,
                                  data_path=path, channel_token=token)
         serve.run(build_app(settings), name=mode, route_prefix=f"/{mode}", logging_config=quiet)
-        url = f"http://127.0.0.1:{port}/{mode}/v1/completions"
-        asyncio.run(closed_loop(url, 1, 1.0, 4))  # warm up
-        points = [asyncio.run(closed_loop(url, c, args.seconds, args.max_tokens)) for c in args.concurrency]
-        entry = {"points": points}
-        if base == "routed":
+        urls[mode] = f"http://127.0.0.1:{port}/{mode}"
+        asyncio.run(closed_loop(urls[mode] + "/v1/completions", 1, 1.0, 4))  # warm up
+        results["modes"][mode] = {"path": path, "repeats": []}
+    for r in range(args.repeats):  # interleaved: each repeat measures every mode once, so drift hits all alike
+        for mode, url in urls.items():
+            points = []
+            for c in args.concurrency:
+                before = cpu_seconds_by_process()
+                points.append(asyncio.run(closed_loop(url + "/v1/completions", c, args.seconds, args.max_tokens)))
+                after = cpu_seconds_by_process()
+                tokens = points[-1]["output_tokens_per_s"] * args.seconds
+                # CPU milliseconds per output token, by process: where routed mode spends more than monolithic
+                points[-1]["cpu_ms_per_token"] = {k: round((after[k] - before.get(k, 0.0)) * 1e3 / max(tokens, 1), 3)
+                                                  for k in after if after[k] - before.get(k, 0.0) > 0.05 * args.seconds}
+            results["modes"][mode]["repeats"].append(points)
+            print(f"repeat {r + 1}/{args.repeats} {mode}: " + ", ".join(
+                f"c={p['concurrency']} {p['output_tokens_per_s']:.0f} tok/s" for p in points), flush=True)
+    for mode, entry in results["modes"].items():
+        entry["points"] = _median_points(entry["repeats"])
+        if mode != "monolithic":
             import urllib.request
 
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{mode}/v1/expert_load") as r:
-                load = json.load(r)
+            with urllib.request.urlopen(urls[mode] + "/v1/expert_load") as resp:
+                load = json.load(resp)
             forwards = load["decode_steps"] + load["prefills"]
             entry["hops_per_forward"] = sum(load["groups"]["calls"]) / max(forwards, 1)
             entry["retries"], entry["fallbacks"] = load["groups"]["retries"], load["groups"]["fallbacks"]
-            if path == "direct":
+            if entry["path"] == "direct":
                 entry["round_trip_p50_ms"] = round_trips_ms(mode, cfg.model.hidden_size, token)
-        results["modes"][mode] = entry
         serve.delete(mode)
     serve.shutdown()
 
@@ -220,6 +281,10 @@ def main() -> int:
         for pt in entry["points"]:
             print(f"{mode:<16} {pt['concurrency']:>4} {pt['requests_per_s']:>7.2f} {pt['output_tokens_per_s']:>8.1f} "
                   f"{pt['ttft_p50_ms']:>7.0f}ms {pt['ttft_p99_ms']:>7.0f}ms {pt['tpot_p50_ms']:>7.1f}ms {pt['tpot_p99_ms']:>7.1f}ms {pt['failed']:>6}")
+    print(f"\nCPU ms per output token at c={args.concurrency[-1]}, by process ('all': the whole machine)")
+    for mode, entry in results["modes"].items():
+        usage = sorted(entry["points"][-1]["cpu_ms_per_token"].items(), key=lambda kv: -kv[1])
+        print(f"{mode:<16} " + ", ".join(f"{k.split(':')[-1]} {v:.2f}" for k, v in usage))
     m = results["modes"].get("monolithic")
     for mode, r in results["modes"].items():
         if mode == "monolithic":
@@ -227,7 +292,13 @@ def main() -> int:
         if m:
             for pr, pm in zip(r["points"], m["points"]):
                 pr["ratio_to_monolithic"] = pr["output_tokens_per_s"] / max(pm["output_tokens_per_s"], 1e-9)
-            print(f"{mode} / monolithic output tokens/s: " + ", ".join(f"c={p['concurrency']}: {p['ratio_to_monolithic']:.2f}x" for p in r["points"]))
+            print(f"{mode} / monolithic output tokens/s (medians): " + ", ".join(f"c={p['concurrency']}: {p['ratio_to_monolithic']:.2f}x" for p in r["points"]))
+            if args.repeats > 1:  # the same ratio within each repeat: its spread says how far to trust the median
+                per = [[pr["output_tokens_per_s"] / max(pm["output_tokens_per_s"], 1e-9) for pr, pm in zip(rr, mr)]
+                       for rr, mr in zip(r["repeats"], m["repeats"])]
+                r["ratio_per_repeat"] = per
+                for i, c in enumerate(args.concurrency):
+                    print(f"  c={c} per repeat: " + ", ".join(f"{x[i]:.2f}x" for x in per))
         print(f"{mode}: {r['hops_per_forward']:.2f} expert-group hops per forward")
         if "round_trip_p50_ms" in r:
             rt = r["round_trip_p50_ms"]

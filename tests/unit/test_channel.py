@@ -71,6 +71,8 @@ def test_rows_come_back_exactly_for_every_dtype_and_empty_calls():
             assert out.dtype == dtype and torch.equal(out, rows * 2 + 3)
         empty = channel.send(0, 1, torch.empty(0, 16), torch.tensor([0, 0])).result()
         assert empty.shape == (0, 16)
+        big = torch.randn(8192, 1024)  # 32 MiB: more than one send can take, so the parts go out in pieces
+        assert torch.equal(channel.send(0, 0, big, torch.tensor([8000, 192])).result(), big * 2)
     finally:
         server.close()
 

@@ -82,12 +82,22 @@ def _tensor_from(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> 
     return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
+def _send_parts(sock: socket.socket, *parts) -> None:
+    """Send the parts back to back in as few system calls as the socket allows (one, usually)."""
+    views = [memoryview(p).cast("B") for p in parts if len(p)]
+    while views:
+        sent = sock.sendmsg(views)
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views.pop(0))
+            else:
+                views[0], sent = views[0][sent:], 0
+
+
 def send_call(sock: socket.socket, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> None:
     n, d = rows.shape
     head = REQUEST.pack(layer, n, d, counts.numel(), DTYPES.index(rows.dtype))
-    sock.sendall(head + counts.to(torch.int64).numpy().tobytes())
-    if n:
-        sock.sendall(_tensor_bytes(rows))
+    _send_parts(sock, head + counts.to(torch.int64).numpy().tobytes(), _tensor_bytes(rows) if n else b"")
 
 
 def recv_call(sock: socket.socket) -> Call:
@@ -180,9 +190,7 @@ class ExpertServer:
                         if error is not None:
                             _send_error(conn, error)
                         else:
-                            conn.sendall(REPLY.pack(0, out.shape[0], out.shape[1]))
-                            if out.shape[0]:
-                                conn.sendall(_tensor_bytes(out))
+                            _send_parts(conn, REPLY.pack(0, out.shape[0], out.shape[1]), _tensor_bytes(out) if out.shape[0] else b"")
                     except OSError:
                         drop(conn)
         finally:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import dataclasses
+import itertools
 import os
 import secrets
 import threading
@@ -99,21 +100,31 @@ def THROUGHPUT_OPTIMIZED() -> bool:  # noqa: N802 - reads like the env flag it i
 
 
 class RemoteExperts:
-    """Replaces `MoE.routed` in the router: one batched call per expert group per layer.
+    """Replaces `MoE.routed` in the router: one batched call per expert group per layer, and the
+    layer's shared experts computed while those calls are in flight.
 
     Any placement works: a group may host any set of experts, and an expert hosted by k groups
-    (a replicated hot expert) has its slots dealt round-robin over the k copies.
+    (a replicated hot expert) has its slots dealt round-robin over the k copies. Without
+    replicated experts, the slots are sorted straight into (group, local expert) order by giving
+    each expert its position in the groups' concatenated lists, so each group's rows are one
+    contiguous slice and nothing is re-sorted.
     """
 
     def __init__(self, layer: int, placement: Placement, handles: list, stats: "RouterStats", loop_of=lambda: None,
-                 channel: ExpertChannel | None = None):
+                 channel: ExpertChannel | None = None, shared: torch.nn.Module | None = None):
         self.layer, self.placement, self.handles, self.stats = layer, placement, handles, stats
         self.channel = channel  # the direct data path; None = Serve handles only
+        self.shared = shared  # the layer's shared experts (the caller must not add them again)
         # With RAY_SERVE_THROUGHPUT_OPTIMIZED=1 a handle refuses calls from outside the replica's
         # event loop, so the engine's thread submits them to that loop; otherwise it calls directly
         # (a killed replica then surfaces as an error at once, which the retry below needs).
         self.loop_of = loop_of
         E, G = placement.num_experts, placement.num_groups
+        self.sizes = [len(experts) for experts in placement.groups]
+        self.replicated = any(n > 1 for n in placement.replicas.values())
+        self.slot_of = torch.empty(E, dtype=torch.long)  # expert -> its row in the concatenated group lists
+        for offset, experts in zip(itertools.accumulate([0] + self.sizes), placement.groups):
+            self.slot_of[list(experts)] = torch.arange(offset, offset + len(experts))
         copies = [placement.group_of(e) for e in range(E)]
         self.num_copies = torch.tensor([len(c) for c in copies])
         self.copy_group = torch.tensor([c + [c[0]] * (G - len(c)) for c in copies])  # [E, G], padded
@@ -122,6 +133,29 @@ class RemoteExperts:
             self.local_index[g, list(experts)] = torch.arange(len(experts))
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
+        if self.replicated:
+            out_ND, token_N, weight_N = self._replicated(x_TD, routing)
+        else:
+            routing = dataclasses.replace(routing, expert_TK=self.slot_of[routing.expert_TK])
+            x_ND, counts, token_N, weight_N = permute(x_TD, routing, len(self.slot_of))
+            pending, row = [], 0
+            for g, counts_g in enumerate(counts.split(self.sizes)):
+                n = int(counts_g.sum())
+                if n:
+                    rows = x_ND[row : row + n]
+                    pending.append((g, rows, counts_g, self._send(g, rows, counts_g)))
+                    self.stats.add(g, n)
+                row += n
+            shared = self.shared(x_TD) if self.shared is not None else None  # while the groups compute
+            out_ND = torch.cat([self._result(g, call, rows, counts_g) for g, rows, counts_g, call in pending]) if pending \
+                else x_ND.new_empty(x_ND.shape)
+            y_TD = unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
+            return y_TD + shared if shared is not None else y_TD
+        y_TD = unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
+        return y_TD + self.shared(x_TD) if self.shared is not None else y_TD
+
+    def _replicated(self, x_TD: torch.Tensor, routing: Routing):
+        """The general path: slots of a replicated expert are dealt over its copies, then sorted by group."""
         E, G = self.placement.num_experts, self.placement.num_groups
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, E)
         counts_host = counts_E.cpu()
@@ -143,8 +177,7 @@ class RemoteExperts:
         out_sorted = x_ND.new_empty(x_ND.shape)
         for start, n, g, rows, counts, response in pending:  # all calls are in flight before the first wait
             out_sorted[start : start + n] = self._result(g, response, rows, counts)
-        out_ND = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
-        return unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
+        return torch.empty_like(out_sorted).index_copy_(0, order, out_sorted), token_N, weight_N
 
     def _send(self, g: int, rows: torch.Tensor, counts: torch.Tensor):
         """Start one group call; returns something with .result()."""
@@ -224,15 +257,12 @@ def resolve_placement(settings: ServeSettings, num_experts: int) -> Placement:
     return placement
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
-class ExpertGroup:
-    """Hosts its placement's routed experts of every MoE layer; stateless."""
+class GroupExperts:
+    """One expert group's compute, no Ray: its experts of every MoE layer, and `run_calls`, which
+    merges the calls for the same layer into one grouped GEMM and hands each caller its rows."""
 
-    def __init__(self, settings: ServeSettings, group: int):
-        from raymoe.serve.engine import load_model
-
-        _, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
-        self.experts = list(resolve_placement(settings, model.cfg.num_experts).groups[group])
+    def __init__(self, model, experts: list[int]):
+        self.experts = list(experts)
         self.layers: dict[int, GroupedExperts] = {}
         for i, moe in enumerate(model.moe_layers()):
             full = moe.experts
@@ -240,35 +270,11 @@ class ExpertGroup:
             for name in ("w1", "w2", "w3"):
                 getattr(part, name).data = getattr(full, name).data[self.experts].clone()
             self.layers[i] = part.eval()
-        self.group, self.tokens, self.batches = group, 0, 0
+        self.tokens, self.batches = 0, 0
         self._lock = threading.Lock()
-        self.server, self.registry, self.replica = None, None, None
-        if settings.data_path == "direct":
-            import ray
-
-            self.server = ExpertServer(self.run_calls, settings.channel_token, host=ray.util.get_node_ip_address())
-            self.registry = Registry(settings.channel_token)
-            self.replica = serve.get_replica_context().replica_id.unique_id
-            self.registry.register(group, self.replica, self.server.address)
-
-    def __del__(self):
-        """Serve calls this when it stops the replica (scale-down, redeploy): leave the registry
-        first so routers stop choosing this replica, then stop the channel."""
-        if getattr(self, "server", None) is not None:
-            try:
-                self.registry.deregister(self.group, self.replica)
-            finally:
-                self.server.close()
-                self.server = None
-
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
-    async def forward(self, calls: list[Call]) -> list[torch.Tensor]:
-        """The Serve-handle path: calls arriving together are merged by `@serve.batch`."""
-        return self.run_calls(calls)
 
     def run_calls(self, calls: list[Call]) -> list[torch.Tensor]:
-        """Each call: (layer, rows sorted by local expert, counts per local expert). Calls for the
-        same layer are merged into one grouped GEMM; results go back to each caller."""
+        """Each call: (layer, rows sorted by local expert, counts per local expert)."""
         with self._lock:  # the handle path and the direct channel may both be running calls
             return self._run_calls(calls)
 
@@ -286,19 +292,56 @@ class ExpertGroup:
                 if any(c.shape != (e,) for c in counts) or layer not in self.layers:
                     raise ValueError(f"call for layer {layer} with counts {[tuple(c.shape) for c in counts]}: this group has "
                                      f"{e} experts in layers {sorted(self.layers)}")
-                local = torch.cat([torch.repeat_interleave(torch.arange(e), c) for c in counts])
-                order = torch.argsort(local, stable=True)
-                y_sorted = self.layers[layer](torch.cat(xs)[order], torch.stack(counts).sum(0))
-                y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
-                for i, part in zip(idx, y.split([x.shape[0] for x in xs])):
-                    out[i] = part
-                n = int(sum(x.shape[0] for x in xs))
-                self.tokens += n
+                if len(idx) == 1:  # one caller: its rows are already sorted by local expert
+                    out[idx[0]] = self.layers[layer](xs[0], counts[0])
+                else:
+                    local = torch.cat([torch.repeat_interleave(torch.arange(e), c) for c in counts])
+                    order = torch.argsort(local, stable=True)
+                    y_sorted = self.layers[layer](torch.cat(xs)[order], torch.stack(counts).sum(0))
+                    y = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
+                    for i, part in zip(idx, y.split([x.shape[0] for x in xs])):
+                        out[i] = part
+                self.tokens += int(sum(x.shape[0] for x in xs))
         return out
 
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64)
+class ExpertGroup:
+    """Hosts its placement's routed experts of every MoE layer (a GroupExperts); stateless."""
+
+    def __init__(self, settings: ServeSettings, group: int):
+        from raymoe.serve.engine import load_model
+
+        _, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
+        self.compute = GroupExperts(model, resolve_placement(settings, model.cfg.num_experts).groups[group])
+        self.group = group
+        self.server, self.registry, self.replica = None, None, None
+        if settings.data_path == "direct":
+            import ray
+
+            self.server = ExpertServer(self.compute.run_calls, settings.channel_token, host=ray.util.get_node_ip_address())
+            self.registry = Registry(settings.channel_token)
+            self.replica = serve.get_replica_context().replica_id.unique_id
+            self.registry.register(group, self.replica, self.server.address)
+
+    def __del__(self):
+        """Serve calls this when it stops the replica (scale-down, redeploy): leave the registry
+        first so routers stop choosing this replica, then stop the channel."""
+        if getattr(self, "server", None) is not None:
+            try:
+                self.registry.deregister(self.group, self.replica)
+            finally:
+                self.server.close()
+                self.server = None
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.001)
+    async def forward(self, calls: list[Call]) -> list[torch.Tensor]:
+        """The Serve-handle path: calls arriving together are merged by `@serve.batch`."""
+        return self.compute.run_calls(calls)
+
     def load(self) -> dict:
-        return {"group": self.group, "experts": self.experts, "tokens": self.tokens, "batches": self.batches,
-                "channel_calls": self.server.calls_served if self.server else 0,
+        return {"group": self.group, "experts": self.compute.experts, "tokens": self.compute.tokens,
+                "batches": self.compute.batches, "channel_calls": self.server.calls_served if self.server else 0,
                 "address": self.server.address if self.server else None}
 
 
@@ -323,7 +366,8 @@ class Router:
                 self.channel = ExpertChannel(settings.channel_token, settings.num_groups, timeout_s=CALL_TIMEOUT_S)
             for layer, moe in enumerate(model.moe_layers()):
                 moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats, loop_of=lambda: self.loop,
-                                           channel=self.channel)
+                                           channel=self.channel, shared=moe.shared)
+                moe.shared = None  # RemoteExperts runs them while the groups compute
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         tok = get_tokenizer(cfg.data.tokenizer)
         self.engine = Engine(model, tok, max_batch=settings.max_batch, micro_batches=settings.micro_batches)
