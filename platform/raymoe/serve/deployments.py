@@ -133,28 +133,34 @@ class RemoteExperts:
             self.local_index[g, list(experts)] = torch.arange(len(experts))
 
     def __call__(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
-        if self.replicated:
-            out_ND, token_N, weight_N = self._replicated(x_TD, routing)
-        else:
-            routing = dataclasses.replace(routing, expert_TK=self.slot_of[routing.expert_TK])
-            x_ND, counts, token_N, weight_N = permute(x_TD, routing, len(self.slot_of))
-            pending, row = [], 0
-            for g, counts_g in enumerate(counts.split(self.sizes)):
-                n = int(counts_g.sum())
-                if n:
-                    rows = x_ND[row : row + n]
-                    pending.append((g, rows, counts_g, self._send(g, rows, counts_g)))
-                    self.stats.add(g, n)
-                row += n
-            shared = self.shared(x_TD) if self.shared is not None else None  # while the groups compute
-            out_ND = torch.cat([self._result(g, call, rows, counts_g) for g, rows, counts_g, call in pending]) if pending \
-                else x_ND.new_empty(x_ND.shape)
-            y_TD = unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
-            return y_TD + shared if shared is not None else y_TD
-        y_TD = unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
-        return y_TD + self.shared(x_TD) if self.shared is not None else y_TD
+        shared: list[torch.Tensor] = []
 
-    def _replicated(self, x_TD: torch.Tensor, routing: Routing):
+        def while_waiting() -> None:  # the layer's shared experts, run while the group calls are in flight
+            if self.shared is not None:
+                shared.append(self.shared(x_TD))
+
+        path = self._replicated if self.replicated else self._contiguous
+        out_ND, token_N, weight_N = path(x_TD, routing, while_waiting)
+        y_TD = unpermute(out_ND, token_N, weight_N, x_TD.shape[0])
+        return y_TD + shared[0] if shared else y_TD
+
+    def _contiguous(self, x_TD: torch.Tensor, routing: Routing, while_waiting):
+        """No replicated expert: slots sorted by (group, local expert) in one permute; each group's rows are a slice."""
+        routing = dataclasses.replace(routing, expert_TK=self.slot_of[routing.expert_TK])
+        x_ND, counts, token_N, weight_N = permute(x_TD, routing, len(self.slot_of))
+        pending, row = [], 0
+        for g, counts_g in enumerate(counts.split(self.sizes)):
+            n = int(counts_g.sum())
+            if n:
+                rows = x_ND[row : row + n]
+                pending.append((g, rows, counts_g, self._send(g, rows, counts_g)))
+                self.stats.add(g, n)
+            row += n
+        while_waiting()
+        out_ND = torch.cat([self._result(g, call, rows, c) for g, rows, c, call in pending]) if pending else x_ND
+        return out_ND, token_N, weight_N
+
+    def _replicated(self, x_TD: torch.Tensor, routing: Routing, while_waiting):
         """The general path: slots of a replicated expert are dealt over its copies, then sorted by group."""
         E, G = self.placement.num_experts, self.placement.num_groups
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, E)
@@ -174,6 +180,7 @@ class RemoteExperts:
                 pending.append((offset, n, g, rows, counts, self._send(g, rows, counts)))
                 self.stats.add(g, n)
             offset += n
+        while_waiting()
         out_sorted = x_ND.new_empty(x_ND.shape)
         for start, n, g, rows, counts, response in pending:  # all calls are in flight before the first wait
             out_sorted[start : start + n] = self._result(g, response, rows, counts)
