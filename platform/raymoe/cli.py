@@ -1,8 +1,10 @@
 """`raymoe`: the command line.
 
     raymoe train jobs/configs/demo.yaml --set train.steps=50
-    raymoe params jobs/configs/deepseek-v3.yaml
+    raymoe params jobs/configs/deepseek-v3.yaml        # or a Hugging Face config.json / model directory
     raymoe check jobs/configs/*.yaml
+    raymoe import ~/hf/DeepSeek-V2-Lite --out models/v2-lite   # Hugging Face -> raymoe model directory
+    raymoe export models/v2-lite out/v2-lite-hf                # back, loadable by from_pretrained
     raymoe submit train jobs/configs/demo.yaml --address http://HEAD:8265   # as a Ray job on a cluster
     raymoe jobs status|logs|stop JOB_ID --address http://HEAD:8265
 
@@ -152,11 +154,81 @@ def _cmd_jobs(args) -> int:
     return 0
 
 
+def _hf_config_path(path: str) -> str | None:
+    """A Hugging Face config.json named directly or inside a directory (no config.yaml beside it)."""
+    if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")) and not os.path.exists(os.path.join(path, "config.yaml")):
+        return os.path.join(path, "config.json")
+    if os.path.basename(path) == "config.json" and os.path.isfile(path):
+        return path
+    return None
+
+
 def _cmd_params(args) -> int:
-    cfg = load_config(args.config, args.overrides)
     from raymoe.model.params import format_report
 
+    hf_path = _hf_config_path(args.config)
+    if hf_path is not None:
+        import json
+
+        from raymoe.model.hf import model_config_from_hf
+
+        if args.overrides:
+            raise ConfigError(f"{hf_path}: --set applies to raymoe configs; a Hugging Face config.json is read as it is")
+        with open(hf_path) as f:
+            model = model_config_from_hf(json.load(f), hf_path)
+        print(f"{hf_path} as a raymoe model:")
+        print(format_report(model, args.seq_len or 4096))
+        return 0
+    cfg = load_config(args.config, args.overrides)
     print(format_report(cfg.model, args.seq_len or cfg.train.seq_len))
+    return 0
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
+    import re
+
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in units:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size like 4GB or 500MiB")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+
+def _cmd_import(args) -> int:
+    import time
+
+    from raymoe.model.params import count_params, human
+    from raymoe.model_dir import import_hf
+
+    t0 = time.perf_counter()
+    print(f"importing {args.source} -> {args.out}")
+    src = import_hf(args.source, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size)
+    c = count_params(src.cfg.model)
+    print(f"done in {time.perf_counter() - t0:.1f}s: {src.hf_architecture} -> raymoe model {args.out} "
+          f"({human(c.total)} parameters, {human(c.activated)} activated; tokenizer: "
+          f"{'yes' if src.tokenizer_dir else 'none (bytes)'})")
+    if args.register:
+        from raymoe.tracking import register_model_dir
+
+        uri = register_model_dir(args.out, args.register, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                                 source=os.path.abspath(args.source))
+        if uri:
+            print(f"registered: {uri}  (raymoe serve {uri})")
+    print(f"  train on it: model: {{init_from: {os.path.abspath(args.out)}}}   serve it: raymoe serve {args.out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    import time
+
+    from raymoe.model_dir import export_hf
+
+    t0 = time.perf_counter()
+    print(f"exporting {args.source} -> {args.out}")
+    arch = export_hf(args.source, args.out, architecture=args.arch, dtype=args.dtype,
+                     max_shard_bytes=args.max_shard_size, tracking_uri=args.tracking_uri)
+    print(f"done in {time.perf_counter() - t0:.1f}s: {arch} in {args.out} "
+          f"(transformers.AutoModelForCausalLM.from_pretrained({args.out!r}) loads it)")
     return 0
 
 
@@ -173,8 +245,8 @@ def _cmd_serve(args) -> int:
     import ray
     from ray import serve
 
+    from raymoe.model_dir import open_source
     from raymoe.serve.deployments import ServeSettings, build_app
-    from raymoe.serve.engine import load_model
 
     if args.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and os.path.exists(".raymoe/mlflow.db"):
         args.tracking_uri = "sqlite:///" + os.path.abspath(".raymoe/mlflow.db")  # the default store of `raymoe train`
@@ -187,8 +259,13 @@ def _cmd_serve(args) -> int:
     settings = ServeSettings(model=args.model, mode="monolithic" if args.monolithic else "routed", num_groups=args.groups,
                              max_batch=args.max_batch, api_key=args.api_key, tracking_uri=args.tracking_uri,
                              placement=placement, group_replicas=(args.group_replicas[0], args.group_replicas[-1]),
-                             router_replicas=(args.router_replicas[0], args.router_replicas[-1]), data_path=args.data_path)
-    cfg, _ = load_model(args.model, tracking_uri=args.tracking_uri)  # fail here, in one line, on a bad MODEL
+                             router_replicas=(args.router_replicas[0], args.router_replicas[-1]), data_path=args.data_path,
+                             max_len=args.max_len)
+    src = open_source(args.model, tracking_uri=args.tracking_uri)  # fail here, in one line, on a bad MODEL
+    cfg = src.cfg
+    for note in src.notes:
+        print(f"raymoe: note: {note}", file=sys.stderr)
+    src.tokenizer()  # and on a tokenizer that does not fit
     ray.init(address=args.address) if args.address else ray.init()
     quiet = {"enable_access_log": False, "log_level": "WARNING"}  # no line per request and per expert call
     serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
@@ -248,12 +325,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_tune)
 
     p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API on Ray Serve")
-    p.add_argument("model", help="a training checkpoint dir, a model dir, runs:/<id>/model or models:/<name>/<version|latest>")
+    p.add_argument("model", help="a Hugging Face model dir, a raymoe model dir, a training checkpoint dir, "
+                                 "runs:/<id>/model or models:/<name>/<version|latest>")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--routed", action="store_true", default=True, help="experts in ExpertGroup deployments (default)")
     mode.add_argument("--monolithic", action="store_true", help="every expert inside the router (the baseline)")
     p.add_argument("--groups", type=int, default=2, help="expert groups in routed mode (default 2)")
     p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
+    p.add_argument("--max-len", type=int, default=4096,
+                   help="longest prompt + completion served; the KV cache holds this many positions per sequence "
+                        "(default 4096, capped at the model's max_seq_len)")
     p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $RAYMOE_API_KEY, else open)")
@@ -304,10 +385,37 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the head's Ray dashboard, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
     p.set_defaults(fn=_cmd_jobs)
 
-    p = sub.add_parser("params", help="total / activated parameters and training FLOPs per token of a config")
+    p = sub.add_parser("params", help="total / activated parameters and training FLOPs per token of a config "
+                                      "(raymoe YAML, or a Hugging Face config.json / model directory)")
     _add_config_args(p)
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: train.seq_len)")
     p.set_defaults(fn=_cmd_params)
+
+    p = sub.add_parser("import", help="a Hugging Face MoE checkpoint -> a raymoe model directory (tensor by tensor)")
+    p.add_argument("source", help="Hugging Face model directory: config.json, safetensors (sharded or not), tokenizer files")
+    p.add_argument("--out", required=True, help="the raymoe model directory to write (must not exist yet)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="store tensors as (default: as in the checkpoint; FP8 checkpoints become bf16)")
+    p.add_argument("--max-shard-size", type=_parse_bytes, default=4 << 30, metavar="SIZE",
+                   help="largest safetensors file written, e.g. 4GB (default 4GiB)")
+    p.add_argument("--register", default=None, metavar="NAME",
+                   help="also log the model to MLflow and register it under NAME (serve it as models:/NAME/latest)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow for --register (default $MLFLOW_TRACKING_URI, else "
+                                                        "sqlite:///$PWD/.raymoe/mlflow.db)")
+    p.add_argument("--experiment", default="raymoe", help="MLflow experiment for --register (default raymoe)")
+    p.set_defaults(fn=_cmd_import)
+
+    p = sub.add_parser("export", help="a raymoe model -> a Hugging Face directory that from_pretrained loads")
+    p.add_argument("source", help="a raymoe model dir, a training checkpoint dir, a Hugging Face dir, or an MLflow URI")
+    p.add_argument("out", help="the directory to write (must not exist yet)")
+    p.add_argument("--arch", default=None, help="Hugging Face architecture, e.g. DeepseekV3ForCausalLM (default: the one "
+                                                "the model was imported from, else the first that expresses it exactly)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="tensor dtype written (default: as stored; training checkpoints hold fp32)")
+    p.add_argument("--max-shard-size", type=_parse_bytes, default=4 << 30, metavar="SIZE",
+                   help="largest safetensors file written (default 4GiB)")
+    p.add_argument("--tracking-uri", default=None, help="where runs:/ and models:/ resolve (default $MLFLOW_TRACKING_URI)")
+    p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("check", help="validate config files without running anything")
     p.add_argument("configs", nargs="+")
@@ -326,15 +434,18 @@ def main(argv: list[str] | None = None) -> int:
         print("raymoe: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
+        from raymoe.model.hf import HFError
+        from raymoe.model_dir import ModelSourceError
         from raymoe.parallel.checkpoint import CheckpointError
         from raymoe.serve.engine import RequestError
         from raymoe.submit import SubmitError
+        from raymoe.tokenizer import TokenizerError
         from raymoe.train.data import DataError
 
-        if isinstance(e, SubmitError):
+        if isinstance(e, (SubmitError, ModelSourceError)):
             print(f"raymoe: {e}", file=sys.stderr)
             return 2
-        if isinstance(e, (DataError, CheckpointError, RequestError)):
+        if isinstance(e, (DataError, CheckpointError, RequestError, HFError, TokenizerError)):
             print(f"raymoe: {type(e).__name__}: {e}", file=sys.stderr)
             return 2
         raise

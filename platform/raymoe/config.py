@@ -57,6 +57,63 @@ class BalanceConfig:
                 _fail(f"model.balance.{name}={getattr(self, name)} must be >= 0")
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction 0.1 * mscale * ln(factor) + 1 (1 for factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """YaRN context extension (Peng et al. 2023, arXiv 2309.00071), as Hugging Face's
+    `rope_scaling: {type: yarn, ...}`: corrected rotary frequencies, cos/sin scaled by an attention
+    factor, and (MLA only) a softmax-scale correction. The real DeepSeek-V3 and V2-Lite use it."""
+
+    type: Literal["yarn"] = "yarn"
+    """Only YaRN is supported."""
+    factor: float = 0.0
+    """Context extension factor (DeepSeek-V3: 40)."""
+    original_max_position_embeddings: int = 0
+    """Context length the model was pre-trained at (DeepSeek-V3: 4096)."""
+    beta_fast: float = 32.0
+    """Rotations above which a frequency is kept (extrapolated)."""
+    beta_slow: float = 1.0
+    """Rotations below which a frequency is fully interpolated."""
+    mscale: Optional[float] = None
+    """With mscale_all_dim: cos/sin are scaled by mscale(factor, mscale) / mscale(factor, mscale_all_dim)."""
+    mscale_all_dim: Optional[float] = None
+    """MLA's softmax scale is multiplied by mscale(factor, mscale_all_dim)^2 (DeepSeek-V3: 1.0)."""
+    attention_factor: Optional[float] = None
+    """Explicit cos/sin scale (null = derived from factor, mscale and mscale_all_dim as above)."""
+    truncate: bool = True
+    """Round the correction range to whole dimensions (Hugging Face's default)."""
+
+    def __post_init__(self) -> None:
+        if self.factor < 1:
+            _fail(f"model.rope_scaling.factor={self.factor} must be >= 1")
+        if self.original_max_position_embeddings <= 0:
+            _fail(f"model.rope_scaling.original_max_position_embeddings={self.original_max_position_embeddings} must be > 0")
+        if self.beta_fast <= 0 or self.beta_slow <= 0:
+            _fail("model.rope_scaling.beta_fast and beta_slow must be > 0")
+
+    @property
+    def cos_sin_scale(self) -> float:
+        """Hugging Face's `attention_factor`, multiplied into cos and sin."""
+        if self.attention_factor is not None:
+            return self.attention_factor
+        if self.mscale and self.mscale_all_dim:
+            return yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+        return yarn_mscale(self.factor)
+
+    @property
+    def mla_softmax_multiplier(self) -> float:
+        """What MLA multiplies its softmax scale by (DeepSeek's `yarn_get_mscale(factor, mscale_all_dim)**2`)."""
+        return yarn_mscale(self.factor, self.mscale_all_dim) ** 2 if self.mscale_all_dim else 1.0
+
+
+# Model keys a run may set on top of `model.init_from` (the architecture itself comes from the source).
+INIT_FROM_OVERRIDABLE = frozenset({"init_from", "max_seq_len", "balance", "capacity_factor", "init_std", "gate_threshold"})
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     """A decoder-only causal LM with DeepSeekMoE feed-forward layers."""
@@ -77,6 +134,13 @@ class ModelConfig:
     """Share the input embedding matrix with the LM head."""
     init_std: float = 0.02
     """Std of the normal init of every weight matrix."""
+    init_from: Optional[str] = None
+    """Start from these weights instead of a random init: a Hugging Face model directory, a model
+    directory from `raymoe import` or training, a training checkpoint, or an MLflow model URI. The
+    architecture keys then come from the source; only max_seq_len, balance, capacity_factor,
+    gate_threshold and init_std may be set beside it."""
+    rope_scaling: Optional[RopeScaling] = None
+    """YaRN context extension, e.g. {factor: 40, original_max_position_embeddings: 4096} (null = plain RoPE)."""
 
     # --- attention
     attention: Literal["mha", "mla"] = "mha"
@@ -97,6 +161,15 @@ class ModelConfig:
     """MLA: per-head query/key dims with rotary embedding (the key part is shared by all heads)."""
     v_head_dim: int = 128
     """MLA: per-head value dim."""
+    mla_norm_eps: Optional[float] = None
+    """MLA: epsilon of the latent (and query-latent) RMSNorms (null = rms_norm_eps)."""
+    qkv_bias: bool = False
+    """Biases on the query, key and value projections (Qwen2-MoE). mha only."""
+    attn_out_bias: bool = False
+    """Bias on the attention output projection. mha only."""
+    qk_norm: Literal["none", "head", "full"] = "none"
+    """RMSNorm on queries and keys before RoPE: 'head' over each head's dims, one scale shared by the
+    heads (Qwen3-MoE); 'full' over the whole projection (OLMoE). mha only."""
     sliding_window: Optional[int] = None
     """Tokens a local-attention layer sees (null = every layer attends globally)."""
     global_every: int = 1
@@ -105,12 +178,21 @@ class ModelConfig:
     # --- feed-forward
     first_k_dense_layers: int = 0
     """The first k layers use a dense SwiGLU FFN instead of MoE (DeepSeek-V3: 3)."""
+    moe_layer_step: int = 1
+    """Only layers with (layer + 1) % moe_layer_step == 0 are MoE (Qwen's decoder_sparse_step)."""
+    dense_layers: tuple[int, ...] = ()
+    """These layers (0-based) are dense whatever the other rules say (Qwen's mlp_only_layers)."""
     dense_intermediate_size: int = 512
     """Hidden size of the dense SwiGLU FFN."""
     num_experts: int = 8
     """Routed experts per MoE layer E (0 = every layer dense)."""
     num_shared_experts: int = 1
     """Always-on shared experts per MoE layer (computed as one SwiGLU of this many times the width)."""
+    shared_expert_intermediate_size: Optional[int] = None
+    """Width of that fused shared SwiGLU, when it is not num_shared_experts * expert_intermediate_size
+    (Qwen2-MoE); needs num_shared_experts: 1."""
+    shared_expert_gate: bool = False
+    """Scale the shared experts' output by sigmoid(w . x), one learned gate per token (Qwen2-MoE)."""
     expert_intermediate_size: int = 128
     """Hidden size F of each routed (and shared) expert."""
     top_k: int = 2
@@ -124,7 +206,10 @@ class ModelConfig:
     num_expert_groups: int = 1
     """Experts are split into this many groups for group-limited routing."""
     top_k_groups: int = 1
-    """A token's experts come from at most this many groups (a group's score: sum of its 2 best)."""
+    """A token's experts come from at most this many groups."""
+    group_score: Literal["top2_sum", "max"] = "top2_sum"
+    """How a group is scored for group-limited routing: the sum of its two best (biased) scores
+    (DeepSeek-V3, `noaux_tc`) or its best score (DeepSeek-V2, `group_limited_greedy`)."""
     gate_threshold: float = 0.0
     """Chosen experts whose (normalized) weight is below this are skipped."""
     capacity_factor: Optional[float] = None
@@ -155,6 +240,28 @@ class ModelConfig:
                 _fail(f"{m}q_lora_rank={self.q_lora_rank} must be >= 0 (0 = no query compression)")
             if self.num_kv_heads is not None:
                 _fail(f"{m}num_kv_heads applies to attention=mha only; remove it for mla")
+        if self.attention == "mla":
+            for name in ("qkv_bias", "attn_out_bias"):
+                if getattr(self, name):
+                    _fail(f"{m}{name} applies to attention=mha only; MLA has no projection biases")
+            if self.qk_norm != "none":
+                _fail(f"{m}qk_norm={self.qk_norm} applies to attention=mha only")
+        elif self.mla_norm_eps is not None:
+            _fail(f"{m}mla_norm_eps applies to attention=mla only; remove it")
+        if self.mla_norm_eps is not None and self.mla_norm_eps <= 0:
+            _fail(f"{m}mla_norm_eps={self.mla_norm_eps} must be > 0")
+        if self.moe_layer_step < 1:
+            _fail(f"{m}moe_layer_step={self.moe_layer_step} must be >= 1")
+        for i in self.dense_layers:
+            if not 0 <= i < self.num_layers:
+                _fail(f"{m}dense_layers has {i}, outside the {self.num_layers} layers (0-based)")
+        if self.shared_expert_intermediate_size is not None:
+            if self.shared_expert_intermediate_size <= 0:
+                _fail(f"{m}shared_expert_intermediate_size={self.shared_expert_intermediate_size} must be > 0 or null")
+            if self.num_shared_experts != 1:
+                _fail(f"{m}shared_expert_intermediate_size is the width of one fused shared expert; set {m}num_shared_experts: 1 (got {self.num_shared_experts})")
+        if self.shared_expert_gate and self.shared_width == 0:
+            _fail(f"{m}shared_expert_gate needs shared experts ({m}num_shared_experts >= 1)")
         if self.sliding_window is not None and self.sliding_window <= 0:
             _fail(f"{m}sliding_window={self.sliding_window} must be > 0 or null")
         if self.global_every < 1:
@@ -172,8 +279,9 @@ class ModelConfig:
                 _fail(f"{m}top_k_groups={self.top_k_groups} must be in [1, {m}num_expert_groups={self.num_expert_groups}]")
             if self.num_expert_groups > 1:
                 per_group = self.num_experts // self.num_expert_groups
-                if per_group < 2:
-                    _fail(f"{m}num_expert_groups={self.num_expert_groups} leaves {per_group} expert per group; a group's score needs 2")
+                if per_group < 2 and self.group_score == "top2_sum":
+                    _fail(f"{m}num_expert_groups={self.num_expert_groups} leaves {per_group} expert per group; "
+                          f"{m}group_score=top2_sum needs 2")
                 if self.top_k > self.top_k_groups * per_group:
                     _fail(f"{m}top_k={self.top_k} exceeds the {self.top_k_groups * per_group} experts in {m}top_k_groups={self.top_k_groups} groups")
             if self.expert_intermediate_size <= 0:
@@ -195,8 +303,16 @@ class ModelConfig:
     def resolved_kv_heads(self) -> int:
         return self.num_kv_heads if self.num_kv_heads is not None else self.num_heads
 
+    @property
+    def shared_width(self) -> int:
+        """Hidden size of the fused shared-expert SwiGLU (0 = no shared experts)."""
+        if self.shared_expert_intermediate_size is not None:
+            return self.shared_expert_intermediate_size
+        return self.num_shared_experts * self.expert_intermediate_size
+
     def is_moe_layer(self, layer: int) -> bool:
-        return self.num_experts > 0 and layer >= self.first_k_dense_layers
+        return (self.num_experts > 0 and layer >= self.first_k_dense_layers
+                and (layer + 1) % self.moe_layer_step == 0 and layer not in self.dense_layers)
 
     def is_local_layer(self, layer: int) -> bool:
         """Sliding-window layer? Every global_every-th layer (1-based) stays global."""
@@ -336,8 +452,10 @@ class DataConfig:
     """A file, directory or URI of .txt / .jsonl / .parquet (null = the Python stdlib's .py source)."""
     text_field: str = "text"
     """Field holding the text in .jsonl records and .parquet columns."""
-    tokenizer: Literal["byte"] = "byte"
-    """Tokenizer: 'byte' (256 bytes + specials)."""
+    tokenizer: Optional[str] = None
+    """'byte' (256 bytes + 4 specials), or a Hugging Face tokenizer: a directory holding
+    tokenizer.json (and tokenizer_config.json) or the tokenizer.json itself. null = the tokenizer
+    that comes with model.init_from if it has one, else 'byte'."""
     val_fraction: float = 0.02
     """Share of documents held out for validation."""
     max_bytes: Optional[int] = None
@@ -354,6 +472,8 @@ class DataConfig:
             _fail(f"data.max_bytes={self.max_bytes} must be > 0 or null")
         if self.shard_tokens <= 0:
             _fail(f"data.shard_tokens={self.shard_tokens} must be > 0")
+        if self.tokenizer is not None and not self.tokenizer.strip():
+            _fail("data.tokenizer must be 'byte', a path to a Hugging Face tokenizer, or null")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -486,7 +606,8 @@ class RunConfig:
             _fail(f"train.fault_injection.kill_rank={self.train.fault_injection.kill_rank} must be < the number of workers ({hi})")
         if self.tracking.registered_model is not None and not self.tracking.registered_model.strip():
             _fail("tracking.registered_model must be a non-empty name or null")
-        if self.data.tokenizer == "byte" and self.model.vocab_size < 260:
+        byte = self.data.tokenizer == "byte" or (self.data.tokenizer is None and self.model.init_from is None)
+        if byte and self.model.vocab_size < 260:
             _fail(f"model.vocab_size={self.model.vocab_size} must be >= 260 for data.tokenizer=byte")
 
     # --- derived paths; output_dir is absolute once loaded (Ray workers change directory)
@@ -516,8 +637,10 @@ class RunConfig:
         return out
 
     def model_hash(self) -> str:
-        """Hash of the model section: checkpoints refuse to load into a different architecture."""
-        blob = json.dumps(_to_plain(self.model), sort_keys=True).encode()
+        """Hash of the model section: checkpoints refuse to load into a different architecture.
+        Where the initial weights came from (model.init_from) is not architecture: moving the
+        source directory must not orphan a run's checkpoints."""
+        blob = json.dumps({k: v for k, v in _to_plain(self.model).items() if k != "init_from"}, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_yaml(self) -> str:
@@ -541,6 +664,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (Union, types.UnionType):
         return " | ".join("null" if a is type(None) else _type_name(a) for a in typing.get_args(tp))
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        return f"[{_type_name(typing.get_args(tp)[0])}, ...]"
     if origin is tuple:
         return "[" + ", ".join(_type_name(a) for a in typing.get_args(tp)) + "]"
     return getattr(tp, "__name__", str(tp))
@@ -565,6 +690,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if value in typing.get_args(tp):
             return value
         _fail(f"{key}={value!r} must be one of {_type_name(tp)}")
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        if not isinstance(value, (list, tuple)):
+            _fail(f"{key}={value!r} must be a list")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -630,14 +759,55 @@ def _apply_override(tree: dict, item: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
-def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict>") -> RunConfig:
-    """Build and validate a RunConfig; errors are prefixed with `source`."""
+def model_config_from_section(section: dict, where: str = "<model>") -> ModelConfig:
+    """A ModelConfig from a plain `model:` mapping, with the loader's strict checks."""
+    try:
+        return _build(ModelConfig, json.loads(json.dumps(section)), "model.")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def to_plain(obj: Any) -> Any:
+    """A config dataclass as plain dicts, lists and scalars (what YAML and JSON hold)."""
+    return _to_plain(obj)
+
+
+def _model_from_source(model: dict, base_dir: str | None) -> dict:
+    """The model section of a run that starts from `model.init_from`: the source's architecture,
+    plus the few keys a run may change (INIT_FROM_OVERRIDABLE). A key that contradicts the
+    source is an error rather than a silent override: it would not fit the weights."""
+    source = str(model["init_from"])
+    if "://" not in source and ":/" not in source:
+        source = os.path.abspath(os.path.join(base_dir or "", os.path.expanduser(source)))
+    from raymoe.model_dir import source_model_section  # imports torch; only runs that need it pay
+
+    arch = source_model_section(source)
+    merged = {**arch, "init_from": source}
+    for key, value in model.items():
+        if key == "init_from":
+            continue
+        if key in INIT_FROM_OVERRIDABLE:
+            merged[key] = value
+        elif key not in arch or arch[key] != value:
+            shown = arch.get(key, "<unset>")
+            _fail(f"model.{key}={value!r} contradicts model.init_from={source} (which has {shown!r}); "
+                  f"remove it: with init_from only {', '.join(sorted(INIT_FROM_OVERRIDABLE - {'init_from'}))} may be set")
+    return merged
+
+
+def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict>", base_dir: str | None = None) -> RunConfig:
+    """Build and validate a RunConfig; errors are prefixed with `source`. A relative
+    model.init_from is resolved against `base_dir` (the config file's directory for a file, the
+    working directory otherwise)."""
     tree = json.loads(json.dumps(data if data is not None else {}))  # deep copy, plain types
     try:
         if not isinstance(tree, dict):
             _fail("the top level must be a mapping of sections (model:, train:, ...)")
         for item in overrides:
             _apply_override(tree, item)
+        model = tree.get("model")
+        if isinstance(model, dict) and model.get("init_from"):
+            tree["model"] = _model_from_source(model, base_dir)
         cfg = _build(RunConfig, tree)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
@@ -654,4 +824,4 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig
         raise ConfigError(f"{path}: no such config file") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    return config_from_dict(data or {}, overrides, source=path)
+    return config_from_dict(data or {}, overrides, source=path, base_dir=os.getcwd())

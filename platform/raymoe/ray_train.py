@@ -187,9 +187,9 @@ def sample_from_weights(cfg: RunConfig, weights: dict) -> str | None:
         return None
     from raymoe.model.transformer import MoETransformer
     from raymoe.parallel.checkpoint import load_model_weights
-    from raymoe.train.data import get_tokenizer
+    from raymoe.tokenizer import tokenizer_for
 
-    tok = get_tokenizer(cfg.data.tokenizer)
+    tok = tokenizer_for(cfg)
     model = MoETransformer(cfg.model)
     load_model_weights(model, weights)
     model.eval()
@@ -213,12 +213,13 @@ def run_training(
     `callbacks`: Ray Train callbacks (Tune's report forwarding); `finalize`: log the final
     weights and heatmap, register the model and print a sample (off for search trials).
     """
+    from raymoe.tokenizer import tokenizer_for
     from raymoe.tracking import log_final_artifacts, open_run, tracking_uri
     from raymoe.train.data import prepare_corpus
     from raymoe.train.loop import read_recovery
 
     t0 = time.perf_counter()
-    corpus = prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, log=log)
+    corpus = prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, log=log, tokenizer=tokenizer_for(cfg))
     if tracker is None:
         tracker = open_run(cfg, config_yaml or cfg.to_yaml(), log=log)
     uri = tracker.uri if tracker is not None else tracking_uri(cfg)

@@ -240,16 +240,14 @@ def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: 
     `weights`: the checkpoint's full state dict if the caller already assembled it."""
     with tempfile.TemporaryDirectory() as d:
         if cfg.tracking.log_checkpoint:
-            from safetensors.torch import save_file
-
-            from raymoe.parallel.checkpoint import full_state_dict
+            from raymoe.model_dir import tokenizer_dir_of, write_model_dir
+            from raymoe.parallel.checkpoint import _unique, full_state_dict
 
             mdir = os.path.join(d, "model")
-            os.makedirs(mdir)
-            # The training checkpoint is sharded by expert; what we log is the whole model.
-            save_file(weights if weights is not None else full_state_dict(checkpoint_dir), os.path.join(mdir, "model.safetensors"))
-            with open(os.path.join(mdir, "config.yaml"), "w") as f:
-                f.write(cfg.to_yaml())
+            # The training checkpoint is sharded by expert; what we log is the whole model, as a
+            # model directory (with the tokenizer the run used, so serving it needs nothing else).
+            tensors = _unique(weights if weights is not None else full_state_dict(checkpoint_dir))
+            write_model_dir(mdir, cfg, tensors.items(), tokenizer_dir=tokenizer_dir_of(cfg), staged=False)
             tracker.log_artifact(mdir, "model")
             if cfg.tracking.registered_model:
                 register_model(tracker, cfg.tracking.registered_model)
@@ -281,6 +279,28 @@ def register_model(tracker: MlflowTracker, name: str) -> str | None:
         return None
     tracker.registered = f"models:/{name}/{version}"
     return tracker.registered
+
+
+def register_model_dir(model_dir: str, name: str, *, tracking_uri: str | None = None, experiment: str = "raymoe",
+                       source: str | None = None, log=print) -> str | None:
+    """Log a model directory (e.g. from `raymoe import`) as one MLflow run's model/ artifacts and
+    register it as a new version of `name`; returns models:/<name>/<version> (None if MLflow failed)."""
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(".raymoe/mlflow.db")
+    if uri.startswith("sqlite:///"):
+        os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
+    try:
+        client = _client(uri)
+        exp_id = _experiment_id(client, experiment, os.path.dirname(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None, uri)
+        run = client.create_run(exp_id, run_name=f"import {os.path.basename(os.path.normpath(model_dir))}",
+                                tags={"mlflow.source.name": "raymoe import", **({"raymoe.source": source} if source else {})})
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"MLflow at {uri} is unavailable ({type(e).__name__}: {str(e)[:200]}); the model was not registered")
+        return None
+    tracker = MlflowTracker(uri, run.info.run_id)
+    tracker.log_artifact(model_dir, "model")
+    registered = register_model(tracker, name)
+    tracker.finish("FINISHED" if registered else "FAILED")
+    return registered
 
 
 def print_where_to_look(uri: str, run_id: str | None, out=sys.stdout) -> None:

@@ -30,6 +30,11 @@ SMALL = {
     "all_dense": ModelConfig(**BASE | dict(num_experts=0)),
     "sliding_groups": ModelConfig(**BASE | dict(sliding_window=5, global_every=2, num_expert_groups=4, top_k_groups=2,
                                                 first_k_dense_layers=1)),
+    # The Hugging Face layouts model/hf.py maps onto.
+    "qwen2_moe_style": ModelConfig(**BASE | dict(num_layers=4, qkv_bias=True, shared_expert_intermediate_size=40,
+                                                 shared_expert_gate=True, moe_layer_step=2, dense_layers=(3,))),
+    "qwen3_moe_style": ModelConfig(**BASE | dict(num_kv_heads=2, head_dim=24, qk_norm="head", num_shared_experts=0)),
+    "olmoe_style": ModelConfig(**BASE | dict(qk_norm="full", qkv_bias=True, attn_out_bias=True, num_shared_experts=0)),
 }
 
 
@@ -77,7 +82,8 @@ def test_breakdown_matches_modules_by_kind(name):
     attn_linears = [l for a in attn for l in a.modules() if isinstance(l, nn.Linear)]
     moes = [m for m in mods if isinstance(m, MoE)]
     assert b["norms"] == _numel(norms)
-    assert b["attention"] == _numel(attn_linears)
+    assert b["attention"] == sum(l.weight.numel() for l in attn_linears)
+    assert b["biases"] == sum(l.bias.numel() for l in attn_linears if l.bias is not None)
     assert b["router"] == _numel(m for m in mods if isinstance(m, TopKRouter))
     assert b["routed_experts"] == _numel(m for m in mods if isinstance(m, GroupedExperts))
     assert b["shared_experts"] == sum(sum(p.numel() for p in m.shared.parameters()) for m in moes if m.shared is not None)

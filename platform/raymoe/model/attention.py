@@ -9,25 +9,56 @@ kv_lora_rank dims per token plus one rotary key of qk_rope_head_dim dims shared 
 the latent (plus that rotary key) is what a KV cache stores. Queries are optionally compressed
 through q_lora_rank. Rotary embedding applies only to the *_rope parts of queries and keys.
 
+Hugging Face layouts this module can express (model/hf.py maps them): projection biases and
+RMSNorm on queries/keys before RoPE (per head, Qwen3-MoE; over the whole projection, OLMoE) for
+MHA, and YaRN-scaled rotary tables for both kinds. RoPE always rotates halves here; checkpoints
+that rotate interleaved pairs (DeepSeek) get their rotary rows permuted at import instead.
+
 Shape suffixes: B batch, S sequence, D model dim, H query heads, J key/value heads,
   d head dim, r rotary dims, n non-rotary dims, v value dims, L latent rank
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raymoe.config import ModelConfig
+from raymoe.config import ModelConfig, RopeScaling
 
 
-def rope_tables(dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin, [max_seq_len, dim], in the rotate-half layout (Llama / Mixtral)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    """YaRN's per-frequency blend of interpolated (divided by factor) and original frequencies:
+    frequencies that turn more than beta_fast times over the original context are kept, fewer
+    than beta_slow times fully interpolated, linearly in between (Peng et al. 2023, eq. 18-20)."""
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    pos_freqs = theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate
+    return (1.0 / (s.factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
+
+
+def rope_tables(dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin, [max_seq_len, dim], in the rotate-half layout (Llama / Mixtral); with YaRN
+    scaling, its frequencies and both tables multiplied by its attention factor."""
+    if scaling is None:
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        scale = 1.0
+    else:
+        inv_freq, scale = _yarn_inv_freq(dim, theta, scaling), scaling.cos_sin_scale
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
     angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().float(), angles.sin().float()
+    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
 
 
 def apply_rope(x_BHSr: torch.Tensor, cos_Sr: torch.Tensor, sin_Sr: torch.Tensor) -> torch.Tensor:
@@ -69,10 +100,17 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.resolved_kv_heads, cfg.resolved_head_dim
         self.window = window
-        self.wq = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.wo = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        H, J, d = self.num_heads, self.num_kv_heads, self.head_dim
+        self.wq = nn.Linear(cfg.hidden_size, H * d, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.hidden_size, J * d, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.hidden_size, J * d, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(H * d, cfg.hidden_size, bias=cfg.attn_out_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            # 'head': one [d] scale shared by every head; 'full': a scale per projection output.
+            q_dim, k_dim = (d, d) if cfg.qk_norm == "head" else (H * d, J * d)
+            self.q_norm = nn.RMSNorm(q_dim, eps=cfg.rms_norm_eps)
+            self.k_norm = nn.RMSNorm(k_dim, eps=cfg.rms_norm_eps)
 
     @property
     def rope_dim(self) -> int:
@@ -84,8 +122,13 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q_BHSd = self.wq(x_BSD).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
-        k_BJSd = self.wk(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = self.wq(x_BSD), self.wk(x_BSD)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q_BSHd, k_BSJd = q.view(B, S, self.num_heads, self.head_dim), k.view(B, S, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q_BSHd, k_BSJd = self.q_norm(q_BSHd), self.k_norm(k_BSJd)
+        q_BHSd, k_BJSd = q_BSHd.transpose(1, 2), k_BSJd.transpose(1, 2)
         v_BJSd = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSd, k_BJSd = apply_rope(q_BHSd, cos, sin), apply_rope(k_BJSd, cos, sin)
         if cache is None:
@@ -110,15 +153,18 @@ class MLAttention(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.window = window
         D, H = cfg.hidden_size, cfg.num_heads
+        eps = cfg.mla_norm_eps if cfg.mla_norm_eps is not None else cfg.rms_norm_eps
+        # YaRN lengthens the rotary wavelengths; DeepSeek compensates in the softmax temperature.
+        self.scale = (self.n + self.r) ** -0.5 * (cfg.rope_scaling.mla_softmax_multiplier if cfg.rope_scaling else 1.0)
         if cfg.q_lora_rank > 0:
             self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.rms_norm_eps)
+            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=eps)
             self.wq_b = nn.Linear(cfg.q_lora_rank, H * (self.n + self.r), bias=False)
         else:
             self.wq = nn.Linear(D, H * (self.n + self.r), bias=False)
         # One projection yields the latent and the shared rotary key.
         self.wkv_a = nn.Linear(D, self.kv_lora_rank + self.r, bias=False)
-        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=cfg.rms_norm_eps)
+        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.n + self.v), bias=False)
         self.wo = nn.Linear(H * self.v, D, bias=False)
 
@@ -154,9 +200,9 @@ class MLAttention(nn.Module):
         q_BHSd = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
         k_BHTd = torch.cat([k_nope, k_rope_B1Sr.expand(B, H, T, r)], dim=-1)
         if cache is None:
-            out_BHSv = _attend(q_BHSd, k_BHTd, v_BHTv, self.window, scale=(n + r) ** -0.5)
+            out_BHSv = _attend(q_BHSd, k_BHTd, v_BHTv, self.window, scale=self.scale)
         else:
-            out_BHSv = F.scaled_dot_product_attention(q_BHSd, k_BHTd, v_BHTv, attn_mask=mask, scale=(n + r) ** -0.5)
+            out_BHSv = F.scaled_dot_product_attention(q_BHSd, k_BHTd, v_BHTv, attn_mask=mask, scale=self.scale)
         return self.wo(out_BHSv.transpose(1, 2).reshape(B, S, H * v))
 
 

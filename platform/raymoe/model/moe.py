@@ -70,6 +70,7 @@ class TopKRouter(nn.Module):
         self.route_scale = cfg.route_scale
         self.num_groups = cfg.num_expert_groups
         self.top_k_groups = cfg.top_k_groups
+        self.group_score = cfg.group_score
         self.gate_threshold = cfg.gate_threshold
         self.capacity_factor = cfg.capacity_factor
         self.balance = cfg.balance
@@ -90,9 +91,13 @@ class TopKRouter(nn.Module):
 
         choice_TE = scores_TE.detach() + self.expert_bias  # bias picks experts, never weighs them
         if self.num_groups > 1:
-            # DeepSeek-V3 group limit: a group's score is the sum of its two best (biased) scores;
-            # experts outside the best top_k_groups groups cannot be chosen.
-            group_TG = choice_TE.view(T, self.num_groups, -1).topk(2, dim=-1).values.sum(-1)
+            # Group limit: experts outside the best top_k_groups groups cannot be chosen. A group
+            # scores the sum of its two best (biased) scores (DeepSeek-V3) or its best (V2).
+            per_group_TGe = choice_TE.view(T, self.num_groups, -1)
+            if self.group_score == "top2_sum":
+                group_TG = per_group_TGe.topk(2, dim=-1).values.sum(-1)
+            else:
+                group_TG = per_group_TGe.amax(dim=-1)
             best_groups = group_TG.topk(self.top_k_groups, dim=-1).indices
             allowed_TG = torch.zeros_like(group_TG, dtype=torch.bool).scatter_(1, best_groups, True)
             allowed_TE = allowed_TG.repeat_interleave(E // self.num_groups, dim=1)
@@ -206,6 +211,19 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
+class SharedExperts(SwiGLU):
+    """The always-on shared experts, fused into one SwiGLU; optionally gated per token by
+    sigmoid(w . x) (Qwen2-MoE's shared_expert_gate)."""
+
+    def __init__(self, dim: int, hidden: int, gated: bool = False):
+        super().__init__(dim, hidden)
+        self.gate = nn.Linear(dim, 1, bias=False) if gated else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        return y if self.gate is None else torch.sigmoid(self.gate(x)) * y
+
+
 def permute(x_TD: torch.Tensor, routing: Routing, num_experts: int):
     """Sort the kept (token, expert) slots by expert. Returns (x_ND, counts_E, token_N, weight_N)."""
     keep_N = routing.keep_TK.flatten()
@@ -232,7 +250,7 @@ class MoE(nn.Module):
         self.top_k = cfg.top_k
         self.router = TopKRouter(cfg)
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size)
-        self.shared = SwiGLU(cfg.hidden_size, cfg.expert_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts else None
+        self.shared = SharedExperts(cfg.hidden_size, cfg.shared_width, cfg.shared_expert_gate) if cfg.shared_width else None
 
     def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Run the routed experts; expert parallelism replaces this method (parallel/apply.py)."""

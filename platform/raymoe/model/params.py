@@ -16,8 +16,9 @@ What counts as what:
   attention, dense FFNs, router gates, shared experts, top_k of the E routed experts per MoE
   layer, norms and the LM head, but not the input-embedding row lookup (DeepSeek's convention:
   V3's "37B" is 36.6B without the lookup, 37.6B with it).
-- Every RMSNorm scale, MLA's q_norm/kv_norm included, is in "norms", never in "attention":
-  the FLOPs formula needs the matmul parameters alone.
+- Every RMSNorm scale, MLA's q_norm/kv_norm and MHA's query/key norms included, is in "norms",
+  and projection biases are in "biases", never in "attention": the FLOPs formula needs the
+  matmul parameters alone.
 """
 
 from __future__ import annotations
@@ -43,18 +44,20 @@ class ParamCounts:
     """Per component. Every key but routed_experts_activated sums to `total`."""
 
 
-def _attention_params(cfg: ModelConfig) -> tuple[int, int]:
-    """(matmul weights, norm scales) of one attention layer."""
+def _attention_params(cfg: ModelConfig) -> tuple[int, int, int]:
+    """(matmul weights, norm scales, biases) of one attention layer."""
     D, H = cfg.hidden_size, cfg.num_heads
     if cfg.attention == "mha":
         d, J = cfg.resolved_head_dim, cfg.resolved_kv_heads
-        # wq, wk, wv, wo; no biases
-        return D * H * d + 2 * D * J * d + H * d * D, 0
+        biases = (H * d + 2 * J * d if cfg.qkv_bias else 0) + (D if cfg.attn_out_bias else 0)
+        norms = {"none": 0, "head": 2 * d, "full": H * d + J * d}[cfg.qk_norm]
+        # wq, wk, wv, wo
+        return D * H * d + 2 * D * J * d + H * d * D, norms, biases
     n, r, v, L, q = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank
     query = D * q + q * H * (n + r) if q > 0 else D * H * (n + r)  # wq_a + wq_b, or wq
     # wkv_a yields the latent and the shared rotary key; wkv_b expands the latent per head.
     matmul = query + D * (L + r) + L * H * (n + v) + H * v * D
-    return matmul, L + (q if q > 0 else 0)  # kv_norm, q_norm
+    return matmul, L + (q if q > 0 else 0), 0  # kv_norm, q_norm; no biases
 
 
 def count_params(cfg: ModelConfig) -> ParamCounts:
@@ -62,7 +65,7 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
     D, V = cfg.hidden_size, cfg.vocab_size
     num_moe = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
     num_dense = cfg.num_layers - num_moe
-    attn_matmul, attn_norms = _attention_params(cfg)
+    attn_matmul, attn_norms, attn_biases = _attention_params(cfg)
     E, K, F = cfg.num_experts, cfg.top_k, cfg.expert_intermediate_size
     per_expert = 3 * D * F  # SwiGLU w1, w3, w2
 
@@ -72,17 +75,19 @@ def count_params(cfg: ModelConfig) -> ParamCounts:
         "attention": cfg.num_layers * attn_matmul,
         "dense_ffn": num_dense * 3 * D * cfg.dense_intermediate_size,
         "router": num_moe * E * D,
-        "shared_experts": num_moe * cfg.num_shared_experts * per_expert,
+        # The fused shared SwiGLU, plus its per-token gate vector where there is one (Qwen2-MoE).
+        "shared_experts": num_moe * (3 * D * cfg.shared_width + (D if cfg.shared_expert_gate else 0)),
         "routed_experts": num_moe * E * per_expert,
         "routed_experts_activated": num_moe * K * per_expert,
         # attn_norm + ffn_norm per block, MLA's inner norms, the final norm
         "norms": cfg.num_layers * (2 * D + attn_norms) + D,
+        "biases": cfg.num_layers * attn_biases,
         "lm_head": 0 if cfg.tie_embeddings else V * D,
     }
     total = sum(v for k, v in b.items() if k != "routed_experts_activated")
     activated = (
         b["attention"] + b["dense_ffn"] + b["router"] + b["shared_experts"]
-        + b["routed_experts_activated"] + b["norms"] + V * D  # the head's matmul, tied or not
+        + b["routed_experts_activated"] + b["norms"] + b["biases"] + V * D  # the head's matmul, tied or not
     )
     with_embedding = activated + (0 if cfg.tie_embeddings else embedding)
     return ParamCounts(total, activated, with_embedding, embedding, b)
@@ -120,7 +125,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     if seq_len <= 0:
         raise ValueError(f"seq_len={seq_len} must be > 0")
     counts = count_params(cfg)
-    matmul = counts.activated - counts.breakdown["norms"]
+    matmul = counts.activated - counts.breakdown["norms"] - counts.breakdown["biases"]
     if cfg.attention == "mla":
         d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     else:
@@ -144,11 +149,13 @@ def format_report(cfg: ModelConfig, seq_len: int) -> str:
     """A table of per-component counts, totals and FLOPs/token (`raymoe params CONFIG`)."""
     c = count_params(cfg)
     flops = train_flops_per_token(cfg, seq_len)
-    attn_flops = flops - 6.0 * (c.activated - c.breakdown["norms"])
+    attn_flops = flops - 6.0 * (c.activated - c.breakdown["norms"] - c.breakdown["biases"])
     rows: list[tuple[str, int | float | str]] = []
     for name, value in c.breakdown.items():
         if name == "routed_experts_activated":  # a subset of routed_experts, not a component
             rows.append((f"  of which top-{cfg.top_k} per token", value))
+        elif name == "biases" and value == 0:
+            continue
         elif name == "lm_head" and cfg.tie_embeddings:
             rows.append((name, "tied to embedding"))
         else:
@@ -165,8 +172,9 @@ def format_report(cfg: ModelConfig, seq_len: int) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [
         f"{cfg.num_layers} layers ({sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))} MoE), "
-        f"{cfg.num_experts} routed experts top-{cfg.top_k} + {cfg.num_shared_experts} shared, "
-        f"attention {cfg.attention}"
+        f"{cfg.num_experts} routed experts top-{cfg.top_k} + "
+        + (f"a shared expert of width {cfg.shared_width}, " if cfg.shared_expert_intermediate_size else f"{cfg.num_shared_experts} shared, ")
+        + f"attention {cfg.attention}"
     ]
     for name, value in rows:
         if name == "":

@@ -83,7 +83,7 @@ class MoETransformer(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.resolved_head_dim
-        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_every = 0  # set by the training loop: recompute every k-th block
@@ -98,6 +98,9 @@ class MoETransformer(nn.Module):
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         for name, p in self.named_parameters():
+            if name.endswith(".bias"):
+                p.zero_()
+                continue
             if p.dim() == 1:  # norm scales
                 p.fill_(1.0)
                 continue
@@ -107,7 +110,7 @@ class MoETransformer(nn.Module):
             moe.router.expert_bias.zero_()
         # Recomputed rather than copied: a model built on the meta device gets real tables here.
         rope_dim = self.rope_cos.shape[-1]
-        cos, sin = rope_tables(rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        cos, sin = rope_tables(rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta, self.cfg.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 

@@ -290,6 +290,28 @@ def full_state_dict(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_tensor(path: str, manifest: dict[str, Any], name: str, experts: range | None = None) -> torch.Tensor:
+    """One model tensor of a checkpoint (files already verified by the caller); for a routed-expert
+    tensor, the rows of `experts` only (all of them if None), read from whichever shards hold them."""
+    with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
+        if name in f.keys():
+            return f.get_tensor(name)
+    shards = sorted(((n, *i["experts"]) for n, i in manifest["files"].items() if "experts" in i), key=lambda t: t[1])
+    if not shards or name not in _keys(path, shards[0][0]):
+        raise CheckpointError(f"{path}: the checkpoint has no tensor {name}")
+    lo, hi = (experts.start, experts.stop) if experts is not None else (shards[0][1], shards[-1][2])
+    return _read_expert_rows(path, _shards_for(manifest, lo, hi), name, lo, hi)
+
+
+def checkpoint_tensor_names(path: str, manifest: dict[str, Any]) -> list[str]:
+    with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
+        names = [k for k in f.keys() if not k.startswith("opt/")]
+    shards = [n for n, i in manifest["files"].items() if "experts" in i]
+    if shards:
+        names += [k for k in sorted(_keys(path, shards[0])) if not k.startswith("opt/")]
+    return names
+
+
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], allow_missing: set[str] = frozenset()) -> None:
     """Load a state dict; tied aliases dropped at save time are restored by the tie itself."""
     own = model.state_dict()

@@ -43,7 +43,8 @@ from raymoe.serve.placement import Placement, contiguous_placement
 @dataclass(frozen=True)
 class ServeSettings:
     model: str
-    """A MODEL source (see engine.MODEL_SOURCES)."""
+    """A MODEL source (see model_dir.MODEL_SOURCES): Hugging Face or raymoe model directory,
+    training checkpoint or MLflow URI."""
     mode: str = "routed"
     """'routed' (ExpertGroup deployments) or 'monolithic' (every expert in the router)."""
     num_groups: int = 2
@@ -52,6 +53,9 @@ class ServeSettings:
     """Sequences decoded together by one router replica."""
     max_tokens: int = 256
     """Largest max_tokens a request may ask for."""
+    max_len: int = 4096
+    """Longest sequence (prompt + completion) a router serves: every KV-cache row is this long
+    (capped at the model's max_seq_len; imported models often allow 100K+ positions)."""
     micro_batches: int = 1
     """Decode micro-batches run in parallel threads so expert calls overlap router compute. On the
     2-core machine 2 was slower than 1 (docs/PERFORMANCE.md); try it where cores are spare."""
@@ -360,10 +364,10 @@ class Router:
         import os
 
         from raymoe.serve.api import APILimits, CompletionsAPI
-        from raymoe.serve.engine import Engine, ThreadedEngine, load_model
-        from raymoe.train.data import get_tokenizer
+        from raymoe.model_dir import open_model
+        from raymoe.serve.engine import Engine, ThreadedEngine
 
-        cfg, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
+        cfg, model, tok, _ = open_model(settings.model, tracking_uri=settings.tracking_uri)
         self.mode = settings.mode
         self.stats = RouterStats(settings.num_groups if settings.mode == "routed" else 0)
         self.channel = None
@@ -376,10 +380,10 @@ class Router:
                                            channel=self.channel, shared=moe.shared)
                 moe.shared = None  # RemoteExperts runs them while the groups compute
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
-        tok = get_tokenizer(cfg.data.tokenizer)
-        self.engine = Engine(model, tok, max_batch=settings.max_batch, micro_batches=settings.micro_batches)
+        max_len = min(settings.max_len, model.cfg.max_seq_len)
+        self.engine = Engine(model, tok, max_batch=settings.max_batch, max_len=max_len, micro_batches=settings.micro_batches)
         self.threaded = ThreadedEngine(self.engine)
-        limits = APILimits(max_prompt_tokens=model.cfg.max_seq_len // 2, max_tokens=settings.max_tokens)
+        limits = APILimits(max_prompt_tokens=max_len // 2, max_tokens=settings.max_tokens)
         self.api = CompletionsAPI(self.threaded, tok, model_name=cfg.name, limits=limits,
                                   api_key=settings.api_key or os.environ.get("RAYMOE_API_KEY"),
                                   expert_load=self.expert_load)

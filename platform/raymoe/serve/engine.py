@@ -118,6 +118,8 @@ class Engine:
     def __init__(self, model: MoETransformer, tokenizer, *, max_batch: int = 8, max_len: int | None = None, micro_batches: int = 1):
         self.model = model.eval()
         self.tokenizer = tokenizer
+        self.eos_ids = frozenset(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
+        """Generation stops at any of these (Qwen3's tokenizer has two)."""
         self.max_batch = max_batch
         self.max_len = max_len or model.cfg.max_seq_len
         self.device = model.embed.weight.device
@@ -222,7 +224,7 @@ class Engine:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         self.stats["tokens"] += 1
-        if tok == self.tokenizer.eos_id:
+        if tok in self.eos_ids:
             req.finish_reason = "stop"
             return req, "", True
         req.output_ids.append(tok)
@@ -360,46 +362,12 @@ class ThreadedEngine:
         return Completion(req.text, req.finish_reason, len(req.prompt_ids), len(req.output_ids))
 
 
-MODEL_SOURCES = (
-    "a raymoe training checkpoint directory (with manifest.json), a model directory (model.safetensors + "
-    "config.yaml, as logged to MLflow), or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
-)
-
-
 def load_model(source: str, *, tracking_uri: str | None = None, device: str = "cpu"):
-    """(RunConfig, MoETransformer in eval mode) from any of MODEL_SOURCES."""
-    import yaml
-    from safetensors.torch import load_file
+    """(RunConfig, MoETransformer in eval mode) from any of model_dir.MODEL_SOURCES."""
+    from raymoe.model_dir import ModelSourceError, open_model
 
-    from raymoe.config import config_from_dict
-    from raymoe.parallel.checkpoint import MANIFEST, CheckpointError, full_state_dict, load_model_weights
-
-    path = source
-    if source.startswith(("runs:/", "models:/")):
-        import mlflow
-
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
-        try:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=source)
-        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
-            raise RequestError(f"cannot fetch {source} from MLflow ({type(e).__name__}: {str(e)[:200]}); "
-                               f"check the URI and MLFLOW_TRACKING_URI") from None
-    if os.path.exists(os.path.join(path, MANIFEST)):
-        record = os.path.join(path, "run_config.json")
-        if not os.path.exists(record):
-            raise CheckpointError(f"{path}: checkpoint has no run_config.json (written since raymoe 0.1); serve the model logged to MLflow instead")
-        import json
-
-        with open(record) as f:
-            cfg = config_from_dict(json.load(f), source=record)
-        weights = full_state_dict(path)
-    elif os.path.exists(os.path.join(path, "model.safetensors")) and os.path.exists(os.path.join(path, "config.yaml")):
-        with open(os.path.join(path, "config.yaml")) as f:
-            cfg = config_from_dict(yaml.safe_load(f), source=os.path.join(path, "config.yaml"))
-        weights = load_file(os.path.join(path, "model.safetensors"))
-    else:
-        raise RequestError(f"{source}: not a model; MODEL must be {MODEL_SOURCES}")
-    model = MoETransformer(cfg.model)
-    load_model_weights(model, weights)
-    return cfg, model.to(device).eval()
+    try:
+        cfg, model, _, _ = open_model(source, tracking_uri=tracking_uri, device=device)
+    except ModelSourceError as e:
+        raise RequestError(str(e)) from None
+    return cfg, model

@@ -29,7 +29,7 @@ import sysconfig
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -38,12 +38,15 @@ import pyarrow.parquet as pq
 import torch
 
 from raymoe.config import DataConfig
+from raymoe.tokenizer import ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer  # noqa: F401 - re-exported
 
 SPLITS = ("train", "val")
 SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 # Bumped whenever the shard layout or the document reading changes, so old caches are not reused.
 _CACHE_FORMAT = 1
-_SHARD_SCHEMA = pa.schema([("tokens", pa.list_(pa.uint16()))])
+# Token ids are stored as uint16 while the vocabulary fits (bytes, Mixtral, OLMoE), else uint32.
+_TOKEN_TYPES = {"uint16": (np.uint16, pa.uint16()), "uint32": (np.uint32, pa.uint32())}
+_DOCS_PER_BATCH = 256  # documents per encode_batch call: enough to keep every core busy
 # Directories of the stdlib that are not representative library code (or not stdlib at all).
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
 
@@ -55,44 +58,12 @@ class DataError(ValueError):
 # ----------------------------------------------------------------------------- tokenizers
 
 
-class Tokenizer(Protocol):
-    name: str
-    vocab_size: int
-    bos_id: int
-    eos_id: int
-    pad_id: int
-
-    def encode(self, text: str) -> Union[list[int], np.ndarray]: ...
-
-    def decode(self, ids: Sequence[int]) -> str: ...
-
-
-class ByteTokenizer:
-    """Ids 0..255 are UTF-8 bytes; 256..259 are <bos>, <eos>, <pad>, <unk>. Nothing to train."""
-
-    name = "byte"
-    vocab_size = 260
-    bos_id = 256
-    eos_id = 257
-    pad_id = 258
-    unk_id = 259
-
-    def encode(self, text: str) -> np.ndarray:
-        # One C-level pass over the bytes: a python list of ints would be ~50x slower on big files.
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
-
-    def decode(self, ids: Union[Sequence[int], np.ndarray, torch.Tensor]) -> str:
-        if isinstance(ids, torch.Tensor):
-            ids = ids.detach().cpu().numpy()
-        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-        data = arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes()
-        return data.decode("utf-8", errors="replace")
-
-
-def get_tokenizer(name: str) -> Tokenizer:
-    if name == "byte":
-        return ByteTokenizer()
-    raise DataError(f"data.tokenizer={name!r} is not a known tokenizer; use 'byte'")
+def get_tokenizer(name: Optional[str]) -> Tokenizer:
+    """data.tokenizer -> a tokenizer (null = bytes; runs with model.init_from use tokenizer_for)."""
+    try:
+        return load_tokenizer(name or "byte")
+    except TokenizerError as e:
+        raise DataError(str(e)) from None
 
 
 # ----------------------------------------------------------------------------- source listing
@@ -209,13 +180,13 @@ def _list_source(source: Optional[str]) -> _Source:
     return _list_local(source)
 
 
-def _fingerprint(src: _Source, cfg: DataConfig) -> str:
+def _fingerprint(src: _Source, cfg: DataConfig, tok: Tokenizer) -> str:
     blob = json.dumps(
         {
             "format": _CACHE_FORMAT,
             "source": src.description,
             "files": [(f.rel, f.size, f.mtime_ns) for f in src.files],
-            "tokenizer": cfg.tokenizer,
+            "tokenizer": tok.name,
             "val_fraction": cfg.val_fraction,
             "max_bytes": cfg.max_bytes,
             "text_field": cfg.text_field,
@@ -333,8 +304,10 @@ def _is_val(key: str, val_fraction: float) -> bool:
 class _SplitWriter:
     """Buffers documents of one split and writes them as parquet shards of ~shard_tokens tokens."""
 
-    def __init__(self, split: str, out_dir: str, shard_tokens: int):
+    def __init__(self, split: str, out_dir: str, shard_tokens: int, token_type: str = "uint16"):
         self.split, self.out_dir, self.shard_tokens = split, out_dir, shard_tokens
+        self.dtype, self.arrow_type = _TOKEN_TYPES[token_type]
+        self.schema = pa.schema([("tokens", pa.list_(self.arrow_type))])
         self.buffer: list[np.ndarray] = []
         self.buffered = 0
         self.num_docs = 0
@@ -343,12 +316,12 @@ class _SplitWriter:
         self.stream_hash = hashlib.sha256()
 
     def add(self, tokens: np.ndarray) -> None:
-        assert tokens.dtype == np.uint16 and tokens.size > 0
+        assert tokens.dtype == self.dtype and tokens.size > 0
         self.buffer.append(tokens)
         self.buffered += tokens.size
         self.num_docs += 1
         self.num_tokens += tokens.size
-        self.stream_hash.update(tokens.astype("<u2", copy=False).tobytes())
+        self.stream_hash.update(tokens.astype(np.dtype(self.dtype).newbyteorder("<"), copy=False).tobytes())
         if self.buffered >= self.shard_tokens:
             self.flush()
 
@@ -357,8 +330,8 @@ class _SplitWriter:
             return
         lengths = np.fromiter((t.size for t in self.buffer), dtype=np.int32, count=len(self.buffer))
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-        values = pa.array(np.concatenate(self.buffer), type=pa.uint16())
-        table = pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), values)], schema=_SHARD_SCHEMA)
+        values = pa.array(np.concatenate(self.buffer), type=self.arrow_type)
+        table = pa.Table.from_arrays([pa.ListArray.from_arrays(pa.array(offsets), values)], schema=self.schema)
         name = f"{self.split}-{len(self.shards):05d}.parquet"
         path = os.path.join(self.out_dir, name)
         pq.write_table(table, path)
@@ -382,20 +355,38 @@ def _file_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _tokenize_into(out_dir: str, src: _Source, cfg: DataConfig, tok: Tokenizer) -> dict[str, Any]:
-    assert tok.vocab_size <= 1 << 16, "shards store uint16 tokens"
-    writers = {s: _SplitWriter(s, out_dir, cfg.shard_tokens) for s in SPLITS}
-    eos = np.array([tok.eos_id], dtype=np.uint16)
+def _batched(docs: Iterator[tuple[str, str]], n: int) -> Iterator[list[tuple[str, str]]]:
+    batch = []
+    for doc in docs:
+        batch.append(doc)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _tokenize_into(out_dir: str, src: _Source, cfg: DataConfig, tok: Tokenizer, log: Callable[[str], None]) -> dict[str, Any]:
+    token_type = "uint16" if tok.vocab_size <= 1 << 16 else "uint32"
+    writers = {s: _SplitWriter(s, out_dir, cfg.shard_tokens, token_type) for s in SPLITS}
+    dtype = _TOKEN_TYPES[token_type][0]
     # The newest document is held back one step so that, at the end, it can go to whichever split
     # would otherwise be empty (both splits need at least one document).
     held: Optional[tuple[str, np.ndarray]] = None
-    num_docs = 0
-    for key, text in _capped_documents(src, cfg.text_field, cfg.max_bytes):
-        tokens = np.concatenate([np.asarray(tok.encode(text), dtype=np.uint16), eos])
-        if held is not None:
-            writers["val" if _is_val(held[0], cfg.val_fraction) else "train"].add(held[1])
-        held = (key, tokens)
-        num_docs += 1
+    num_docs = num_tokens = 0
+    t0 = last_note = time.perf_counter()
+    for batch in _batched(_capped_documents(src, cfg.text_field, cfg.max_bytes), _DOCS_PER_BATCH):
+        for (key, _), tokens in zip(batch, tok.encode_documents([text for _, text in batch])):
+            tokens = tokens.astype(dtype, copy=False)
+            if held is not None:
+                writers["val" if _is_val(held[0], cfg.val_fraction) else "train"].add(held[1])
+            held = (key, tokens)
+            num_docs += 1
+            num_tokens += tokens.size
+        if time.perf_counter() - last_note > 10:  # long corpora: say it is moving
+            last_note = time.perf_counter()
+            log(f"tokenizing: {num_docs} docs, {num_tokens / 1e6:.1f}M tokens so far "
+                f"({num_tokens / (last_note - t0) / 1e3:.0f}K tokens/s)")
     if held is None:
         raise DataError(
             f"data.source={src.description!r} holds no text ({len(src.files)} files, all empty or without documents); "
@@ -422,6 +413,7 @@ def _tokenize_into(out_dir: str, src: _Source, cfg: DataConfig, tok: Tokenizer) 
         "format": _CACHE_FORMAT,
         "tokenizer": tok.name,
         "vocab_size": tok.vocab_size,
+        "token_type": token_type,
         "source": src.description,
         "num_files": len(src.files),
         "text_field": cfg.text_field,
@@ -445,7 +437,7 @@ class Corpus:
         return int(self._split(split)["num_tokens"])
 
     def tokens(self, split: str) -> np.ndarray:
-        """The concatenated uint16 token stream of a split, every shard checked against its sha256."""
+        """The concatenated token stream of a split (uint16 or uint32), every shard checked against its sha256."""
         parts = []
         for shard in self._split(split)["shards"]:
             path = os.path.join(self.dir, shard["file"])
@@ -458,7 +450,8 @@ class Corpus:
                 raise DataError(f"{path}: shard is corrupted (sha256 differs from manifest.json); delete {self.dir} to re-tokenize")
             column = pq.read_table(io.BytesIO(data)).column("tokens").combine_chunks()
             parts.append(column.flatten().to_numpy(zero_copy_only=False))
-        return np.concatenate(parts).astype(np.uint16, copy=False) if parts else np.zeros(0, np.uint16)
+        dtype = _TOKEN_TYPES[self.manifest.get("token_type", "uint16")][0]
+        return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
 
     def _split(self, split: str) -> dict[str, Any]:
         if split not in SPLITS:
@@ -481,16 +474,18 @@ def open_corpus(corpus_dir: str) -> Corpus:
 
 
 def prepare_corpus(
-    cfg: DataConfig, cache_dir: str, seq_len: int, log: Optional[Callable[[str], None]] = None
+    cfg: DataConfig, cache_dir: str, seq_len: int, log: Optional[Callable[[str], None]] = None,
+    tokenizer: Optional[Tokenizer] = None,
 ) -> Corpus:
     """Tokenize cfg.source into shards under cache_dir/<fingerprint>/, or reuse them if present.
 
+    `tokenizer`: what the run uses (tokenizer_for(run config)); default: data.tokenizer itself.
     Checks that each split holds at least one window of seq_len + 1 tokens.
     """
     log = log or (lambda msg: None)
-    tok = get_tokenizer(cfg.tokenizer)
+    tok = tokenizer or get_tokenizer(cfg.tokenizer)
     src = _list_source(cfg.source)
-    final_dir = os.path.join(os.path.abspath(cache_dir), _fingerprint(src, cfg))
+    final_dir = os.path.join(os.path.abspath(cache_dir), _fingerprint(src, cfg, tok))
     reused = os.path.isdir(final_dir)
     if reused:
         manifest = _load_manifest(final_dir)
@@ -501,7 +496,7 @@ def prepare_corpus(
         os.makedirs(tmp_dir)
         try:
             t0 = time.perf_counter()
-            manifest = _tokenize_into(tmp_dir, src, cfg, tok)
+            manifest = _tokenize_into(tmp_dir, src, cfg, tok, log)
             manifest["fingerprint"] = os.path.basename(final_dir)
             with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
                 json.dump(manifest, f, indent=1)

@@ -1,0 +1,484 @@
+"""Model directories, and every place model weights come from: the one owner of that format.
+
+    src = open_source("path/or/runs:/<id>/model")     # HF dir, model dir, checkpoint or MLflow URI
+    w = src.tensor("layers.3.ffn.experts.w1", experts=range(0, 32))   # one tensor, these experts only
+    import_hf("DeepSeek-V2-Lite/", "models/v2-lite")                   # `raymoe import`
+    export_hf("models/v2-lite", "out/")                                # `raymoe export`
+
+A model directory (what `raymoe import` writes, what training logs to MLflow under `model/`, what
+`raymoe serve` and `model.init_from` read) holds
+    config.yaml                       the run config the model belongs to; its model: section is the architecture
+    model.safetensors                 every tensor under raymoe's names, or, above max_shard_bytes,
+    model-00001-of-0000N.safetensors  shards with a model.safetensors.index.json, as Hugging Face shards
+    tokenizer.json, ...               the tokenizer files, when the model does not use bytes
+    source.json                       where it came from: the Hugging Face directory, architecture and config.json
+
+What is notable:
+- Tensor by tensor, both ways: import and export hold one raymoe tensor (plus at most one shard
+  being filled) at a time, never the model; under expert parallelism each rank reads only the rows
+  (or, from a Hugging Face directory, only the per-expert tensors) of the experts it owns.
+- A directory is written under a temporary name and renamed into place when complete: an import
+  that fails half way leaves nothing that looks like a model, and an existing directory is refused.
+- The safetensors writing is the library's `save_file`, one shard at a time; the index file is the
+  Hugging Face layout (`metadata.total_size`, `weight_map`), so the same code writes both formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from raymoe.config import ModelConfig, RunConfig, config_from_dict, to_plain
+from raymoe.model import hf
+from raymoe.tokenizer import TOKENIZER_FILES, has_tokenizer
+
+CONFIG = "config.yaml"
+SOURCE = "source.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 4 << 30
+
+MODEL_SOURCES = (
+    "a Hugging Face model directory (config.json + safetensors), a raymoe model directory (config.yaml + "
+    "model.safetensors, from `raymoe import` or logged by training), a training checkpoint directory (with "
+    "manifest.json), or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
+)
+_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.w[123]$")
+
+
+class ModelSourceError(ValueError):
+    """MODEL is not something raymoe can read; the message says what it must be."""
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Stacked routed-expert weights ([E, ...]): what expert parallelism shards by rows."""
+    return bool(_EXPERT.match(name))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class ShardWriter:
+    """Safetensors shards of at most `max_shard_bytes` (a bigger tensor gets a shard of its own),
+    named and indexed as Hugging Face does; `close()` returns the files written."""
+
+    def __init__(self, directory: str, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.dir, self.max = directory, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.parts: list[list[str]] = []
+        self.total = 0
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        size = t.numel() * t.element_size()
+        if self.pending and self.pending_bytes + size > self.max:
+            self._flush()
+        self.pending[name] = t.detach().contiguous().cpu()
+        self.pending_bytes += size
+        self.total += size
+
+    def _flush(self) -> None:
+        save_file(self.pending, os.path.join(self.dir, f".part-{len(self.parts):05d}"), metadata={"format": "pt"})
+        self.parts.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        if self.pending or not self.parts:
+            self._flush()
+        n = len(self.parts)
+        if n == 1:
+            os.replace(os.path.join(self.dir, ".part-00000"), os.path.join(self.dir, SINGLE))
+            return [SINGLE]
+        weight_map, files = {}, []
+        for i, names in enumerate(self.parts):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(os.path.join(self.dir, f".part-{i:05d}"), os.path.join(self.dir, fname))
+            weight_map.update({k: fname for k in names})
+            files.append(fname)
+        with open(os.path.join(self.dir, INDEX), "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=1)
+        return files + [INDEX]
+
+
+class _Staging:
+    """A sibling temporary directory renamed to `final` on success, removed on failure."""
+
+    def __init__(self, final: str):
+        self.final = os.path.abspath(final)
+        if os.path.exists(self.final) and (not os.path.isdir(self.final) or os.listdir(self.final)):
+            raise ModelSourceError(f"{final} already exists and is not empty; choose a new output directory "
+                                   "(nothing there was changed)")
+        parent = os.path.dirname(self.final)
+        os.makedirs(parent, exist_ok=True)
+        if not os.access(parent, os.W_OK):
+            raise ModelSourceError(f"{parent} is not writable; choose another output directory")
+        self.dir = os.path.join(parent, f".{os.path.basename(self.final)}.tmp-{uuid.uuid4().hex[:8]}")
+
+    def __enter__(self) -> str:
+        os.makedirs(self.dir)
+        return self.dir
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        if os.path.isdir(self.final):
+            os.rmdir(self.final)  # empty, checked at the start
+        os.rename(self.dir, self.final)
+
+
+def copy_tokenizer(src_dir: str | None, out_dir: str) -> list[str]:
+    copied = []
+    if not src_dir:
+        return copied
+    for name in TOKENIZER_FILES:
+        p = os.path.join(src_dir, name)
+        if os.path.exists(p):
+            shutil.copy2(p, os.path.join(out_dir, name))
+            copied.append(name)
+    return copied
+
+
+def write_model_dir(out_dir: str, cfg: RunConfig, tensors: Iterable[tuple[str, torch.Tensor]], *,
+                    tokenizer_dir: str | None = None, source: dict | None = None,
+                    max_shard_bytes: int = DEFAULT_SHARD_BYTES, staged: bool = True) -> list[str]:
+    """Write a raymoe model directory from (name, tensor) pairs, consumed one at a time."""
+    def write(d: str) -> list[str]:
+        writer = ShardWriter(d, max_shard_bytes)
+        for name, t in tensors:
+            writer.add(name, t)
+        files = writer.close()
+        with open(os.path.join(d, CONFIG), "w") as f:
+            f.write(cfg.to_yaml())
+        files.append(CONFIG)
+        files += copy_tokenizer(tokenizer_dir, d)
+        if source is not None:
+            with open(os.path.join(d, SOURCE), "w") as f:
+                json.dump(source, f, indent=1)
+            files.append(SOURCE)
+        return files
+
+    if not staged:
+        os.makedirs(out_dir, exist_ok=True)
+        return write(out_dir)
+    with _Staging(out_dir) as d:
+        return write(d)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ModelSource:
+    """Where a model's tensors come from, readable one tensor (or one expert range) at a time."""
+
+    path: str
+    """Local directory."""
+    kind: str
+    """'hf', 'model' or 'checkpoint'."""
+    cfg: RunConfig
+    notes: list[str] = field(default_factory=list)
+    """What the reader skipped or assumed (e.g. DeepSeek-V3's MTP layer)."""
+    hf_architecture: str | None = None
+    """The Hugging Face architecture the weights came from, where known."""
+    hf_config: dict | None = None
+    """Their original config.json, where known (export keeps its token ids and other keys)."""
+    _reader: Callable[[str, range | None], torch.Tensor] | None = None
+    _names: list[str] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def tensor(self, name: str, experts: range | None = None) -> torch.Tensor:
+        if experts is not None and not is_expert_tensor(name):
+            experts = None
+        return self._reader(name, experts)
+
+    @property
+    def tokenizer_dir(self) -> str | None:
+        """Where this model's tokenizer files are (None: bytes, or not known here)."""
+        return tokenizer_dir_of(self.cfg, self.path)
+
+    def tokenizer(self):
+        from raymoe.tokenizer import tokenizer_for
+
+        return tokenizer_for(self.cfg, model_dir=self.path)
+
+
+def tokenizer_dir_of(cfg: RunConfig, model_dir: str | None = None) -> str | None:
+    """The directory of a model's Hugging Face tokenizer files, by the rules of tokenizer_for."""
+    spec = cfg.data.tokenizer
+    if spec == "byte":
+        return None
+    if has_tokenizer(model_dir):
+        return model_dir
+    if spec:
+        return spec if os.path.isdir(spec) else os.path.dirname(spec)
+    init = cfg.model.init_from
+    return init if has_tokenizer(init) else None
+
+
+def _slice_reader(path: str, weight_map: dict[str, str]) -> Callable[[str, range | None], torch.Tensor]:
+    def read(name: str, experts: range | None) -> torch.Tensor:
+        if name not in weight_map:
+            raise ModelSourceError(f"{path}: the model has no tensor {name}")
+        with safe_open(os.path.join(path, weight_map[name]), framework="pt") as f:
+            if experts is None:
+                return f.get_tensor(name)
+            return f.get_slice(name)[experts.start:experts.stop]
+    return read
+
+
+def _weight_map(path: str) -> dict[str, str]:
+    index = os.path.join(path, INDEX)
+    if os.path.exists(index):
+        with open(index) as f:
+            return json.load(f)["weight_map"]
+    with safe_open(os.path.join(path, SINGLE), framework="pt") as f:
+        return {k: SINGLE for k in f.keys()}
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def hf_run_config(model: ModelConfig, name: str) -> RunConfig:
+    """The run config of an imported model: its architecture, every other section at defaults."""
+    clean = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "model"
+    return config_from_dict({"name": clean, "model": to_plain(model)}, source=f"import of {name}")
+
+
+def _open_local(path: str) -> ModelSource:
+    from raymoe.parallel.checkpoint import (MANIFEST, CheckpointError, checkpoint_tensor, checkpoint_tensor_names,
+                                            verify_checkpoint)
+
+    if os.path.exists(os.path.join(path, MANIFEST)):
+        record = os.path.join(path, "run_config.json")
+        if not os.path.exists(record):
+            raise CheckpointError(f"{path}: checkpoint has no run_config.json (written since raymoe 0.1); serve the model logged to MLflow instead")
+        with open(record) as f:
+            cfg = config_from_dict(json.load(f), source=record)
+        manifest = verify_checkpoint(path)
+        origin = _origin_of(cfg)
+        return ModelSource(path, "checkpoint", cfg, _reader=lambda n, e: checkpoint_tensor(path, manifest, n, e),
+                           _names=checkpoint_tensor_names(path, manifest), **origin)
+    if os.path.exists(os.path.join(path, CONFIG)) and (os.path.exists(os.path.join(path, SINGLE)) or os.path.exists(os.path.join(path, INDEX))):
+        with open(os.path.join(path, CONFIG)) as f:
+            cfg = config_from_dict(yaml.safe_load(f), source=os.path.join(path, CONFIG))
+        wm = _weight_map(path)
+        source = _read_json(os.path.join(path, SOURCE)) or {}
+        origin = {"hf_architecture": source.get("architecture"), "hf_config": source.get("config")}
+        if origin["hf_architecture"] is None:
+            origin = _origin_of(cfg)
+        return ModelSource(path, "model", cfg, _reader=_slice_reader(path, wm), _names=list(wm), **origin)
+    if os.path.exists(os.path.join(path, "config.json")):
+        ckpt = hf.HFCheckpoint(path)
+        src = hf.HFSource(ckpt)
+        cfg = hf_run_config(src.cfg, os.path.basename(os.path.normpath(path)))
+        return ModelSource(path, "hf", cfg, notes=src.notes, hf_architecture=ckpt.architecture, hf_config=ckpt.config,
+                           _reader=src.tensor, _names=src.names())
+    raise ModelSourceError(f"{path}: not a model; MODEL must be {MODEL_SOURCES}")
+
+
+def _origin_of(cfg: RunConfig) -> dict:
+    """A trained model's Hugging Face origin: that of the model it started from, if any."""
+    init = cfg.model.init_from
+    if not init or not os.path.isdir(init):
+        return {}
+    if os.path.exists(os.path.join(init, "config.json")):
+        with open(os.path.join(init, "config.json")) as f:
+            config = json.load(f)
+        return {"hf_architecture": hf.architecture_of(config, init), "hf_config": config}
+    source = _read_json(os.path.join(init, SOURCE)) or {}
+    return {"hf_architecture": source.get("architecture"), "hf_config": source.get("config")}
+
+
+_DOWNLOADS: dict[tuple[str, str | None], str] = {}
+
+
+def resolve_local(source: str, tracking_uri: str | None = None) -> str:
+    """A local directory for `source`: itself, or an MLflow URI downloaded once per process."""
+    if not source.startswith(("runs:/", "models:/")):
+        path = os.path.abspath(os.path.expanduser(source))
+        if not os.path.isdir(path):
+            raise ModelSourceError(f"{source}: no such directory; MODEL must be {MODEL_SOURCES}")
+        return path
+    key = (source, tracking_uri)
+    if key not in _DOWNLOADS:
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        try:
+            _DOWNLOADS[key] = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="raymoe-model-"))
+        except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
+            raise ModelSourceError(f"cannot fetch {source} from MLflow ({type(e).__name__}: {str(e)[:200]}); "
+                                   f"check the URI and MLFLOW_TRACKING_URI") from None
+    return _DOWNLOADS[key]
+
+
+def open_source(source: str, tracking_uri: str | None = None) -> ModelSource:
+    """Any of MODEL_SOURCES, opened for reading tensor by tensor."""
+    return _open_local(resolve_local(source, tracking_uri))
+
+
+def source_model_section(source: str, tracking_uri: str | None = None) -> dict:
+    """The model: section (every key, plain values) of a source: what `model.init_from` fixes."""
+    from raymoe.config import ConfigError
+
+    try:
+        src = open_source(source, tracking_uri)
+    except (ModelSourceError, hf.HFError, ValueError) as e:
+        raise ConfigError(f"model.init_from={source}: {e}") from None
+    section = to_plain(src.cfg.model)
+    section.pop("init_from", None)
+    return section
+
+
+# ----------------------------------------------------------------------------- into a model
+
+
+def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None = None, log=None) -> None:
+    """Copy `src` into `model` tensor by tensor (routed experts: the rows of `experts` only, what an
+    expert-parallel rank holds). Every shape is checked against the model first, so a source that
+    does not fit leaves the model untouched."""
+    from raymoe.parallel.checkpoint import CheckpointError
+
+    own = model.state_dict()
+    tied = "lm_head.weight" if getattr(model.cfg, "tie_embeddings", False) else None
+    have = set(src.names())
+    missing = [k for k in own if k not in have and k != tied]
+    extra = [k for k in have if k not in own]
+    if missing or extra:
+        raise CheckpointError(f"{src.path}: does not match the model: missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, target in own.items():
+        if name == tied:
+            continue
+        t = src.tensor(name, experts if is_expert_tensor(name) else None)
+        if tuple(t.shape) != tuple(target.shape):
+            raise CheckpointError(f"{src.path}: {name} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(t)
+    if log:
+        log(f"loaded weights from {src.path}" + (f" (experts {experts.start}-{experts.stop - 1})" if experts else ""))
+
+
+def open_model(source: str, *, tracking_uri: str | None = None, device: str = "cpu"):
+    """(RunConfig, MoETransformer in eval mode, tokenizer, source) for serving and sampling."""
+    from raymoe.model.transformer import MoETransformer
+
+    src = open_source(source, tracking_uri)
+    model = MoETransformer(src.cfg.model)
+    load_weights(model, src)
+    model.to(device).eval()
+    return src.cfg, model, src.tokenizer(), src
+
+
+# ----------------------------------------------------------------------------- import / export
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    table = {None: None, "auto": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+             "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+    if name not in table:
+        raise ModelSourceError(f"--dtype {name!r} must be one of auto, bf16, fp16, fp32")
+    return table[name]
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    # The routers' selection biases stay fp32 (transformers keeps them so too): their rounding flips choices.
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def expected_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape for this architecture, from a model built on the meta device (no memory)."""
+    from raymoe.model.transformer import MoETransformer
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in MoETransformer(model).state_dict().items()}
+
+
+def src_key(src: ModelSource, name: str) -> str:
+    """The source's own name of a tensor, for messages."""
+    m = getattr(getattr(src._reader, "__self__", None), "maps", {}).get(name)
+    return m.hf[0] if m is not None and m.hf else name
+
+
+def import_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+              log=print) -> ModelSource:
+    """`raymoe import`: a Hugging Face directory -> a raymoe model directory, tensor by tensor."""
+    src = open_source(hf_dir)
+    if src.kind != "hf":
+        raise ModelSourceError(f"{hf_dir}: not a Hugging Face model directory (it is a raymoe {src.kind}); "
+                               "raymoe import reads config.json + safetensors")
+    for note in src.notes:
+        log(f"note: {note}")
+    cast = _dtype(dtype)
+    names = src.names()
+    shapes = expected_shapes(src.cfg.model)
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for i, name in enumerate(names):
+            t = src.tensor(name)
+            if tuple(t.shape) != shapes[name]:
+                raise hf.HFError(f"{hf_dir}: {name} (from {src_key(src, name)}) has shape {tuple(t.shape)}, but config.json "
+                                 f"implies {shapes[name]}; the weights and config.json do not belong together")
+            yield name, t if name.endswith("expert_bias") else _cast(t, cast)
+            if (i + 1) % 200 == 0 or i + 1 == len(names):
+                log(f"  {i + 1}/{len(names)} tensors")
+
+    source = {"kind": "huggingface", "path": os.path.abspath(hf_dir), "architecture": src.hf_architecture,
+              "config": src.hf_config, "notes": src.notes}
+    write_model_dir(out_dir, src.cfg, tensors(), tokenizer_dir=hf_dir if has_tokenizer(hf_dir) else None,
+                    source=source, max_shard_bytes=max_shard_bytes)
+    return open_source(out_dir)
+
+
+def export_hf(source: str, out_dir: str, *, architecture: str | None = None, dtype: str | None = None,
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, tracking_uri: str | None = None, log=print) -> str:
+    """`raymoe export`: any model source -> a Hugging Face directory that from_pretrained loads.
+    Returns the architecture written."""
+    src = open_source(source, tracking_uri)
+    arch = architecture or src.hf_architecture
+    config = hf.hf_config_from_model(src.cfg.model, arch, base=src.hf_config)
+    arch = config["architectures"][0]
+    maps = hf.tensor_maps(src.cfg.model, arch, interleaved=arch in ("DeepseekV3ForCausalLM", "DeepseekV2ForCausalLM"))
+    cast = _dtype(dtype)
+    seen_dtype: list[torch.dtype] = []
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for i, m in enumerate(maps):
+            t = src.tensor(m.name)
+            if not m.name.endswith("expert_bias"):
+                t = _cast(t, cast)
+                seen_dtype.append(t.dtype)
+            yield from hf.to_hf_tensors(m, t, src.cfg.model, arch)
+            if (i + 1) % 200 == 0 or i + 1 == len(maps):
+                log(f"  {i + 1}/{len(maps)} tensors")
+
+    with _Staging(out_dir) as d:
+        writer = ShardWriter(d, max_shard_bytes)
+        for name, t in tensors():
+            writer.add(name, t)
+        writer.close()
+        names = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+        config["dtype"] = names.get(max(set(seen_dtype), key=seen_dtype.count), "float32") if seen_dtype else "float32"
+        config.pop("torch_dtype", None)
+        with open(os.path.join(d, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        copy_tokenizer(src.tokenizer_dir, d)
+    return arch

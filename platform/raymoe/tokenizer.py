@@ -1,0 +1,191 @@
+"""Tokenizers: raymoe's byte tokenizer, and Hugging Face tokenizers through the `tokenizers` library.
+
+    tok = tokenizer_for(cfg)                  # what data.tokenizer / model.init_from say
+    tok = HFTokenizer.from_dir("DIR")         # tokenizer.json (+ tokenizer_config.json)
+    ids = tok.encode("def f():")              # as transformers' tokenizer(text).input_ids
+    tok.decode(ids)
+
+What is notable:
+- `encode` gives what transformers' `tokenizer(text)["input_ids"]` gives: the text's ids, with BOS
+  in front when tokenizer_config.json says `add_bos_token: true` (or, without that key, when the
+  tokenizer.json post-processor adds it), and EOS behind for `add_eos_token: true`. Corpus
+  documents instead get `encode_documents`: [BOS] + ids + [EOS] always, so that every document
+  ends where the model learns to stop.
+- EOS: serving stops at any id of `eos_ids`, which joins tokenizer_config's eos_token with
+  config.json's and generation_config.json's eos_token_id (Qwen3 lists two).
+- `name` carries a hash of the tokenizer's files: the corpus cache fingerprint includes it, so a
+  changed tokenizer never reuses shards of another.
+- Batches go through the Rust `encode_batch`, which runs on every core (TOKENIZERS_PARALLELISM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Sequence, Union
+
+import numpy as np
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+"""Files that travel with a model directory (import, export, MLflow)."""
+
+
+class TokenizerError(ValueError):
+    """A tokenizer cannot be loaded or does not fit the model; the message says what to change."""
+
+
+class ByteTokenizer:
+    """Ids 0..255 are UTF-8 bytes; 256..259 are <bos>, <eos>, <pad>, <unk>. Nothing to train."""
+
+    name = "byte"
+    vocab_size = 260
+    bos_id = 256
+    eos_id = 257
+    pad_id = 258
+    unk_id = 259
+    eos_ids = frozenset({257})
+    add_bos = False
+
+    def encode(self, text: str) -> np.ndarray:
+        # One C-level pass over the bytes: a python list of ints would be ~50x slower on big files.
+        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+
+    def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each document's ids followed by EOS (the byte corpora never had a BOS)."""
+        eos = np.array([self.eos_id], dtype=np.uint16)
+        return [np.concatenate([self.encode(t), eos]) for t in texts]
+
+    def decode(self, ids) -> str:
+        import torch
+
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().numpy()
+        arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+        data = arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes()
+        return data.decode("utf-8", errors="replace")
+
+
+def _token_id(tok, value) -> int | None:
+    """An id from tokenizer_config's `bos_token`-style value: a string or {"content": ...}."""
+    if value is None:
+        return None
+    content = value.get("content") if isinstance(value, dict) else value
+    return tok.token_to_id(content) if isinstance(content, str) else None
+
+
+def _ids(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+class HFTokenizer:
+    """A Hugging Face fast tokenizer (tokenizer.json) with its special-token settings."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        self.dir = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        try:
+            self._tok = Tokenizer.from_file(file)
+        except FileNotFoundError:
+            raise TokenizerError(f"{path}: no tokenizer.json; data.tokenizer must name a directory holding a Hugging Face "
+                                 "tokenizer.json, the file itself, or 'byte'") from None
+        except Exception as e:  # noqa: BLE001 - the Rust side raises plain Exceptions
+            raise TokenizerError(f"{file}: not a readable tokenizer.json ({str(e)[:200]})") from None
+        config = self._json("tokenizer_config.json")
+        digest = hashlib.sha256()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            p = os.path.join(self.dir, name) if name != "tokenizer.json" else file
+            if os.path.exists(p):
+                with open(p, "rb") as f:
+                    digest.update(f.read())
+        self.name = f"hf-{digest.hexdigest()[:16]}"
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.bos_id = _token_id(self._tok, config.get("bos_token"))
+        self.pad_id = _token_id(self._tok, config.get("pad_token"))
+        eos = _token_id(self._tok, config.get("eos_token"))
+        eos_ids = {eos} if eos is not None else set()
+        for extra in ("config.json", "generation_config.json"):
+            eos_ids.update(_ids(self._json(extra).get("eos_token_id")))
+        self.eos_ids = frozenset(i for i in eos_ids if i is not None)
+        self.eos_id = eos if eos is not None else (min(self.eos_ids) if self.eos_ids else None)
+        if "add_bos_token" in config:
+            self.add_bos = bool(config["add_bos_token"]) and self.bos_id is not None
+        else:  # whatever the post-processor does (e.g. a TemplateProcessing that prepends <s>)
+            probe = self._tok.encode("a", add_special_tokens=True).ids
+            self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
+        self.add_eos = bool(config.get("add_eos_token")) and self.eos_id is not None
+
+    def _json(self, name: str) -> dict:
+        p = os.path.join(self.dir, name)
+        if not os.path.exists(p):
+            return {}
+        try:
+            with open(p) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise TokenizerError(f"{p}: unreadable ({e})") from None
+        return data if isinstance(data, dict) else {}
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.add_bos else []) + ids + ([self.eos_id] if self.add_eos else [])
+
+    def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """[BOS (if the model uses one)] + ids + [EOS] per document, in one parallel batch."""
+        if self.eos_id is None:
+            raise TokenizerError(f"{self.dir}: the tokenizer has no eos_token; set one in tokenizer_config.json")
+        dtype = np.uint16 if self.vocab_size <= 1 << 16 else np.uint32
+        head = [self.bos_id] if self.add_bos else []
+        return [np.array(head + e.ids + [self.eos_id], dtype=dtype)
+                for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        import torch
+
+        if isinstance(ids, torch.Tensor):
+            ids = ids.detach().cpu().tolist()
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+Tokenizer = Union[ByteTokenizer, HFTokenizer]
+
+
+def has_tokenizer(directory: str | None) -> bool:
+    return bool(directory) and os.path.exists(os.path.join(directory, "tokenizer.json"))
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """'byte', or a Hugging Face tokenizer directory / tokenizer.json."""
+    if spec == "byte":
+        return ByteTokenizer()
+    path = os.path.expanduser(spec)
+    if not os.path.exists(path):
+        raise TokenizerError(f"data.tokenizer={spec!r}: no such file or directory; use 'byte' or a Hugging Face "
+                             "tokenizer directory (holding tokenizer.json)")
+    return HFTokenizer(path)
+
+
+def tokenizer_for(cfg, model_dir: str | None = None) -> Tokenizer:
+    """The tokenizer of a run or a model: data.tokenizer if it names one; else the tokenizer of the
+    model directory being served (model_dir) or of model.init_from; else bytes. Checked to fit the
+    model's vocabulary."""
+    spec = cfg.data.tokenizer
+    if spec == "byte":
+        tok = ByteTokenizer()
+    elif has_tokenizer(model_dir):  # the files that travelled with the weights win over a path recorded elsewhere
+        tok = HFTokenizer(model_dir)
+    elif spec is not None:
+        tok = load_tokenizer(spec)
+    elif has_tokenizer(cfg.model.init_from):
+        tok = HFTokenizer(cfg.model.init_from)
+    else:
+        tok = ByteTokenizer()
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise TokenizerError(f"the tokenizer ({tok.name}) has {tok.vocab_size} tokens but model.vocab_size is "
+                             f"{cfg.model.vocab_size}; use the model's own tokenizer or a larger vocabulary")
+    return tok
