@@ -6,10 +6,10 @@
     tok.decode(ids)
 
 What is notable:
-- `encode` gives what transformers' `tokenizer(text)["input_ids"]` gives: the text's ids, with BOS
-  in front when tokenizer_config.json says `add_bos_token: true` (or, without that key, when the
-  tokenizer.json post-processor adds it), and EOS behind for `add_eos_token: true`. Corpus
-  documents instead get `encode_documents`: [BOS] + ids + [EOS] always, so that every document
+- `encode` gives what transformers 5's `tokenizer(text)["input_ids"]` gives: the ids with the
+  tokenizer.json post-processor applied (which is where a BOS comes from; transformers 5 ignores
+  tokenizer_config's add_bos_token when a tokenizer.json exists). Corpus documents instead get
+  `encode_documents`: [BOS, if the post-processor adds one] + ids + [EOS], so that every document
   ends where the model learns to stop.
 - EOS: serving stops at any id of `eos_ids`, which joins tokenizer_config's eos_token with
   config.json's and generation_config.json's eos_token_id (Qwen3 lists two).
@@ -113,12 +113,10 @@ class HFTokenizer:
             eos_ids.update(_ids(self._json(extra).get("eos_token_id")))
         self.eos_ids = frozenset(i for i in eos_ids if i is not None)
         self.eos_id = eos if eos is not None else (min(self.eos_ids) if self.eos_ids else None)
-        if "add_bos_token" in config:
-            self.add_bos = bool(config["add_bos_token"]) and self.bos_id is not None
-        else:  # whatever the post-processor does (e.g. a TemplateProcessing that prepends <s>)
-            probe = self._tok.encode("a", add_special_tokens=True).ids
-            self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
-        self.add_eos = bool(config.get("add_eos_token")) and self.eos_id is not None
+        # transformers 5 ignores add_bos_token / add_eos_token when a tokenizer.json exists and
+        # applies its post-processor as written; so do we.
+        probe = self._tok.encode("a", add_special_tokens=True).ids
+        self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
 
     def _json(self, name: str) -> dict:
         p = os.path.join(self.dir, name)
@@ -132,8 +130,7 @@ class HFTokenizer:
         return data if isinstance(data, dict) else {}
 
     def encode(self, text: str) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if self.add_bos else []) + ids + ([self.eos_id] if self.add_eos else [])
+        return self._tok.encode(text, add_special_tokens=True).ids
 
     def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
         """[BOS (if the model uses one)] + ids + [EOS] per document, in one parallel batch."""

@@ -24,7 +24,7 @@ def search_cfg(tmp_path):
                   "val_batches": 1, "checkpoint_every": 12, "sample_tokens": 0},
         "data": {"max_bytes": 300_000},
         "tracking": {"experiment": "search"},
-        "tune": {"space": {"train.lr": {"grid": [1e-5, 3e-3, 1e-2]}, "model.top_k": {"grid": [2, 8]}},
+        "tune": {"space": {"train.lr": {"grid": [1e-5, 1e-2]}, "model.top_k": {"grid": [2, 8]}},
                  "num_samples": 1, "grace_period": 8, "reduction_factor": 2, "max_concurrent_trials": 2},
     })
 
@@ -35,9 +35,9 @@ def test_asha_search_reports_invalid_trials_logs_nested_runs_and_writes_a_traina
 
     cfg = search_cfg(tmp_path)
     out = run_search(cfg)
-    # 3 learning rates x top_k {2, 8}: top_k 8 > num_experts 4 is invalid three times.
-    assert out.trials == 6 and out.invalid == 3
-    assert out.best_params["model.top_k"] == 2 and out.best_params["train.lr"] in (3e-3, 1e-2)
+    # 2 learning rates x top_k {2, 8}: top_k 8 > num_experts 4 is invalid twice.
+    assert out.trials == 4 and out.invalid == 2
+    assert out.best_params["model.top_k"] == 2 and out.best_params["train.lr"] == 1e-2
     assert 0 < out.steps_run < out.steps_budgeted  # ASHA stopped something (invalid trials ran 0 steps)
 
     import pandas as pd
@@ -51,8 +51,8 @@ def test_asha_search_reports_invalid_trials_logs_nested_runs_and_writes_a_traina
     parent = client.get_run(out.parent_run_id)
     assert parent.data.metrics["best/val/loss"] == pytest.approx(out.best_metric)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{out.parent_run_id}'")
-    assert len(children) == 6
-    assert sum("raymoe.invalid" in c.data.tags for c in children) == 3
+    assert len(children) == 4
+    assert sum("raymoe.invalid" in c.data.tags for c in children) == 2
     trained = [c for c in children if "raymoe.invalid" not in c.data.tags]
     assert all(client.get_metric_history(c.info.run_id, "train/loss") for c in trained)
     artifacts = {a.path for a in client.list_artifacts(out.parent_run_id)}

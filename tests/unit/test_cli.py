@@ -128,3 +128,46 @@ def test_override_without_equals_exits_2(command):
     r = _raymoe(command, "jobs/configs/demo.yaml", "--set", "train.lr")
     assert r.returncode == 2
     assert "--set 'train.lr' must look like key.path=value" in r.stderr
+
+
+def test_import_params_and_export_of_a_hugging_face_checkpoint(tmp_path):
+    """As a user runs them: import a Hugging Face directory, count it, export it back; a second
+    import into the same place is refused in one line and leaves the first untouched."""
+    from tiny_hf import save
+
+    hf_dir, _ = save("Qwen2MoeForCausalLM", tmp_path / "hf")
+    r = _raymoe("import", hf_dir, "--out", str(tmp_path / "model"))
+    assert r.returncode == 0, r.stderr
+    assert "Qwen2MoeForCausalLM -> raymoe model" in r.stdout and "tokenizer: yes" in r.stdout
+    assert (tmp_path / "model" / "config.yaml").exists() and (tmp_path / "model" / "tokenizer.json").exists()
+
+    from raymoe.model.hf import model_config_from_hf
+    from raymoe.model.params import format_report
+    import json
+
+    hf_report = _raymoe("params", hf_dir)
+    assert hf_report.returncode == 0, hf_report.stderr
+    model = model_config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    assert format_report(model, 4096) in hf_report.stdout
+    ours = _raymoe("params", str(tmp_path / "model" / "config.yaml"), "--seq-len", "4096")
+    assert format_report(model, 4096) in ours.stdout
+
+    r = _raymoe("export", str(tmp_path / "model"), str(tmp_path / "back"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
+
+    before = sorted(os.listdir(tmp_path / "model"))
+    again = _raymoe("import", hf_dir, "--out", str(tmp_path / "model"))
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "already exists and is not empty" in again.stderr
+    assert sorted(os.listdir(tmp_path / "model")) == before
+
+
+def test_import_of_an_unsupported_architecture_exits_2_naming_it(tmp_path):
+    (tmp_path / "llama").mkdir()
+    (tmp_path / "llama" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')
+    r = _raymoe("import", str(tmp_path / "llama"), "--out", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()]
+    assert "architectures='LlamaForCausalLM' is not supported" in r.stderr
+    assert not (tmp_path / "out").exists()

@@ -621,27 +621,30 @@ class HFCheckpoint:
     def has(self, key: str) -> bool:
         return key in self.weight_map
 
-    def read_many(self, keys: list[str]) -> list[torch.Tensor]:
-        """Tensors by HF key (FP8 ones dequantized), each file opened once for the lot and closed after."""
+    def iter_read(self, keys: list[str]) -> Iterator[tuple[int, torch.Tensor]]:
+        """(position in keys, tensor) for each HF key, FP8 ones dequantized, in file order. The file
+        is opened per tensor: safetensors maps it, and pages read stay resident until it is closed,
+        which would otherwise put a whole shard's worth of tensors into RSS."""
         by_file: dict[str, list[int]] = {}
         for i, k in enumerate(keys):
             if k not in self.weight_map:
                 raise HFError(f"{self.path}: the checkpoint has no tensor {k} (truncated download or another architecture?)")
             by_file.setdefault(self.weight_map[k], []).append(i)
-        out: list[torch.Tensor | None] = [None] * len(keys)
         for fn, idx in by_file.items():
-            with safe_open(os.path.join(self.path, fn), framework="pt") as f:
-                for i in idx:
-                    out[i] = f.get_tensor(keys[i])
-        for i, k in enumerate(keys):
-            self.reads.append(k)
-            if out[i].dtype == torch.float8_e4m3fn:
-                scale_key = k + "_scale_inv"
-                if scale_key not in self.weight_map:
-                    raise HFError(f"{self.path}: {k} is float8_e4m3fn but {scale_key} is missing")
-                (scale,) = self._read_plain([scale_key])
-                out[i] = dequantize_fp8(out[i], scale, self.fp8_block or (128, 128))
-        return out
+            for i in idx:
+                with safe_open(os.path.join(self.path, fn), framework="pt") as f:
+                    t = f.get_tensor(keys[i])
+                self.reads.append(keys[i])
+                if t.dtype == torch.float8_e4m3fn:
+                    scale_key = keys[i] + "_scale_inv"
+                    if scale_key not in self.weight_map:
+                        raise HFError(f"{self.path}: {keys[i]} is float8_e4m3fn but {scale_key} is missing")
+                    (scale,) = self._read_plain([scale_key])
+                    t = dequantize_fp8(t, scale, self.fp8_block or (128, 128))
+                yield i, t
+
+    def read(self, key: str) -> torch.Tensor:
+        return next(self.iter_read([key]))[1]
 
     def _read_plain(self, keys: list[str]) -> list[torch.Tensor]:
         fn = self.weight_map[keys[0]]
@@ -701,14 +704,18 @@ class HFSource:
         if m.kind == "zeros":
             return torch.zeros(self.cfg.num_experts, dtype=torch.float32)
         if m.kind != "stack":
-            (t,) = self.ckpt.read_many([m.hf[0]])
-            return permute_rope(t, self.cfg, m.kind)
+            return permute_rope(self.ckpt.read(m.hf[0]), self.cfg, m.kind)
         rows = experts if experts is not None else range(len(m.hf))
         if all(self.ckpt.has(k) for k in m.hf):
-            parts = self.ckpt.read_many([m.hf[e] for e in rows])
-            return torch.stack([w.t() for w in parts]).contiguous()
+            # Filled expert by expert: the [E, in, out] result is the only full-size buffer.
+            out = None
+            for i, w in self.ckpt.iter_read([m.hf[e] for e in rows]):
+                if out is None:
+                    out = torch.empty(len(rows), w.shape[1], w.shape[0], dtype=w.dtype)
+                out[i].copy_(w.t())
+            return out
         key, first, count = m.fused  # transformers 5's own layout: [E, rows, in]
-        (fused,) = self.ckpt.read_many([key])
+        fused = self.ckpt.read(key)
         return fused[rows.start:rows.stop, first:first + count].transpose(1, 2).contiguous()
 
     def expected_shape(self, name: str) -> tuple[int, ...] | None:
