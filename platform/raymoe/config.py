@@ -759,6 +759,16 @@ def _apply_override(tree: dict, item: str) -> None:
     node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
 
 
+def _tracking_uri_of(tree: dict) -> str:
+    """Where an MLflow init_from resolves: what tracking.py's tracking_uri() gives for this tree."""
+    tracking = tree.get("tracking") if isinstance(tree.get("tracking"), dict) else {}
+    uri = tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    out = os.path.abspath(os.path.expanduser(str(tree.get("output_dir") or ".raymoe")))
+    return "sqlite:///" + os.path.join(out, "mlflow.db")
+
+
 def model_config_from_section(section: dict, where: str = "<model>") -> ModelConfig:
     """A ModelConfig from a plain `model:` mapping, with the loader's strict checks."""
     try:
@@ -772,7 +782,7 @@ def to_plain(obj: Any) -> Any:
     return _to_plain(obj)
 
 
-def _model_from_source(model: dict, base_dir: str | None) -> dict:
+def _model_from_source(model: dict, base_dir: str | None, tracking_uri: str | None) -> dict:
     """The model section of a run that starts from `model.init_from`: the source's architecture,
     plus the few keys a run may change (INIT_FROM_OVERRIDABLE). A key that contradicts the
     source is an error rather than a silent override: it would not fit the weights."""
@@ -781,7 +791,7 @@ def _model_from_source(model: dict, base_dir: str | None) -> dict:
         source = os.path.abspath(os.path.join(base_dir or "", os.path.expanduser(source)))
     from raymoe.model_dir import source_model_section  # imports torch; only runs that need it pay
 
-    arch = source_model_section(source)
+    arch = source_model_section(source, tracking_uri)
     merged = {**arch, "init_from": source}
     for key, value in model.items():
         if key == "init_from":
@@ -807,7 +817,7 @@ def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict
             _apply_override(tree, item)
         model = tree.get("model")
         if isinstance(model, dict) and model.get("init_from"):
-            tree["model"] = _model_from_source(model, base_dir)
+            tree["model"] = _model_from_source(model, base_dir, _tracking_uri_of(tree))
         cfg = _build(RunConfig, tree)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None

@@ -52,7 +52,8 @@ DEFAULT_SHARD_BYTES = 4 << 30
 MODEL_SOURCES = (
     "a Hugging Face model directory (config.json + safetensors), a raymoe model directory (config.yaml + "
     "model.safetensors, from `raymoe import` or logged by training), a training checkpoint directory (with "
-    "manifest.json), or an MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
+    "manifest.json) or a training run's directory (<output_dir>/runs/<name>: its newest checkpoint), or an "
+    "MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
 )
 _EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.w[123]$")
 
@@ -262,10 +263,30 @@ def hf_run_config(model: ModelConfig, name: str) -> RunConfig:
     return config_from_dict({"name": clean, "model": to_plain(model)}, source=f"import of {name}")
 
 
+def latest_checkpoint(run_dir: str) -> str | None:
+    """The complete checkpoint of a training run directory (<output_dir>/runs/<name>) with the highest step."""
+    from raymoe.parallel.checkpoint import MANIFEST
+
+    best, best_step = None, -1
+    for name in os.listdir(run_dir):
+        manifest = os.path.join(run_dir, name, MANIFEST)
+        if name.startswith("checkpoint_") and os.path.exists(manifest):
+            try:
+                with open(manifest) as f:
+                    step = int(json.load(f)["state"]["step"])
+            except (OSError, ValueError, KeyError):
+                continue
+            if step > best_step:
+                best, best_step = os.path.join(run_dir, name), step
+    return best
+
+
 def _open_local(path: str) -> ModelSource:
     from raymoe.parallel.checkpoint import (MANIFEST, CheckpointError, checkpoint_tensor, checkpoint_tensor_names,
                                             verify_checkpoint)
 
+    if not os.path.exists(os.path.join(path, MANIFEST)) and (latest := latest_checkpoint(path)):
+        path = latest  # a training run's directory: its newest complete checkpoint
     if os.path.exists(os.path.join(path, MANIFEST)):
         record = os.path.join(path, "run_config.json")
         if not os.path.exists(record):

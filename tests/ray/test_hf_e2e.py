@@ -6,6 +6,7 @@ the served greedy completion equals transformers' `generate` on the exported tra
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -60,8 +61,8 @@ def test_imported_deepseek_trains_expert_parallel_then_serves_what_transformers_
     tok = HFTokenizer(str(tmp_path / "model"))
     assert out["usage"]["prompt_tokens"] == len(tok.encode(prompt))
 
-    # The same trained weights through transformers: export, load, generate greedily.
-    export_hf(outcome.checkpoint_path, str(tmp_path / "exported"), log=lambda m: None)
+    # The same trained weights through transformers: export the run (its newest checkpoint), load, generate.
+    export_hf(os.path.join(cfg.storage_path, cfg.name), str(tmp_path / "exported"), log=lambda m: None)
     ref = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
     ids = torch.tensor([tok.encode(prompt)])
     gen = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)

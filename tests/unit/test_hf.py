@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -316,3 +317,116 @@ def test_parameter_counts_of_an_hf_config_equal_the_built_transformers_model(sav
     for name, (path, ref) in saved.items():
         cfg = hf.model_config_from_hf(json.loads(open(os.path.join(path, "config.json")).read()))
         assert count_params(cfg).total == sum(p.numel() for p in ref.parameters()), name
+
+
+class _Losses:
+    def __init__(self):
+        self.losses = {}
+
+    def report(self, metrics, checkpoint_dir):
+        self.losses[int(metrics["train/step"])] = metrics["train/loss"]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_every_architecture_trains_from_its_checkpoint_starting_at_transformers_loss(saved, tmp_path, name):
+    """The training loop (one process) with model.init_from: step 1's loss is transformers' loss on
+    the same batch, in the checkpoint's own tokenizer; step 2 trains on."""
+    import torch.nn.functional as F
+
+    from raymoe.config import config_from_dict
+    from raymoe.tokenizer import tokenizer_for
+    from raymoe.train.data import BatchIterator, prepare_corpus
+    from raymoe.train.loop import DistInfo, train
+    from tiny_hf import SAMPLE_TEXT
+
+    path, ref = saved[name]
+    (tmp_path / "corpus.txt").write_text(SAMPLE_TEXT * 2)
+    cfg = config_from_dict({
+        "name": "ft", "output_dir": str(tmp_path), "model": {"init_from": path},
+        "train": {"steps": 2, "batch_size": 2, "seq_len": 16, "lr": 1e-2, "warmup_steps": 0, "log_every": 1,
+                  "val_every": 100, "val_batches": 1, "checkpoint_every": 100, "sample_tokens": 0},
+        "data": {"source": str(tmp_path / "corpus.txt")},
+    })
+    corpus = prepare_corpus(cfg.data, cfg.data_cache_dir, 16, tokenizer=tokenizer_for(cfg))
+    x, y = BatchIterator(corpus.tokens("train"), batch_size=2, seq_len=16, rank=0, world_size=1, seed=0).next_batch()
+    with torch.no_grad():
+        expected = float(F.cross_entropy(ref(x).logits.flatten(0, 1), y.flatten()))
+    reporter = _Losses()
+    train(cfg, corpus_dir=corpus.dir, reporter=reporter, info=DistInfo(0, 1, torch.device("cpu")))
+    assert reporter.losses[1] == pytest.approx(expected, rel=RTOL)
+    assert torch.isfinite(torch.tensor(reporter.losses[2])) and reporter.losses[2] != reporter.losses[1]
+
+
+def test_registered_import_is_an_mlflow_model_that_init_from_and_export_resolve(saved, tmp_path):
+    """`raymoe import --register`: the model directory logged to MLflow with its source recorded;
+    models:/ then works as model.init_from (architecture from the source) and as export's SOURCE."""
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from raymoe.config import config_from_dict
+    from raymoe.tracking import register_model_dir
+
+    path, ref = saved["OlmoeForCausalLM"]
+    import_hf(path, str(tmp_path / "model"), log=lambda m: None)
+    uri = "sqlite:///" + str(tmp_path / "mlflow.db")
+    registered = register_model_dir(str(tmp_path / "model"), "tiny-olmoe", tracking_uri=uri, source=path)
+    assert registered == "models:/tiny-olmoe/1"
+    run = MlflowClient(uri).get_run(MlflowClient(uri).get_model_version("tiny-olmoe", "1").run_id)
+    assert run.data.tags["raymoe.source"] == path
+
+    cfg = config_from_dict({"model": {"init_from": registered, "max_seq_len": 64}, "train": {"seq_len": 64},
+                            "tracking": {"uri": uri}})
+    assert cfg.model.qk_norm == "full" and cfg.model.num_experts == 8 and cfg.model.max_seq_len == 64
+    with pytest.raises(Exception, match=r"model\.num_experts=4 contradicts model\.init_from"):
+        config_from_dict({"model": {"init_from": registered, "num_experts": 4}, "tracking": {"uri": uri}})
+
+    export_hf(registered, str(tmp_path / "exported"), tracking_uri=uri, log=lambda m: None)
+    back = AutoModelForCausalLM.from_pretrained(str(tmp_path / "exported")).eval()
+    with torch.no_grad():
+        assert _rel(back(_tokens()).logits, ref(_tokens()).logits) < RTOL
+
+
+# The released config.json files, as published (deepseek-ai/DeepSeek-V3 and DeepSeek-V2-Lite on the
+# Hugging Face hub), trimmed of keys that do not describe the architecture.
+DEEPSEEK_V3_CONFIG = {
+    "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256, "routed_scaling_factor": 2.5,
+    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8, "moe_layer_freq": 1,
+    "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid", "hidden_act": "silu",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "num_nextn_predict_layers": 1, "attention_bias": False,
+    "quantization_config": {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128]},
+}
+DEEPSEEK_V2_LITE_CONFIG = {
+    "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "vocab_size": 102400, "hidden_size": 2048,
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
+    "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax", "hidden_act": "silu",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "attention_bias": False,
+}
+
+
+def test_the_released_deepseek_configs_map_to_the_published_sizes():
+    from raymoe.config import load_config
+    from raymoe.model.params import count_params
+
+    v3 = hf.model_config_from_hf(DEEPSEEK_V3_CONFIG)
+    configs = Path(__file__).resolve().parents[2] / "jobs" / "configs"
+    shipped = load_config(configs / "deepseek-v3.yaml").model
+    assert count_params(v3).total == count_params(shipped).total == 671_026_404_352
+    assert (v3.num_expert_groups, v3.top_k_groups, v3.group_score, v3.route_scale) == (8, 4, "top2_sum", 2.5)
+    assert v3.rope_scaling.factor == 40 and v3.max_seq_len == 163840
+    # m = 0.1 * mscale_all_dim * ln(40) + 1 = 1.369; the softmax scale gains m^2 = 1.874 (REFERENCE.md).
+    assert v3.rope_scaling.mla_softmax_multiplier == pytest.approx(1.874, rel=1e-3)
+    lite = hf.model_config_from_hf(DEEPSEEK_V2_LITE_CONFIG)
+    assert count_params(lite).total == count_params(load_config(configs / "deepseek-v2-lite.yaml").model).total
+    assert lite.q_lora_rank == 0 and lite.num_expert_groups == 1 and lite.rope_scaling.mscale_all_dim == 0.707

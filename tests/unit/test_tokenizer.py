@@ -119,3 +119,17 @@ def test_vocabularies_above_65536_are_stored_as_uint32(tmp_path):
     everything = np.concatenate([corpus.tokens("train"), corpus.tokens("val")])
     assert everything.dtype == np.uint32 and int(everything.max()) == 70_002
     assert os.path.exists(os.path.join(corpus.dir, "manifest.json"))
+
+
+def test_generation_stops_at_any_eos_id_of_the_model(tmp_path):
+    d = write_tokenizer(tmp_path / "tok")
+    (tmp_path / "tok" / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    tok = HFTokenizer(d)
+    cfg = config_from_dict({"model": {"vocab_size": 320, "hidden_size": 16, "num_layers": 1, "num_heads": 2,
+                                      "num_experts": 2, "top_k": 1, "expert_intermediate_size": 8}}).model
+    engine = Engine(MoETransformer(cfg), tok, max_batch=1, max_len=32)
+    req = engine.add_request("def", SamplingParams(max_tokens=10, temperature=0))
+    assert req.prompt_ids == tok.encode("def") and req.prompt_ids[0] == tok.bos_id
+    logits = torch.full((320,), -1e9)
+    logits[7] = 0  # the second EOS id, from generation_config.json
+    assert engine._accept(req, logits) == (req, "", True) and req.finish_reason == "stop"

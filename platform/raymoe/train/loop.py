@@ -189,10 +189,12 @@ def train(
             f"{mesh.experts_per_rank if cfg.model.num_experts else 0} routed experts per rank per layer")
         if cfg.model.init_from:
             from raymoe.model_dir import load_weights, open_source
+            from raymoe.tracking import tracking_uri
 
             # Each rank reads the dense tensors and only the rows of the experts it owns.
             t_load = time.perf_counter()
-            load_weights(model, open_source(cfg.model.init_from), experts=mesh.local_experts() if ep > 1 else None)
+            src = open_source(cfg.model.init_from, tracking_uri(cfg))
+            load_weights(model, src, experts=mesh.local_experts() if ep > 1 else None)
             log(f"initialized from {cfg.model.init_from} in {time.perf_counter() - t_load:.1f}s"
                 + (f" (each rank read its {mesh.experts_per_rank} experts per layer)" if ep > 1 else ""))
     model.train()
