@@ -218,7 +218,9 @@ class ModelSource:
 
 
 def tokenizer_dir_of(cfg: RunConfig, model_dir: str | None = None) -> str | None:
-    """The directory of a model's Hugging Face tokenizer files, by the rules of tokenizer_for."""
+    """Where a model's Hugging Face tokenizer files are (None: bytes). In order: none for
+    data.tokenizer 'byte'; the files beside the weights (model_dir), which travelled with them;
+    data.tokenizer's path; the tokenizer of model.init_from, followed through checkpoints and MLflow."""
     spec = cfg.data.tokenizer
     if spec == "byte":
         return None
@@ -227,7 +229,13 @@ def tokenizer_dir_of(cfg: RunConfig, model_dir: str | None = None) -> str | None
     if spec:
         return spec if os.path.isdir(spec) else os.path.dirname(spec)
     init = cfg.model.init_from
-    return init if has_tokenizer(init) else None
+    if not init:
+        return None
+    if has_tokenizer(init):
+        return init
+    from raymoe.tracking import tracking_uri
+
+    return open_source(init, tracking_uri(cfg)).tokenizer_dir
 
 
 def _slice_reader(path: str, weight_map: dict[str, str]) -> Callable[[str, range | None], torch.Tensor]:
@@ -283,7 +291,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def _open_local(path: str) -> ModelSource:
     from raymoe.parallel.checkpoint import (MANIFEST, CheckpointError, checkpoint_tensor, checkpoint_tensor_names,
-                                            verify_checkpoint)
+                                            read_manifest)
 
     if not os.path.exists(os.path.join(path, MANIFEST)) and (latest := latest_checkpoint(path)):
         path = latest  # a training run's directory: its newest complete checkpoint
@@ -293,10 +301,15 @@ def _open_local(path: str) -> ModelSource:
             raise CheckpointError(f"{path}: checkpoint has no run_config.json (written since raymoe 0.1); serve the model logged to MLflow instead")
         with open(record) as f:
             cfg = config_from_dict(json.load(f), source=record)
-        manifest = verify_checkpoint(path)
+        manifest = read_manifest(path)
+        verified: set[str] = set()  # each file's sha256 is checked once, before its first read
         origin = _origin_of(cfg)
-        return ModelSource(path, "checkpoint", cfg, _reader=lambda n, e: checkpoint_tensor(path, manifest, n, e),
-                           _names=checkpoint_tensor_names(path, manifest), **origin)
+        try:
+            names = checkpoint_tensor_names(path, manifest)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError on a damaged header
+            raise CheckpointError(f"{path}: unreadable checkpoint ({str(e)[:200]})") from None
+        return ModelSource(path, "checkpoint", cfg, _reader=lambda n, e: checkpoint_tensor(path, manifest, n, e, verified),
+                           _names=names, **origin)
     if os.path.exists(os.path.join(path, CONFIG)) and (os.path.exists(os.path.join(path, SINGLE)) or os.path.exists(os.path.join(path, INDEX))):
         with open(os.path.join(path, CONFIG)) as f:
             cfg = config_from_dict(yaml.safe_load(f), source=os.path.join(path, CONFIG))

@@ -171,17 +171,14 @@ def tokenizer_for(cfg, model_dir: str | None = None) -> Tokenizer:
     """The tokenizer of a run or a model: data.tokenizer if it names one; else the tokenizer of the
     model directory being served (model_dir) or of model.init_from; else bytes. Checked to fit the
     model's vocabulary."""
+    from raymoe.model_dir import tokenizer_dir_of
+
     spec = cfg.data.tokenizer
-    if spec == "byte":
-        tok = ByteTokenizer()
-    elif has_tokenizer(model_dir):  # the files that travelled with the weights win over a path recorded elsewhere
-        tok = HFTokenizer(model_dir)
-    elif spec is not None:
-        tok = load_tokenizer(spec)
-    elif has_tokenizer(cfg.model.init_from):
-        tok = HFTokenizer(cfg.model.init_from)
+    if spec is not None and spec != "byte" and not has_tokenizer(model_dir):
+        tok = load_tokenizer(spec)  # an explicit path: a missing one is an error, not bytes
     else:
-        tok = ByteTokenizer()
+        where = tokenizer_dir_of(cfg, model_dir)
+        tok = HFTokenizer(where) if where else ByteTokenizer()
     if tok.vocab_size > cfg.model.vocab_size:
         raise TokenizerError(f"the tokenizer ({tok.name}) has {tok.vocab_size} tokens but model.vocab_size is "
                              f"{cfg.model.vocab_size}; use the model's own tokenizer or a larger vocabulary")

@@ -430,3 +430,16 @@ def test_the_released_deepseek_configs_map_to_the_published_sizes():
     lite = hf.model_config_from_hf(DEEPSEEK_V2_LITE_CONFIG)
     assert count_params(lite).total == count_params(load_config(configs / "deepseek-v2-lite.yaml").model).total
     assert lite.q_lora_rank == 0 and lite.num_expert_groups == 1 and lite.rope_scaling.mscale_all_dim == 0.707
+
+
+def test_transformers_5_fused_expert_tensors_are_read_too(saved, tmp_path):
+    """A checkpoint written from a transformers 5 state dict as it is in memory (experts fused into
+    gate_up_proj [E, 2F, D] and down_proj [E, D, F]) rather than by save_pretrained."""
+    path, ref = saved["Qwen3MoeForCausalLM"]
+    fused = {k: v.contiguous() for k, v in ref.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in fused
+    (tmp_path / "fused").mkdir()
+    save_file(fused, str(tmp_path / "fused" / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "fused" / "config.json").write_text(open(os.path.join(path, "config.json")).read())
+    with torch.no_grad():
+        assert _rel(_raymoe(tmp_path / "fused")(_tokens()).logits, ref(_tokens()).logits) < RTOL

@@ -651,10 +651,6 @@ class HFCheckpoint:
         with safe_open(os.path.join(self.path, fn), framework="pt") as f:
             return [f.get_tensor(k) for k in keys]
 
-    def shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(os.path.join(self.path, self.weight_map[key]), framework="pt") as f:
-            return tuple(f.get_slice(key).get_shape())
-
     def mtp_keys(self) -> list[str]:
         """Tensors of layers at or past num_hidden_layers: DeepSeek-V3's MTP module."""
         pat = re.compile(r"^model\.layers\.(\d+)\.")
@@ -717,9 +713,3 @@ class HFSource:
         key, first, count = m.fused  # transformers 5's own layout: [E, rows, in]
         fused = self.ckpt.read(key)
         return fused[rows.start:rows.stop, first:first + count].transpose(1, 2).contiguous()
-
-    def expected_shape(self, name: str) -> tuple[int, ...] | None:
-        m = self.maps[name]
-        if m.kind in ("stack", "zeros"):
-            return None
-        return self.ckpt.shape(m.hf[0])

@@ -290,20 +290,35 @@ def full_state_dict(path: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_tensor(path: str, manifest: dict[str, Any], name: str, experts: range | None = None) -> torch.Tensor:
-    """One model tensor of a checkpoint (files already verified by the caller); for a routed-expert
-    tensor, the rows of `experts` only (all of them if None), read from whichever shards hold them."""
+def checkpoint_tensor(path: str, manifest: dict[str, Any], name: str, experts: range | None = None,
+                      verified: set[str] | None = None) -> torch.Tensor:
+    """One model tensor of a checkpoint; for a routed-expert tensor, the rows of `experts` only (all
+    of them if None), read from whichever shards hold them. Each file is checked against the
+    manifest's sha256 before its first read (`verified` remembers which were)."""
+    verified = set() if verified is None else verified
+
+    def check(names) -> None:
+        todo = [n for n in names if n not in verified]
+        _verify(path, manifest, todo)
+        verified.update(todo)
+
+    check(["dense.safetensors"])
     with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
         if name in f.keys():
             return f.get_tensor(name)
     shards = sorted(((n, *i["experts"]) for n, i in manifest["files"].items() if "experts" in i), key=lambda t: t[1])
-    if not shards or name not in _keys(path, shards[0][0]):
+    if not shards:
         raise CheckpointError(f"{path}: the checkpoint has no tensor {name}")
     lo, hi = (experts.start, experts.stop) if experts is not None else (shards[0][1], shards[-1][2])
-    return _read_expert_rows(path, _shards_for(manifest, lo, hi), name, lo, hi)
+    needed = _shards_for(manifest, lo, hi)
+    check([n for n, _, _ in needed])
+    if name not in _keys(path, needed[0][0]):
+        raise CheckpointError(f"{path}: the checkpoint has no tensor {name}")
+    return _read_expert_rows(path, needed, name, lo, hi)
 
 
 def checkpoint_tensor_names(path: str, manifest: dict[str, Any]) -> list[str]:
+    """Every model tensor's name (from the file headers; nothing is read or verified)."""
     with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
         names = [k for k in f.keys() if not k.startswith("opt/")]
     shards = [n for n, i in manifest["files"].items() if "experts" in i]
