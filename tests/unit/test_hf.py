@@ -443,3 +443,16 @@ def test_transformers_5_fused_expert_tensors_are_read_too(saved, tmp_path):
     (tmp_path / "fused" / "config.json").write_text(open(os.path.join(path, "config.json")).read())
     with torch.no_grad():
         assert _rel(_raymoe(tmp_path / "fused")(_tokens()).logits, ref(_tokens()).logits) < RTOL
+
+
+def test_export_refuses_a_moved_selection_bias_that_the_architecture_cannot_carry(saved, tmp_path):
+    from raymoe.model_dir import write_model_dir
+
+    path, _ = saved["MixtralForCausalLM"]
+    src = open_source(path)
+    moved = ((n, src.tensor(n) + (0.01 if n.endswith("expert_bias") else 0)) for n in src.names())
+    write_model_dir(str(tmp_path / "balanced"), src.cfg, moved, tokenizer_dir=path)
+    with pytest.raises(hf.HFError, match=r"layers\.0\.ffn\.router\.expert_bias is not zero .* MixtralForCausalLM has no "
+                                         r"selection bias to carry it \(only DeepseekV3ForCausalLM"):
+        export_hf(str(tmp_path / "balanced"), str(tmp_path / "out"), log=lambda m: None)
+    assert not (tmp_path / "out").exists()

@@ -390,6 +390,9 @@ _HF_BUILDERS = {
                                    "clip_qkv": None},
 }
 
+_AUTO_ORDER = ("MixtralForCausalLM", "OlmoeForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM",
+               "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM")
+
 # What a model is, as opposed to how a run trains it: export must preserve exactly these.
 _TRAINING_ONLY = {"init_from", "init_std", "balance", "capacity_factor", "gate_threshold"}
 
@@ -400,7 +403,7 @@ def _differences(a: ModelConfig, b: ModelConfig) -> list[str]:
 
 
 def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, base: dict | None = None) -> dict[str, Any]:
-    """A config.json for `cfg` as `architecture` (None: the first that expresses it exactly).
+    """A config.json for `cfg` as `architecture` (None: the most specific that expresses it exactly).
 
     `base`: the config.json the model was imported from; keys the mapping does not produce (token
     ids, dtype, ...) are kept from it. The result is checked by mapping it back: an architecture
@@ -408,7 +411,9 @@ def hf_config_from_model(cfg: ModelConfig, architecture: str | None = None, base
     if cfg.capacity_factor is not None or cfg.gate_threshold > 0:
         raise HFError(f"model.capacity_factor / model.gate_threshold drop tokens; no Hugging Face architecture does "
                       "that at inference: export a model trained without them")
-    candidates = [architecture] if architecture else list(_HF_BUILDERS)
+    # Without a recorded origin, the most specific architecture that fits: a plain GQA model is
+    # Mixtral rather than a Qwen2-MoE with its options off.
+    candidates = [architecture] if architecture else list(_AUTO_ORDER)
     reasons = []
     for arch in candidates:
         if arch not in _HF_BUILDERS:
@@ -542,7 +547,8 @@ def to_hf_tensors(m: TensorMap, t: torch.Tensor, cfg: ModelConfig, arch: str) ->
     if m.kind == "zeros":
         if bool(t.ne(0).any()):
             raise HFError(f"{m.name} is not zero (auxiliary-loss-free balancing moved it), and {arch} has no "
-                          "selection bias: export as DeepseekV3ForCausalLM, or train with model.balance.bias_update_rate: 0")
+                          "selection bias to carry it (only DeepseekV3ForCausalLM does); train with "
+                          "model.balance.bias_update_rate: 0 to export this model as " + arch)
         return
     if m.kind == "stack":
         for key, w in zip(m.hf, t.unbind(0)):
