@@ -20,12 +20,12 @@ def search_cfg(tmp_path):
         "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64, "num_experts": 4,
                   "top_k": 2, "expert_intermediate_size": 32, "first_k_dense_layers": 0},
         "scaling": {"num_workers": 1},
-        "train": {"steps": 24, "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "log_every": 4, "val_every": 4,
-                  "val_batches": 1, "checkpoint_every": 12, "sample_tokens": 0},
+        "train": {"steps": 16, "batch_size": 4, "seq_len": 32, "warmup_steps": 2, "log_every": 4, "val_every": 4,
+                  "val_batches": 1, "checkpoint_every": 8, "sample_tokens": 0},
         "data": {"max_bytes": 300_000},
         "tracking": {"experiment": "search"},
         "tune": {"space": {"train.lr": {"grid": [1e-5, 1e-2]}, "model.top_k": {"grid": [2, 8]}},
-                 "num_samples": 1, "grace_period": 8, "reduction_factor": 2, "max_concurrent_trials": 2},
+                 "num_samples": 1, "grace_period": 4, "reduction_factor": 2, "max_concurrent_trials": 2},
     })
 
 

@@ -14,6 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from raymoe.config import load_config
+from raymoe.model.params import format_report
+from tiny_hf import save
+
 REPO = Path(__file__).resolve().parents[2]
 RAYMOE = os.path.join(os.path.dirname(sys.executable), "raymoe")
 CONFIGS = REPO / "jobs" / "configs"
@@ -133,27 +137,21 @@ def test_override_without_equals_exits_2(command):
 def test_import_params_and_export_of_a_hugging_face_checkpoint(tmp_path):
     """As a user runs them: import a Hugging Face directory, count it, export it back; a second
     import into the same place is refused in one line and leaves the first untouched."""
-    from tiny_hf import save
-
     hf_dir, _ = save("Qwen2MoeForCausalLM", tmp_path / "hf")
     r = _raymoe("import", hf_dir, "--out", str(tmp_path / "model"))
     assert r.returncode == 0, r.stderr
     assert "Qwen2MoeForCausalLM -> raymoe model" in r.stdout and "tokenizer: yes" in r.stdout
     assert (tmp_path / "model" / "config.yaml").exists() and (tmp_path / "model" / "tokenizer.json").exists()
 
-    from raymoe.model.hf import model_config_from_hf
-    from raymoe.model.params import format_report
-    import json
-
     hf_report = _raymoe("params", hf_dir)
     assert hf_report.returncode == 0, hf_report.stderr
-    model = model_config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
-    assert format_report(model, 4096) in hf_report.stdout
-    ours = _raymoe("params", str(tmp_path / "model" / "config.yaml"), "--seq-len", "4096")
-    assert format_report(model, 4096) in ours.stdout
+    # The same table as for the equivalent raymoe config (the imported model's config.yaml).
+    assert format_report(load_config(tmp_path / "model" / "config.yaml").model, 4096) in hf_report.stdout
 
     r = _raymoe("export", str(tmp_path / "model"), str(tmp_path / "back"))
     assert r.returncode == 0, r.stderr
+    import json
+
     assert json.loads((tmp_path / "back" / "config.json").read_text())["architectures"] == ["Qwen2MoeForCausalLM"]
 
     before = sorted(os.listdir(tmp_path / "model"))
