@@ -675,6 +675,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where YAML is ambiguous."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
+        non_null = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is not None and len(non_null) == 1 and dataclasses.is_dataclass(non_null[0]):
+            return _coerce(value, non_null[0], key)  # a nested section: its own error names its key
         errors = []
         for arg in typing.get_args(tp):
             try:

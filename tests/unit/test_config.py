@@ -153,12 +153,21 @@ def test_wrong_type_is_an_error_naming_the_dotted_key_and_file(tmp_path, text, e
         ("model:\n  attention: mla\n  num_kv_heads: 2\n", "model.num_kv_heads applies to attention=mha only"),
         ("model:\n  vocab_size: 100\n", "model.vocab_size=100 must be >= 260 for data.tokenizer=byte"),
         ("name: a/b\n", "name='a/b' must be a non-empty name without '/'"),
+        ("model:\n  attention: mla\n  qkv_bias: true\n", "model.qkv_bias applies to attention=mha only"),
+        ("model:\n  num_shared_experts: 2\n  shared_expert_intermediate_size: 40\n",
+         "model.shared_expert_intermediate_size is the width of one fused shared expert; set model.num_shared_experts: 1"),
+        ("model:\n  num_layers: 4\n  dense_layers: [1, 4]\n", "model.dense_layers has 4, outside the 4 layers"),
+        ("model:\n  rope_scaling: {factor: 4}\n", "model.rope_scaling.original_max_position_embeddings=0 must be > 0"),
+        ("model:\n  num_shared_experts: 0\n  shared_expert_gate: true\n", "model.shared_expert_gate needs shared experts"),
+        ("model:\n  num_experts: 8\n  num_expert_groups: 8\n", "leaves 1 expert per group; model.group_score=top2_sum needs 2"),
     ],
     ids=[
         "top_k_over_experts", "groups_not_dividing_experts", "top_k_groups_over_groups", "hidden_not_divisible_by_heads",
         "heads_not_multiple_of_kv_heads", "dense_layers_over_layers", "seq_len_over_max_seq_len", "warmup_over_steps",
         "worker_range_reversed", "zero_workers", "zero_capacity_factor", "negative_capacity_factor",
         "negative_balance_coef", "kv_heads_with_mla", "vocab_too_small_for_bytes", "slash_in_name",
+        "bias_with_mla", "shared_width_with_two_shared", "dense_layer_out_of_range", "yarn_without_original_length",
+        "shared_gate_without_shared", "one_expert_groups_with_top2_sum",
     ],
 )
 def test_impossible_combination_is_an_error_naming_the_dotted_key_and_file(tmp_path, text, expect):
