@@ -763,13 +763,11 @@ def _apply_override(tree: dict, item: str) -> None:
 
 
 def _tracking_uri_of(tree: dict) -> str:
-    """Where an MLflow init_from resolves: what tracking.py's tracking_uri() gives for this tree."""
+    """Where an MLflow init_from resolves: what tracking.tracking_uri() gives for this tree."""
+    from raymoe.tracking import default_tracking_uri  # tracking.py imports no more than this module
+
     tracking = tree.get("tracking") if isinstance(tree.get("tracking"), dict) else {}
-    uri = tracking.get("uri") or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    out = os.path.abspath(os.path.expanduser(str(tree.get("output_dir") or ".raymoe")))
-    return "sqlite:///" + os.path.join(out, "mlflow.db")
+    return default_tracking_uri(tracking.get("uri"), str(tree.get("output_dir") or ".raymoe"))
 
 
 def model_config_from_section(section: dict, where: str = "<model>") -> ModelConfig:

@@ -195,6 +195,8 @@ class ModelSource:
     """The Hugging Face architecture the weights came from, where known."""
     hf_config: dict | None = None
     """Their original config.json, where known (export keeps its token ids and other keys)."""
+    hf_keys: dict[str, str] = field(default_factory=dict)
+    """Of a Hugging Face directory: raymoe tensor name -> the (first) HF key it is read from, for messages."""
     _reader: Callable[[str, range | None], torch.Tensor] | None = None
     _names: list[str] = field(default_factory=list)
 
@@ -324,7 +326,8 @@ def _open_local(path: str) -> ModelSource:
         src = hf.HFSource(ckpt)
         cfg = hf_run_config(src.cfg, os.path.basename(os.path.normpath(path)))
         return ModelSource(path, "hf", cfg, notes=src.notes, hf_architecture=ckpt.architecture, hf_config=ckpt.config,
-                           _reader=src.tensor, _names=src.names())
+                           hf_keys={n: m.hf[0] for n, m in src.maps.items() if m.hf}, _reader=src.tensor,
+                           _names=src.names())
     raise ModelSourceError(f"{path}: not a model; MODEL must be {MODEL_SOURCES}")
 
 
@@ -386,10 +389,10 @@ def source_model_section(source: str, tracking_uri: str | None = None) -> dict:
 # ----------------------------------------------------------------------------- into a model
 
 
-def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None = None, log=None) -> None:
+def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None = None) -> None:
     """Copy `src` into `model` tensor by tensor (routed experts: the rows of `experts` only, what an
-    expert-parallel rank holds). Every shape is checked against the model first, so a source that
-    does not fit leaves the model untouched."""
+    expert-parallel rank holds). Names are checked before anything is copied; a tensor of the wrong
+    shape stops the load naming it, with the model partly loaded (callers discard it)."""
     from raymoe.parallel.checkpoint import CheckpointError
 
     own = model.state_dict()
@@ -407,8 +410,6 @@ def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None
             raise CheckpointError(f"{src.path}: {name} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(t)
-    if log:
-        log(f"loaded weights from {src.path}" + (f" (experts {experts.start}-{experts.stop - 1})" if experts else ""))
 
 
 def open_model(source: str, *, tracking_uri: str | None = None, device: str = "cpu"):
@@ -433,9 +434,11 @@ def _dtype(name: str | None) -> torch.dtype | None:
     return table[name]
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+def _cast(name: str, t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     # The routers' selection biases stay fp32 (transformers keeps them so too): their rounding flips choices.
-    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    if dtype is None or not t.is_floating_point() or name.endswith("expert_bias"):
+        return t
+    return t.to(dtype)
 
 
 def expected_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -444,12 +447,6 @@ def expected_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
 
     with torch.device("meta"):
         return {k: tuple(v.shape) for k, v in MoETransformer(model).state_dict().items()}
-
-
-def src_key(src: ModelSource, name: str) -> str:
-    """The source's own name of a tensor, for messages."""
-    m = getattr(getattr(src._reader, "__self__", None), "maps", {}).get(name)
-    return m.hf[0] if m is not None and m.hf else name
 
 
 def import_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -469,9 +466,9 @@ def import_hf(hf_dir: str, out_dir: str, *, dtype: str | None = None, max_shard_
         for i, name in enumerate(names):
             t = src.tensor(name)
             if tuple(t.shape) != shapes[name]:
-                raise hf.HFError(f"{hf_dir}: {name} (from {src_key(src, name)}) has shape {tuple(t.shape)}, but config.json "
+                raise hf.HFError(f"{hf_dir}: {name} (from {src.hf_keys.get(name, name)}) has shape {tuple(t.shape)}, but config.json "
                                  f"implies {shapes[name]}; the weights and config.json do not belong together")
-            yield name, t if name.endswith("expert_bias") else _cast(t, cast)
+            yield name, _cast(name, t, cast)
             if (i + 1) % 200 == 0 or i + 1 == len(names):
                 log(f"  {i + 1}/{len(names)} tensors")
 
@@ -496,9 +493,8 @@ def export_hf(source: str, out_dir: str, *, architecture: str | None = None, dty
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         for i, m in enumerate(maps):
-            t = src.tensor(m.name)
+            t = _cast(m.name, src.tensor(m.name), cast)
             if not m.name.endswith("expert_bias"):
-                t = _cast(t, cast)
                 seen_dtype.append(t.dtype)
             yield from hf.to_hf_tensors(m, t, src.cfg.model, arch)
             if (i + 1) % 200 == 0 or i + 1 == len(maps):

@@ -25,11 +25,16 @@ from raymoe.config import RunConfig
 _HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
 
-def tracking_uri(cfg: RunConfig) -> str:
-    uri = cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")
+def default_tracking_uri(uri: str | None, output_dir: str) -> str:
+    """`uri`, else $MLFLOW_TRACKING_URI, else the sqlite store under output_dir."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri
-    return "sqlite:///" + os.path.join(cfg.output_dir, "mlflow.db")
+    return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(output_dir)), "mlflow.db")
+
+
+def tracking_uri(cfg: RunConfig) -> str:
+    return default_tracking_uri(cfg.tracking.uri, cfg.output_dir)
 
 
 def ui_command(uri: str) -> str:
@@ -285,7 +290,7 @@ def register_model_dir(model_dir: str, name: str, *, tracking_uri: str | None = 
                        source: str | None = None, log=print) -> str | None:
     """Log a model directory (e.g. from `raymoe import`) as one MLflow run's model/ artifacts and
     register it as a new version of `name`; returns models:/<name>/<version> (None if MLflow failed)."""
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///" + os.path.abspath(".raymoe/mlflow.db")
+    uri = default_tracking_uri(tracking_uri, ".raymoe")  # where `raymoe train`'s default store is
     if uri.startswith("sqlite:///"):
         os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
     try:

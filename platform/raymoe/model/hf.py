@@ -1,6 +1,6 @@
 """Hugging Face MoE checkpoints <-> raymoe: config mapping, tensor names and layouts, both ways.
 
-    section = model_section_from_hf(json.load(open("config.json")), source="DIR")   # raymoe model keys
+    model = model_config_from_hf(json.load(open("DIR/config.json")), where="DIR")    # a raymoe ModelConfig
     ckpt = HFCheckpoint("DIR"); tensors = HFSource(ckpt)                            # raymoe-named tensors
     hf_config = hf_config_from_model(cfg.model, "DeepseekV3ForCausalLM")            # and back
 
@@ -302,11 +302,6 @@ def model_config_from_hf(hf: dict, where: str = "config.json") -> ModelConfig:
         return model_config_from_section(section, where)
     except ConfigError as e:
         raise HFError(f"maps to an invalid raymoe model: {e}") from None
-
-
-def model_section_from_hf(hf: dict, where: str = "config.json") -> dict[str, Any]:
-    """Every model key, as plain values (what a YAML model: section would hold)."""
-    return _to_plain(model_config_from_hf(hf, where))
 
 
 def rope_interleaved(hf: dict) -> bool:

@@ -280,14 +280,8 @@ def _keys(path: str, fname: str) -> set[str]:
 def full_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The whole single-device state dict (every expert of every layer), for serving and export."""
     manifest = verify_checkpoint(path)
-    with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
-        out = {k: f.get_tensor(k) for k in f.keys() if not k.startswith("opt/")}
-    shards = sorted(((n, *i["experts"]) for n, i in manifest["files"].items() if "experts" in i), key=lambda t: t[1])
-    if shards:
-        names = [k for k in _keys(path, shards[0][0]) if not k.startswith("opt/")]
-        for name in names:
-            out[name] = _read_expert_rows(path, shards, name, shards[0][1], shards[-1][2])
-    return out
+    verified = set(manifest["files"])  # all checked just now
+    return {name: checkpoint_tensor(path, manifest, name, verified=verified) for name in checkpoint_tensor_names(path, manifest)}
 
 
 def checkpoint_tensor(path: str, manifest: dict[str, Any], name: str, experts: range | None = None,
