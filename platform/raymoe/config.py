@@ -424,6 +424,9 @@ class TrainConfig:
     """Tokens generated for that sample."""
     fault_injection: Optional[FaultInjection] = None
     """Kill one worker once mid-run, e.g. {kill_rank: 1, at_step: 40} (null = never)."""
+    freeze: tuple[Literal["embeddings", "router", "norms", "attention", "dense_ffn", "shared_experts", "routed_experts"], ...] = ()
+    """Parts that get no gradient and no optimizer state, e.g. [embeddings, router] when
+    fine-tuning the rest (with lora: the base is frozen anyway)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "log_every", "val_every", "val_batches", "checkpoint_every", "keep_checkpoints"):
@@ -464,6 +467,19 @@ class DataConfig:
     """Tokens per parquet shard."""
     cache_dir: Optional[str] = None
     """Where tokenized shards go (null = <output_dir>/data)."""
+    format: Literal["text", "sft"] = "text"
+    """'text': documents for (continued) pre-training, every token carries loss. 'sft': instruction
+    examples in .jsonl, each a `messages` list (chat turns, rendered with the chat template) or
+    `prompt`/`completion` strings; only completion / assistant tokens carry loss (train/sft.py)."""
+    packing: bool = True
+    """sft: pack several examples into one sequence (each attends only to itself, positions restart);
+    false = one example per sequence, padded (the padding share is logged as data/padding_fraction)."""
+    chat_template: Optional[str] = None
+    """sft: a Jinja chat template file for `messages` (null = the tokenizer's own: chat_template in
+    tokenizer_config.json or chat_template.jinja beside it)."""
+    skip_bad_examples: bool = False
+    """sft: count and skip examples that are malformed or longer than train.seq_len+1 tokens instead of
+    stopping at the first one (the counts are printed and kept in the cache manifest)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.val_fraction < 1:
@@ -472,8 +488,52 @@ class DataConfig:
             _fail(f"data.max_bytes={self.max_bytes} must be > 0 or null")
         if self.shard_tokens <= 0:
             _fail(f"data.shard_tokens={self.shard_tokens} must be > 0")
+        if self.format == "text" and (self.chat_template is not None or self.skip_bad_examples or not self.packing):
+            _fail("data.chat_template, data.skip_bad_examples and data.packing apply to data.format=sft only")
         if self.tokenizer is not None and not self.tokenizer.strip():
             _fail("data.tokenizer must be 'byte', a path to a Hugging Face tokenizer, or null")
+
+
+LORA_TARGETS = ("attention", "dense_ffn", "shared_experts", "routed_experts")
+FREEZABLE = ("embeddings", "router", "norms") + LORA_TARGETS
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig:
+    """Low-rank adapters (model/lora.py): the model.init_from weights stay frozen and only the
+    adapters (and, if asked, the routers) train; checkpoints hold just those."""
+
+    rank: int = 0
+    """Adapter rank r (0 = no adapters: full training)."""
+    alpha: float = 16.0
+    """Scale: an adapter adds (alpha / rank) * B A x."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input while training."""
+    targets: tuple[Literal["attention", "dense_ffn", "shared_experts", "routed_experts"], ...] = ("attention", "routed_experts")
+    """Which weights get adapters: every attention projection, the dense FFN layers, the shared
+    experts, the routed experts (stacked per expert, run by the grouped GEMM, sharded with them)."""
+    train_router: bool = False
+    """Also train the routers' weights (full rank; small: experts x hidden per MoE layer)."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            _fail(f"lora.rank={self.rank} must be >= 0 (0 = off)")
+        if self.alpha <= 0:
+            _fail(f"lora.alpha={self.alpha} must be > 0")
+        if not 0 <= self.dropout < 1:
+            _fail(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if self.rank and not self.targets:
+            _fail(f"lora.targets is empty; name at least one of {', '.join(LORA_TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            _fail(f"lora.targets={list(self.targets)} names a target twice")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -588,10 +648,19 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             _fail(f"name={self.name!r} must be a non-empty name without '/'")
+        if self.lora.enabled and not self.model.init_from:
+            _fail("lora.rank > 0 fine-tunes a trained model: set model.init_from (a model directory, checkpoint, "
+                  "Hugging Face directory or MLflow URI)")
+        if self.lora.enabled and self.train.freeze:
+            _fail(f"train.freeze={list(self.train.freeze)} applies to full fine-tuning; with lora the whole base is frozen "
+                  "(set lora.train_router: true to train the routers)")
+        if len(set(self.train.freeze)) != len(self.train.freeze):
+            _fail(f"train.freeze={list(self.train.freeze)} names a part twice")
         if self.train.seq_len > self.model.max_seq_len:
             _fail(f"train.seq_len={self.train.seq_len} must be <= model.max_seq_len={self.model.max_seq_len}")
         ep = self.parallel.expert_degree
@@ -640,7 +709,10 @@ class RunConfig:
         """Hash of the model section: checkpoints refuse to load into a different architecture.
         Where the initial weights came from (model.init_from) is not architecture: moving the
         source directory must not orphan a run's checkpoints."""
-        blob = json.dumps({k: v for k, v in _to_plain(self.model).items() if k != "init_from"}, sort_keys=True).encode()
+        arch = {k: v for k, v in _to_plain(self.model).items() if k != "init_from"}
+        if self.lora.enabled:  # adapters are part of what a checkpoint holds
+            arch["lora"] = _to_plain(self.lora)
+        blob = json.dumps(arch, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_yaml(self) -> str:

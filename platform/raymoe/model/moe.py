@@ -178,7 +178,13 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) ->
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts as stacked weights, applied to tokens already sorted by expert."""
+    """E SwiGLU experts as stacked weights, applied to tokens already sorted by expert.
+
+    With LoRA (model/lora.py), each projection k also has stacked adapters `lora_Ak` [E, in, r] and
+    `lora_Bk` [E, r, out], run through the same grouped GEMM: y += scale * (x A[e]) B[e]."""
+
+    lora_scale: float | None = None
+    lora_dropout: float = 0.0
 
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
@@ -187,15 +193,20 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up proj
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down proj
 
+    def _proj(self, x_ND: torch.Tensor, k: str, counts_E: torch.Tensor) -> torch.Tensor:
+        y = grouped_mm(x_ND, getattr(self, f"w{k}").to(x_ND.dtype), counts_E)
+        if self.lora_scale is None:
+            return y
+        a, b = getattr(self, f"lora_A{k}").to(x_ND.dtype), getattr(self, f"lora_B{k}").to(x_ND.dtype)
+        x_ND = F.dropout(x_ND, self.lora_dropout, self.training)
+        return y + self.lora_scale * grouped_mm(grouped_mm(x_ND, a, counts_E), b, counts_E)
+
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        dtype = x_ND.dtype
         if torch.is_autocast_enabled(x_ND.device.type):
             # Autocast does not see grouped_mm; cast explicitly so experts run in bf16 too.
-            dtype = torch.get_autocast_dtype(x_ND.device.type)
-            x_ND = x_ND.to(dtype)
-        w1, w3, w2 = (w.to(dtype) for w in (self.w1, self.w3, self.w2))
-        h_NF = F.silu(grouped_mm(x_ND, w1, counts_E)) * grouped_mm(x_ND, w3, counts_E)
-        return grouped_mm(h_NF, w2, counts_E)
+            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        h_NF = F.silu(self._proj(x_ND, "1", counts_E)) * self._proj(x_ND, "3", counts_E)
+        return self._proj(h_NF, "2", counts_E)
 
 
 class SwiGLU(nn.Module):

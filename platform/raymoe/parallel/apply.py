@@ -100,14 +100,16 @@ def expert_param_names(model: nn.Module) -> set[str]:
 def parallelize(model: nn.Module, mesh: Mesh) -> ParallelPlan:
     plan = ParallelPlan(mesh)
     local = mesh.local_experts()
+    # Frozen parameters (model/lora.py set_trainable) are listed too: checkpoints and the optimizer
+    # filter on requires_grad, and their gradients, never computed, are skipped by the syncs below.
     for mod in model.modules():
         if not isinstance(mod, MoE):
             continue
         if mesh.expert_degree > 1:
             experts = mod.experts
-            for name in ("w1", "w2", "w3"):
-                full = getattr(experts, name)
-                setattr(experts, name, nn.Parameter(full.data[local.start : local.stop].clone()))
+            # Every parameter of the stack is [E, ...]: the weights and, with LoRA, their adapters.
+            for name, full in list(experts.named_parameters(recurse=False)):
+                setattr(experts, name, nn.Parameter(full.data[local.start : local.stop].clone(), requires_grad=full.requires_grad))
             experts.num_experts = len(local)
             # An instance attribute shadows the single-device method: the model file stays as is.
             mod.routed = ExpertParallelRouted(mod, mesh.expert_degree, mesh.expert_group)
