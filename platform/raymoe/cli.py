@@ -221,10 +221,18 @@ def _cmd_import(args) -> int:
 def _cmd_export(args) -> int:
     import time
 
-    from raymoe.model_dir import export_hf
+    from raymoe.model_dir import ModelSourceError, export_hf, export_model_dir
 
     t0 = time.perf_counter()
     print(f"exporting {args.source} -> {args.out}")
+    if args.format == "raymoe":
+        if args.arch:
+            raise ModelSourceError("raymoe export: --arch applies to --format hf only; remove it or use --format hf")
+        src = export_model_dir(args.source, args.out, dtype=args.dtype, max_shard_bytes=args.max_shard_size,
+                               tracking_uri=args.tracking_uri)
+        print(f"done in {time.perf_counter() - t0:.1f}s: a raymoe model directory ({len(src.names())} tensors) in {args.out} "
+              f"(raymoe serve {args.out}; model: {{init_from: {os.path.abspath(args.out)}}})")
+        return 0
     arch = export_hf(args.source, args.out, architecture=args.arch, dtype=args.dtype,
                      max_shard_bytes=args.max_shard_size, tracking_uri=args.tracking_uri)
     print(f"done in {time.perf_counter() - t0:.1f}s: {arch} in {args.out} "
@@ -405,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", default="raymoe", help="MLflow experiment for --register (default raymoe)")
     p.set_defaults(fn=_cmd_import)
 
-    p = sub.add_parser("export", help="a raymoe model -> a Hugging Face directory that from_pretrained loads")
-    p.add_argument("source", help="a raymoe model dir, a training checkpoint dir, a Hugging Face dir, or an MLflow URI")
+    p = sub.add_parser("export", help="a raymoe model -> a Hugging Face directory that from_pretrained loads "
+                                      "(a LoRA run: its base with the adapters merged)")
+    p.add_argument("source", help="a raymoe model dir, a training checkpoint or run dir (LoRA ones merged), a Hugging Face "
+                                  "dir, or an MLflow URI")
     p.add_argument("out", help="the directory to write (must not exist yet)")
     p.add_argument("--arch", default=None, help="Hugging Face architecture, e.g. DeepseekV3ForCausalLM (default: the one "
                                                 "the model was imported from, else the first that expresses it exactly)")
@@ -415,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=_parse_bytes, default=4 << 30, metavar="SIZE",
                    help="largest safetensors file written (default 4GiB)")
     p.add_argument("--tracking-uri", default=None, help="where runs:/ and models:/ resolve (default $MLFLOW_TRACKING_URI)")
+    p.add_argument("--format", default="hf", choices=["hf", "raymoe"],
+                   help="hf: a Hugging Face directory (default); raymoe: a raymoe model directory")
     p.set_defaults(fn=_cmd_export)
 
     p = sub.add_parser("check", help="validate config files without running anything")

@@ -55,7 +55,7 @@ MODEL_SOURCES = (
     "manifest.json) or a training run's directory (<output_dir>/runs/<name>: its newest checkpoint), or an "
     "MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
 )
-_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.w[123]$")
+_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(w[123]|lora_[AB][123])$")
 
 
 class ModelSourceError(ValueError):
@@ -218,6 +218,32 @@ class ModelSource:
 
         return tokenizer_for(self.cfg, model_dir=self.path)
 
+    def fingerprint(self) -> str:
+        """Identifies these weights, for a LoRA run to check its frozen base did not change: a
+        checkpoint's manifest checksums (every byte); for a model or Hugging Face directory, each
+        safetensors file's size, header (names, shapes, dtypes, offsets) and last MiB. The latter
+        catches another or a re-written model, not a flipped bit: hashing every byte of a
+        DeepSeek-V3 would read 1.3 TB at every start."""
+        import hashlib
+
+        h = hashlib.sha256()
+        if self.kind == "checkpoint":
+            from raymoe.parallel.checkpoint import read_manifest
+
+            files = read_manifest(self.path)["files"]
+            h.update(json.dumps({k: v["sha256"] for k, v in sorted(files.items())}).encode())
+            return h.hexdigest()[:24]
+        for name in sorted(n for n in os.listdir(self.path) if n.endswith(".safetensors")):
+            fpath = os.path.join(self.path, name)
+            size = os.path.getsize(fpath)
+            with open(fpath, "rb") as f:
+                head = f.read(8)
+                header = f.read(int.from_bytes(head, "little")) if len(head) == 8 else b""
+                f.seek(max(0, size - (1 << 20)))
+                tail = f.read()
+            h.update(f"{name}:{size}:".encode() + header + tail)
+        return h.hexdigest()[:24]
+
 
 def tokenizer_dir_of(cfg: RunConfig, model_dir: str | None = None) -> str | None:
     """Where a model's Hugging Face tokenizer files are (None: bytes). In order: none for
@@ -310,8 +336,10 @@ def _open_local(path: str) -> ModelSource:
             names = checkpoint_tensor_names(path, manifest)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError on a damaged header
             raise CheckpointError(f"{path}: unreadable checkpoint ({str(e)[:200]})") from None
-        return ModelSource(path, "checkpoint", cfg, _reader=lambda n, e: checkpoint_tensor(path, manifest, n, e, verified),
-                           _names=names, **origin)
+        read = lambda n, e: checkpoint_tensor(path, manifest, n, e, verified)  # noqa: E731
+        if cfg.lora.enabled:
+            return _merged_lora_source(path, cfg, manifest, read, set(names), origin)
+        return ModelSource(path, "checkpoint", cfg, _reader=read, _names=names, **origin)
     if os.path.exists(os.path.join(path, CONFIG)) and (os.path.exists(os.path.join(path, SINGLE)) or os.path.exists(os.path.join(path, INDEX))):
         with open(os.path.join(path, CONFIG)) as f:
             cfg = config_from_dict(yaml.safe_load(f), source=os.path.join(path, CONFIG))
@@ -329,6 +357,37 @@ def _open_local(path: str) -> ModelSource:
                            hf_keys={n: m.hf[0] for n, m in src.maps.items() if m.hf}, _reader=src.tensor,
                            _names=src.names())
     raise ModelSourceError(f"{path}: not a model; MODEL must be {MODEL_SOURCES}")
+
+
+def _merged_lora_source(path: str, cfg: RunConfig, manifest: dict, read, saved: set[str], origin: dict) -> ModelSource:
+    """A LoRA checkpoint as the merged model: each base tensor of model.init_from, replaced where
+    the run trained it (routers) and plus its adapter's delta where it has one. Its config is the
+    run's without lora: what it reads is a plain model (serving, export and MLflow take it as such)."""
+    import dataclasses
+
+    from raymoe.config import LoraConfig
+    from raymoe.model.lora import adapters_of, expert_delta, linear_delta
+    from raymoe.tracking import tracking_uri
+
+    base = open_source(cfg.model.init_from, tracking_uri(cfg))
+    expected = manifest["state"].get("extra", {}).get("base", {}).get("fingerprint")
+    if expected and base.fingerprint() != expected:
+        raise ModelSourceError(f"{path}: its adapters were trained on a base with fingerprint {expected}, but "
+                               f"{cfg.model.init_from} now has {base.fingerprint()}; the base model changed since training")
+    scale = cfg.lora.scale
+
+    def tensor(name: str, experts: range | None) -> torch.Tensor:
+        t = read(name, experts) if name in saved else base.tensor(name, experts)
+        adapter = adapters_of(name)
+        if adapter and adapter[0] in saved:
+            a, b = read(adapter[0], experts), read(adapter[1], experts)
+            delta = expert_delta(a, b, scale) if adapter[2] == "expert" else linear_delta(a, b, scale)
+            t = (t.float() + delta).to(t.dtype)
+        return t
+
+    merged_cfg = dataclasses.replace(cfg, lora=LoraConfig())
+    return ModelSource(path, "checkpoint", merged_cfg, notes=[f"LoRA adapters (rank {cfg.lora.rank}) merged into {cfg.model.init_from}"],
+                       _reader=tensor, _names=base.names(), **origin)
 
 
 def _origin_of(cfg: RunConfig) -> dict:
@@ -395,7 +454,9 @@ def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None
     shape stops the load naming it, with the model partly loaded (callers discard it)."""
     from raymoe.parallel.checkpoint import CheckpointError
 
-    own = model.state_dict()
+    from raymoe.model.lora import is_adapter
+
+    own = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}  # adapters are not base weights
     tied = "lm_head.weight" if getattr(model.cfg, "tie_embeddings", False) else None
     have = set(src.names())
     missing = [k for k in own if k not in have and k != tied]
@@ -512,3 +573,24 @@ def export_hf(source: str, out_dir: str, *, architecture: str | None = None, dty
             json.dump(config, f, indent=2)
         copy_tokenizer(src.tokenizer_dir, d)
     return arch
+
+
+def export_model_dir(source: str, out_dir: str, *, dtype: str | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                     tracking_uri: str | None = None, log=print) -> ModelSource:
+    """`raymoe export --format raymoe`: any model source -> a raymoe model directory (a LoRA
+    checkpoint: its base with the adapters merged), tensor by tensor."""
+    src = open_source(source, tracking_uri)
+    cast = _dtype(dtype)
+    names = src.names()
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for i, name in enumerate(names):
+            yield name, _cast(name, src.tensor(name), cast)
+            if (i + 1) % 200 == 0 or i + 1 == len(names):
+                log(f"  {i + 1}/{len(names)} tensors")
+
+    origin = {"kind": f"raymoe {src.kind}", "path": src.path, "architecture": src.hf_architecture,
+              "config": src.hf_config, "notes": src.notes}
+    write_model_dir(out_dir, src.cfg, tensors(), tokenizer_dir=src.tokenizer_dir, source=origin,
+                    max_shard_bytes=max_shard_bytes)
+    return open_source(out_dir)

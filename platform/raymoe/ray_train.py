@@ -213,13 +213,12 @@ def run_training(
     `callbacks`: Ray Train callbacks (Tune's report forwarding); `finalize`: log the final
     weights and heatmap, register the model and print a sample (off for search trials).
     """
-    from raymoe.tokenizer import tokenizer_for
     from raymoe.tracking import log_final_artifacts, open_run, tracking_uri
-    from raymoe.train.data import prepare_corpus
+    from raymoe.train.data import prepare_run_data
     from raymoe.train.loop import read_recovery
 
     t0 = time.perf_counter()
-    corpus = prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, log=log, tokenizer=tokenizer_for(cfg))
+    corpus = prepare_run_data(cfg, log=log)
     if tracker is None:
         tracker = open_run(cfg, config_yaml or cfg.to_yaml(), log=log)
     uri = tracker.uri if tracker is not None else tracking_uri(cfg)
@@ -247,15 +246,18 @@ def run_training(
     if result.checkpoint is not None:
         ckpt_path = result.checkpoint.path
         with result.checkpoint.as_directory() as d:
-            from raymoe.parallel.checkpoint import full_state_dict, read_manifest
+            from raymoe.model_dir import open_source
+            from raymoe.parallel.checkpoint import read_manifest
 
             step = read_manifest(d)["state"]["step"]
             if finalize:
-                # Assembled (and checksummed) once for both the logged model and the sample.
-                weights = full_state_dict(d)
+                # Assembled (and checksummed) once for both the logged model and the sample; a
+                # LoRA run's adapters are merged into its base here, so what is logged is a model.
+                final = open_source(d, uri)
+                weights = {name: final.tensor(name) for name in final.names()}
                 if tracker:
-                    log_final_artifacts(tracker, cfg, d, weights)
-                sample = sample_from_weights(cfg, weights)
+                    log_final_artifacts(tracker, final.cfg, d, weights)
+                sample = sample_from_weights(final.cfg, weights)
     if tracker:
         tracker.finish("FINISHED")
     return TrainingOutcome(

@@ -152,16 +152,15 @@ def run_search(cfg: RunConfig, *, address: str | None = None, resume: bool = Fal
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from raymoe.ray_train import _ensure_ray
-    from raymoe.tokenizer import tokenizer_for
     from raymoe.tracking import open_parent_run, tracking_uri
-    from raymoe.train.data import prepare_corpus
+    from raymoe.train.data import prepare_run_data
 
     tc = cfg.tune
     if not tc.space:
         raise ConfigError("tune.space is empty: name at least one key to search, e.g. train.lr: {loguniform: [1e-4, 3e-3]}")
     t0 = time.perf_counter()
     # Once, before trials race for it.
-    prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, log=log, tokenizer=tokenizer_for(cfg))
+    prepare_run_data(cfg, log=log)
     uri = tracking_uri(cfg)
     parent = open_parent_run(cfg, log=log)
     _ensure_ray(address, log)

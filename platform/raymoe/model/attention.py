@@ -86,8 +86,17 @@ def causal_mask(seq_len: int, window: int | None, device) -> torch.Tensor | None
     return (dist >= 0) & (dist < window)
 
 
-def _attend(q, k, v, window: int | None, scale: float | None = None):
+def document_mask(segments_BS: torch.Tensor) -> torch.Tensor:
+    """bool [B, 1, S, S] for packed sequences: a token sees earlier tokens of its own example only."""
+    S = segments_BS.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=segments_BS.device).tril()
+    return ((segments_BS[:, :, None] == segments_BS[:, None, :]) & causal).unsqueeze(1)
+
+
+def _attend(q, k, v, window: int | None, scale: float | None = None, doc_mask: torch.Tensor | None = None):
     mask = causal_mask(q.shape[-2], window, q.device)
+    if doc_mask is not None:
+        mask = doc_mask if mask is None else doc_mask & mask
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
@@ -120,7 +129,8 @@ class Attention(nn.Module):
         """Per-token cache entries: keys and values of every KV head."""
         return {"k": (self.num_kv_heads, self.head_dim), "v": (self.num_kv_heads, self.head_dim)}
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None,
+                doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         q, k = self.wq(x_BSD), self.wk(x_BSD)
         if self.qk_norm == "full":
@@ -132,7 +142,7 @@ class Attention(nn.Module):
         v_BJSd = self.wv(x_BSD).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q_BHSd, k_BJSd = apply_rope(q_BHSd, cos, sin), apply_rope(k_BJSd, cos, sin)
         if cache is None:
-            out_BHSd = _attend(q_BHSd, k_BJSd, v_BJSd, self.window)
+            out_BHSd = _attend(q_BHSd, k_BJSd, v_BJSd, self.window, doc_mask=doc_mask)
         else:
             k_all, v_all = cache.write_read(k=k_BJSd.transpose(1, 2), v=v_BJSd.transpose(1, 2))  # [B, T, J, d]
             mask = cached_mask(cache.positions, k_all.shape[1], self.window)
@@ -176,7 +186,8 @@ class MLAttention(nn.Module):
         """Per-token cache entries: the normalized latent and the shared rotary key, nothing per head."""
         return {"latent": (self.kv_lora_rank,), "k_rope": (self.r,)}
 
-    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None) -> torch.Tensor:
+    def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None,
+                doc_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x_BSD.shape
         H, n, r, v = self.num_heads, self.n, self.r, self.v
         q = self.wq_b(self.q_norm(self.wq_a(x_BSD))) if hasattr(self, "wq_a") else self.wq(x_BSD)
@@ -200,7 +211,7 @@ class MLAttention(nn.Module):
         q_BHSd = torch.cat([q_nope, apply_rope(q_rope, cos, sin)], dim=-1)
         k_BHTd = torch.cat([k_nope, k_rope_B1Sr.expand(B, H, T, r)], dim=-1)
         if cache is None:
-            out_BHSv = _attend(q_BHSd, k_BHTd, v_BHTv, self.window, scale=self.scale)
+            out_BHSv = _attend(q_BHSd, k_BHTd, v_BHTv, self.window, scale=self.scale, doc_mask=doc_mask)
         else:
             out_BHSv = F.scaled_dot_product_attention(q_BHSd, k_BHTd, v_BHTv, attn_mask=mask, scale=self.scale)
         return self.wo(out_BHSv.transpose(1, 2).reshape(B, S, H * v))

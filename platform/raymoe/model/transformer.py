@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from raymoe.config import ModelConfig
-from raymoe.model.attention import CacheView, build_attention, rope_tables
+from raymoe.model.attention import CacheView, build_attention, document_mask, rope_tables
 from raymoe.model.moe import MoE, MoEStats, SwiGLU
 
 
@@ -63,8 +63,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
 
-    def forward(self, x_BSD, cos, sin, cache=None):
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache)
+    def forward(self, x_BSD, cos, sin, cache=None, doc_mask=None):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, doc_mask)
         h = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
             y, aux, stats = self.ffn(h)
@@ -115,13 +115,20 @@ class MoETransformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, tokens_BS: torch.Tensor, cache: "KVCache | None" = None, slots: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None) -> ModelOutput:
-        """Without a cache: a full causal pass from position 0. With one: the tokens take absolute
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> ModelOutput:
+        """Without a cache: a full causal pass from position 0, or, for packed sequences, with
+        `segments` [B, S] (which example each token belongs to; attention stays inside it) and
+        `positions` [B, S] restarting per example. With a cache: the tokens take absolute
         `positions` [B, S] in cache rows `slots` [B], and attend to everything cached before them."""
         S = tokens_BS.shape[1]
+        doc_mask = None
         if cache is None:
             assert S <= self.cfg.max_seq_len, f"sequence of {S} tokens > model.max_seq_len={self.cfg.max_seq_len}"
-            cos, sin = self.rope_cos[:S], self.rope_sin[:S]
+            if segments is not None:
+                cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # [B, 1, S, r]
+                doc_mask = document_mask(segments)
+            else:
+                cos, sin = self.rope_cos[:S], self.rope_sin[:S]
             views = [None] * len(self.layers)
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # [B, 1, S, r]
@@ -132,9 +139,9 @@ class MoETransformer(nn.Module):
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
             if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
-                x, aux, st = checkpoint(block, x, cos, sin, use_reentrant=False)
+                x, aux, st = checkpoint(block, x, cos, sin, None, doc_mask, use_reentrant=False)
             else:
-                x, aux, st = block(x, cos, sin, views[i])
+                x, aux, st = block(x, cos, sin, views[i], doc_mask)
             if st is not None:
                 aux_total = aux_total + aux
                 stats.append(st)

@@ -15,6 +15,10 @@ after gathering every rank's checksums: a directory without one was never comple
 sha256 differs from the manifest is refused; `load_latest_good` then falls back to the previous
 checkpoint, and every rank agrees on which one (one all-reduce).
 
+A fine-tuning run with LoRA saves only what trains (`only`: the adapters, the routers if they
+train, and the buffers such as the selection biases); the frozen base comes from model.init_from,
+whose fingerprint the manifest records (state.extra["base"]) and a resume checks.
+
 Each rank calls save/load; both are collective when torch.distributed is initialized.
 """
 
@@ -41,6 +45,10 @@ _MOMENTS = ("exp_avg", "exp_avg_sq")
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message says which file and why."""
+
+
+class BaseModelChanged(CheckpointError):
+    """A LoRA checkpoint's frozen base (model.init_from) is not the one its adapters were trained on."""
 
 
 @dataclass
@@ -94,15 +102,18 @@ def save_checkpoint(
     plan: ParallelPlan,
     state: TrainerState,
     records: dict[str, Any] | None = None,
+    only: set[str] | None = None,
 ) -> None:
-    """Every rank calls this with its own (or a shared) directory; rank 0 writes the manifest."""
+    """Every rank calls this with its own (or a shared) directory; rank 0 writes the manifest.
+    `only`: the state-dict names to save (None = all)."""
     mesh = plan.mesh
     os.makedirs(path, exist_ok=True)
     written: dict[str, dict[str, Any]] = {}
     expert_names = {n for n, _ in plan.experts}
 
     if mesh.rank == 0:
-        tensors = {k: v for k, v in _unique(model.state_dict()).items() if k not in expert_names}
+        tensors = {k: v for k, v in _unique(model.state_dict()).items()
+                   if k not in expert_names and (only is None or k in only)}
         for name, p in plan.dense:
             for m in _MOMENTS:
                 if p in optimizer.state:
@@ -119,6 +130,8 @@ def save_checkpoint(
         fname = f"experts-{local.start:05d}-{local.stop:05d}.safetensors"
         tensors = {}
         for name, p in plan.experts:
+            if only is not None and name not in only:
+                continue
             tensors[name] = p.detach().contiguous().cpu()
             for m in _MOMENTS:
                 if p in optimizer.state:
@@ -216,15 +229,27 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     plan: ParallelPlan,
     expect_model_hash: str | None = None,
+    only: set[str] | None = None,
+    expect_base: str | None = None,
 ) -> tuple[TrainerState, dict[str, Any]]:
-    """Load this rank's part into the (parallelized) model and optimizer. Returns (state, records)."""
+    """Load this rank's part into the (parallelized) model and optimizer. Returns (state, records).
+    `only`: the names a partial (LoRA) checkpoint holds; `expect_base`: the fingerprint its
+    frozen base must have."""
     manifest = read_manifest(path)
     state = TrainerState(**manifest["state"])
     if expect_model_hash and state.model_hash and state.model_hash != expect_model_hash:
         raise CheckpointError(
-            f"{path}: saved for a different model architecture (model hash {state.model_hash}, "
-            f"config has {expect_model_hash}); use the same model: section or a new run name"
+            f"{path}: saved for a different model architecture or LoRA setup (model hash {state.model_hash}, "
+            f"config has {expect_model_hash}); use the same model: and lora: sections or a new run name"
         )
+    saved_base = state.extra.get("base", {}).get("fingerprint")
+    if expect_base and saved_base != expect_base:
+        raise BaseModelChanged(
+            f"{path}: its adapters were trained on base {state.extra.get('base', {}).get('init_from')} with fingerprint "
+            f"{saved_base}, but model.init_from now has {expect_base}; point model.init_from at the same base "
+            "(pin MLflow URIs to a version, e.g. models:/NAME/3) or start a new run name"
+        )
+    plan_experts = [(n, p) for n, p in plan.experts if only is None or n in only]
     _verify(path, manifest, files_needed(manifest, plan))
 
     fused = bool(optimizer.defaults.get("fused"))
@@ -234,11 +259,11 @@ def load_checkpoint(
         weights = {k: f.get_tensor(k) for k in keys if not k.startswith("opt/")}
         moments = {k: f.get_tensor(k) for k in keys if k.startswith("opt/")}
     expert_rows: dict[str, torch.Tensor] = {}
-    if plan.experts:
+    if plan_experts:
         local = plan.mesh.local_experts()
         shards = _shards_for(manifest, local.start, local.stop)
         saved_keys = _keys(path, shards[0][0])
-        for name, p in plan.experts:
+        for name, p in plan_experts:
             if name not in saved_keys:
                 raise CheckpointError(f"{path}: checkpoint does not match the model: it has no {name}")
             for key in [name, *(f"opt/{name}/{m}" for m in _MOMENTS if f"opt/{name}/{m}" in saved_keys)]:
@@ -248,14 +273,15 @@ def load_checkpoint(
                                           f"{tuple(rows.shape)}, the model needs {tuple(p.shape)}")
                 expert_rows[key] = rows
     # Every shape is checked before anything is copied: a refused checkpoint leaves the model as it was.
-    load_model_weights(model, weights, allow_missing={n for n, _ in plan.experts})
+    frozen = set() if only is None else set(model.state_dict()) - only
+    load_model_weights(model, weights, allow_missing={n for n, _ in plan.experts} | frozen)
     for name, p in plan.dense:
         if f"opt/{name}/exp_avg" in moments:
             optimizer.state[p] = {
                 "step": step.to(p.device) if fused else step.clone(),
                 **{m: moments[f"opt/{name}/{m}"].to(p.device, p.dtype) for m in _MOMENTS},
             }
-    for name, p in plan.experts:
+    for name, p in plan_experts:
         with torch.no_grad():
             p.copy_(expert_rows[name])
         if f"opt/{name}/exp_avg" in expert_rows:
@@ -335,13 +361,17 @@ def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor],
 
 
 def load_latest_good(
-    candidates: list[str], model, optimizer, plan: ParallelPlan, expect_model_hash: str | None, log=print
+    candidates: list[str], model, optimizer, plan: ParallelPlan, expect_model_hash: str | None, log=print,
+    only: set[str] | None = None, expect_base: str | None = None,
 ) -> tuple[str, TrainerState, dict[str, Any]] | None:
-    """Try checkpoints newest first; the first that every rank loads cleanly wins."""
+    """Try checkpoints newest first; the first that every rank loads cleanly wins. A changed base
+    model is not a damaged file: it ends the search at once (an older checkpoint would not fit either)."""
     for path in candidates:
         ok, err = 1, None
         try:
-            result = load_checkpoint(path, model, optimizer, plan, expect_model_hash)
+            result = load_checkpoint(path, model, optimizer, plan, expect_model_hash, only, expect_base)
+        except BaseModelChanged:
+            raise
         except CheckpointError as e:
             ok, err, result = 0, e, None
         if _dist():

@@ -618,3 +618,19 @@ def eval_batches(
         idx = (i * world_size + rank) * batch_size + np.arange(batch_size)
         out.append(_gather_windows(tokens, (idx % num_windows) * seq_len, seq_len))
     return out
+
+
+# ----------------------------------------------------------------------------- either kind
+
+
+def prepare_run_data(cfg, log: Optional[Callable[[str], None]] = None):
+    """What the driver tokenizes for a run (RunConfig): its pre-training corpus or, for
+    data.format=sft, its instruction examples (train/sft.py). Returns an object with `.dir`."""
+    from raymoe.tokenizer import tokenizer_for
+
+    tokenizer = tokenizer_for(cfg)
+    if cfg.data.format == "sft":
+        from raymoe.train.sft import prepare_sft
+
+        return prepare_sft(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, tokenizer, log=log)
+    return prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len, log=log, tokenizer=tokenizer)

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raymoe.config import RunConfig
+from raymoe.model.lora import apply_lora, cast_frozen_, count_parameters, set_trainable
 from raymoe.model.params import train_flops_per_token
 from raymoe.model.transformer import MoETransformer
 from raymoe.parallel.apply import parallelize
@@ -109,9 +110,12 @@ def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], cfg, dev
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
 
 
+def _uses_bf16(cfg, device: torch.device) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
 def autocast_for(cfg, device: torch.device):
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if _uses_bf16(cfg, device) else nullcontext()
 
 
 def _all_reduce_(t: torch.Tensor, world: int, op=None) -> torch.Tensor:
@@ -131,16 +135,44 @@ def print0(rank: int) -> Callable[[str], None]:
     return _write_line if rank == 0 else (lambda msg: None)
 
 
+def _to_device(batch, device: torch.device):
+    """(inputs, targets, loss mask, positions, segments) on the device; the last three are None for
+    pre-training windows, where every target counts and no sequence is packed."""
+    if isinstance(batch, tuple):
+        x, y = batch
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), None, None, None
+    return tuple(t.to(device, non_blocking=True) for t in (batch.inputs, batch.targets, batch.loss_mask, batch.positions, batch.segments))
+
+
+def _load_init_from(model, cfg: RunConfig, mesh, log) -> str:
+    """model.init_from's weights into the (parallelized) model; returns the source's fingerprint.
+    Each rank reads the dense tensors and only the rows of the experts it owns."""
+    from raymoe.model_dir import load_weights, open_source
+    from raymoe.tracking import tracking_uri
+
+    t_load = time.perf_counter()
+    src = open_source(cfg.model.init_from, tracking_uri(cfg))
+    ep = mesh.expert_degree
+    load_weights(model, src, experts=mesh.local_experts() if ep > 1 else None)
+    log(f"initialized from {cfg.model.init_from} in {time.perf_counter() - t_load:.1f}s"
+        + (f" (each rank read its {mesh.experts_per_rank} experts per layer)" if ep > 1 else ""))
+    return src.fingerprint()
+
+
 def evaluate(model, batches, cfg: RunConfig, info: DistInfo) -> float:
-    """Mean validation cross-entropy over this rank's fixed batches, averaged over ranks."""
+    """Mean validation cross-entropy (per loss-carrying token) over this rank's fixed batches, over all ranks."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=info.device)
     with torch.no_grad(), autocast_for(cfg.train, info.device):
-        for x, y in batches:
-            x, y = x.to(info.device), y.to(info.device)
-            logits = model(x).logits
-            total[0] += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum").double()
-            total[1] += y.numel()
+        for batch in batches:
+            x, y, mask, pos, seg = _to_device(batch, info.device)
+            logits = model(x, positions=pos, segments=seg).logits
+            if mask is None:
+                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+            else:
+                ce = (F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
+            total[0] += ce.double()
+            total[1] += y.numel() if mask is None else float(mask.sum())
     model.train()
     _all_reduce_(total, info.world_size)
     return float(total[0] / total[1])
@@ -169,15 +201,29 @@ def train(
 
     model = MoETransformer(cfg.model)
     model.init_weights(seed=tc.seed)  # same seed everywhere: replicas start identical
+    apply_lora(model, cfg.lora, seed=tc.seed)  # before parallelize: every expert's adapters, then sliced
+    set_trainable(model, cfg)
     model.to(info.device)
     model.checkpoint_every = tc.activation_checkpointing
     ep = resolve_expert_degree(cfg.parallel.expert_degree, info.world_size, cfg.model.num_experts)
     mesh = build_mesh(info.world_size, info.rank, ep, cfg.model.num_experts)
     plan = parallelize(model, mesh)
-    optimizer = build_optimizer(plan.dense + plan.experts, tc, info.device)
+    optimizer = build_optimizer([(n, p) for n, p in plan.dense + plan.experts if p.requires_grad], tc, info.device)
     state = TrainerState(model_hash=cfg.model_hash(), world_size=info.world_size, expert_degree=ep)
     records: dict[str, Any] = {}
-    resumed = load_latest_good(list(resume_dirs), model, optimizer, plan, cfg.model_hash(), log=log)
+    # A LoRA run's checkpoints hold what trains (and the buffers); the frozen base is read from
+    # model.init_from at every start, and must be the base the adapters were trained on.
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    only = {k for k in model.state_dict() if k not in frozen} if cfg.lora.enabled else None
+    base_fingerprint = None
+    if cfg.lora.enabled:
+        base_fingerprint = _load_init_from(model, cfg, mesh, log)
+        state.extra["base"] = {"init_from": cfg.model.init_from, "fingerprint": base_fingerprint}
+        if info.device.type == "cuda" and _uses_bf16(tc, info.device):
+            cast_frozen_(model, torch.bfloat16)  # compute is bf16 anyway; the frozen copy needs no fp32
+    trainable, total = count_parameters(model)
+    resumed = load_latest_good(list(resume_dirs), model, optimizer, plan, cfg.model_hash(), log=log,
+                               only=only, expect_base=base_fingerprint)
     if resumed is not None:
         path, state, records = resumed
         state.restarts += 1
@@ -187,25 +233,30 @@ def train(
     else:
         log(f"world size {info.world_size}: expert degree {ep} x data degree {mesh.data_degree}, "
             f"{mesh.experts_per_rank if cfg.model.num_experts else 0} routed experts per rank per layer")
-        if cfg.model.init_from:
-            from raymoe.model_dir import load_weights, open_source
-            from raymoe.tracking import tracking_uri
-
-            # Each rank reads the dense tensors and only the rows of the experts it owns.
-            t_load = time.perf_counter()
-            src = open_source(cfg.model.init_from, tracking_uri(cfg))
-            load_weights(model, src, experts=mesh.local_experts() if ep > 1 else None)
-            log(f"initialized from {cfg.model.init_from} in {time.perf_counter() - t_load:.1f}s"
-                + (f" (each rank read its {mesh.experts_per_rank} experts per layer)" if ep > 1 else ""))
+        if cfg.model.init_from and not cfg.lora.enabled:
+            _load_init_from(model, cfg, mesh, log)
+    if cfg.lora.enabled or tc.freeze:
+        what = (f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}" + (" + routers" if cfg.lora.train_router else "")
+                if cfg.lora.enabled else f"frozen: {', '.join(tc.freeze)}")
+        log(f"{what}: {trainable:,} of {total:,} parameters train on this rank ({100 * trainable / total:.2f}%)")
     model.train()
 
-    corpus = open_corpus(corpus_dir)
-    train_tokens = corpus.tokens("train")
-    batches = BatchIterator(
-        train_tokens, batch_size=tc.batch_size, seq_len=tc.seq_len, rank=info.rank,
-        world_size=info.world_size, seed=tc.seed, position=state.data_position,
-    )
-    val = eval_batches(corpus.tokens("val"), tc.batch_size, tc.seq_len, tc.val_batches, info.rank, info.world_size)
+    sft = cfg.data.format == "sft"
+    if sft:
+        from raymoe.train.sft import SFTBatches, open_sft, sft_eval_batches
+
+        examples = open_sft(corpus_dir)
+        batches = SFTBatches(examples.examples("train"), batch_size=tc.batch_size, seq_len=tc.seq_len, rank=info.rank,
+                             world_size=info.world_size, seed=tc.seed, position=state.data_position, packing=cfg.data.packing)
+        val = sft_eval_batches(examples.examples("val"), tc.batch_size, tc.seq_len, tc.val_batches, info.rank,
+                               info.world_size, packing=cfg.data.packing)
+    else:
+        corpus = open_corpus(corpus_dir)
+        batches = BatchIterator(
+            corpus.tokens("train"), batch_size=tc.batch_size, seq_len=tc.seq_len, rank=info.rank,
+            world_size=info.world_size, seed=tc.seed, position=state.data_position,
+        )
+        val = eval_batches(corpus.tokens("val"), tc.batch_size, tc.seq_len, tc.val_batches, info.rank, info.world_size)
 
     moe_layers = model.moe_layers()
     num_experts = cfg.model.num_experts
@@ -220,12 +271,18 @@ def train(
     # Carried in every checkpoint, so the run's heatmap survives restarts.
     load_history: list[dict[str, Any]] = list(records.get(LOAD_HISTORY, []))
     a2a_bytes = 0
+    window_loss_tokens = 0.0
     recovery = _recovery_from_marker(fault_marker, state.step) if resumed is not None and info.rank == 0 else None
     last_train = last_val = None
 
     if resumed is not None:
         tracker.log_metrics({"elastic/restarts": state.restarts, "elastic/world_size": info.world_size,
                              "elastic/expert_degree": ep}, step=state.step)
+    else:
+        start = {"params/trainable_per_rank": trainable, "params/total_per_rank": total}
+        if sft:
+            start.update({"data/padding_fraction": batches.padding_fraction, "data/loss_fraction": batches.loss_fraction})
+        tracker.log_metrics(start, step=0)
     if state.step >= tc.steps:
         log(f"already at step {state.step} of train.steps={tc.steps}; nothing to train")
         # Still report once: whoever drives this run (a Tune trial resumed after finishing its
@@ -241,16 +298,25 @@ def train(
             g["lr"] = lr
 
         step_load = torch.zeros_like(window_load)
-        for _ in range(tc.grad_accum):
-            x, y = batches.next_batch()
-            x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+        micro = [_to_device(batches.next_batch(), info.device) for _ in range(tc.grad_accum)]
+        if sft:
+            # Every loss token of the global batch weighs the same, whatever rank or micro-batch
+            # it fell in: normalize by the step's global count (the gradient sync averages ranks).
+            step_loss_tokens = _all_reduce_(sum(m[2].sum() for m in micro).to(torch.float64).reshape(1), info.world_size)
+            window_loss_tokens += float(step_loss_tokens)
+            denom = float(step_loss_tokens.clamp(min=1)) / info.world_size
+        for x, y, mask, pos, seg in micro:
             with autocast_for(tc, info.device):
-                out = model(x)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-                loss = (ce + out.aux_loss) / tc.grad_accum
+                out = model(x, positions=pos, segments=seg)
+                if mask is None:
+                    ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                    loss = (ce + out.aux_loss) / tc.grad_accum
+                else:
+                    ce = (F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
+                    loss = ce / denom + out.aux_loss / tc.grad_accum
             loss.backward()
             loss_sum[0] += ce.detach().double()
-            loss_sum[1] += 1
+            loss_sum[1] += 1 if mask is None else float(mask.sum())
             for i, st in enumerate(out.moe_stats):
                 step_load[i] += st.tokens_per_expert
                 window_dropped += int(st.num_dropped)
@@ -301,6 +367,9 @@ def train(
             tok_s = throughput.rate()
             metrics.update({"train/loss": last_train, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
             metrics["train/tokens_seen"] = float(step * tokens_per_step)
+            if sft:
+                metrics["train/loss_tokens_per_s"] = tok_s * window_loss_tokens / (tokens_per_step * tc.log_every)
+                window_loss_tokens = 0.0
             if mesh.expert_degree > 1:
                 metrics["moe/a2a_bytes"] = a2a_bytes / tc.log_every  # per step, this rank
             a2a_bytes = 0
@@ -326,7 +395,8 @@ def train(
             # Every rank writes its own part (dense on rank 0, expert shards on data index 0);
             # Ray Train merges the ranks' directories.
             ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{step:07d}-r{info.rank}-")
-            save_checkpoint(ckpt_dir, model, optimizer, plan, state, records={LOAD_HISTORY: load_history, RUN_CONFIG: cfg.to_dict()} if info.rank == 0 else None)
+            save_checkpoint(ckpt_dir, model, optimizer, plan, state, records={LOAD_HISTORY: load_history, RUN_CONFIG: cfg.to_dict()} if info.rank == 0 else None,
+                            only=only)
         # The reporter (Ray Train, and through it Tune's schedulers) sees the latest validation
         # loss in every report; MLflow above gets it only at the steps where it was measured.
         reporter.report({**metrics, "val/loss": last_val} if last_val is not None else metrics, ckpt_dir)

@@ -1,0 +1,120 @@
+"""Fine-tuning with LoRA through the real training loop, one process, no Ray: checkpoints hold only
+what trains, resume is exact, the base is checked, and every way of reading the result (merged
+source, exported model directory) gives base + adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from raymoe.config import config_from_dict
+from raymoe.model.lora import apply_lora, is_adapter
+from raymoe.model.transformer import MoETransformer
+from raymoe.model_dir import ModelSourceError, export_model_dir, open_model, write_model_dir
+from raymoe.parallel.checkpoint import BaseModelChanged, checkpoint_tensor, read_manifest
+from raymoe.train.data import prepare_run_data
+from raymoe.train.loop import DistInfo, train
+from test_loop import KeepingReporter
+
+MODEL = {"hidden_size": 48, "num_layers": 2, "num_heads": 4, "max_seq_len": 64, "num_experts": 4, "top_k": 2,
+         "expert_intermediate_size": 32, "first_k_dense_layers": 1, "dense_intermediate_size": 96,
+         "balance": {"bias_update_rate": 0.01}}
+TRAIN = {"steps": 8, "batch_size": 4, "seq_len": 32, "lr": 1e-2, "warmup_steps": 0, "log_every": 2, "val_every": 4,
+         "val_batches": 1, "checkpoint_every": 4, "sample_tokens": 0}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
+    cfg = config_from_dict({"name": "base", "output_dir": str(root), "model": MODEL, "train": TRAIN})
+    model = MoETransformer(cfg.model)
+    model.init_weights(seed=3)
+    write_model_dir(str(root / "model"), cfg, model.state_dict().items())
+    return str(root / "model")
+
+
+def _cfg(tmp_path, base, **lora):
+    return config_from_dict({"name": "ft", "output_dir": str(tmp_path), "model": {"init_from": base},
+                             "lora": {"rank": 4, "alpha": 8, "targets": ["attention", "dense_ffn", "shared_experts",
+                                                                         "routed_experts"], **lora},
+                             "train": TRAIN, "data": {"max_bytes": 300_000}})
+
+
+def test_a_lora_run_saves_only_adapters_resumes_exactly_and_merges_into_its_base(tmp_path, base_dir):
+    torch.set_num_threads(1)
+    cfg = _cfg(tmp_path, base_dir)
+    corpus = prepare_run_data(cfg).dir
+    info = DistInfo(0, 1, torch.device("cpu"))
+    straight = KeepingReporter(tmp_path / "a")
+    train(cfg, corpus_dir=corpus, reporter=straight, info=info)
+    ckpt = straight.checkpoint(8)
+
+    # Only adapters and the buffers (selection biases) are saved, moments only for adapters.
+    with safe_open(os.path.join(ckpt, "dense.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    weights = {k for k in keys if not k.startswith("opt/")}
+    assert weights and all(is_adapter(k) or k.endswith("expert_bias") for k in weights), weights
+    assert {k.split("/")[1] for k in keys if k.startswith("opt/")} <= {k for k in weights if is_adapter(k)}
+    ckpt_bytes = sum(os.path.getsize(os.path.join(ckpt, n)) for n in os.listdir(ckpt))
+    base_bytes = os.path.getsize(os.path.join(base_dir, "model.safetensors"))
+    assert ckpt_bytes < base_bytes / 2, (ckpt_bytes, base_bytes)
+    assert read_manifest(ckpt)["state"]["extra"]["base"]["init_from"] == base_dir
+
+    # Resume from the step-4 adapter checkpoint: the same losses as the uninterrupted run.
+    resumed = KeepingReporter(tmp_path / "b")
+    train(cfg, corpus_dir=corpus, reporter=resumed, resume_dirs=[straight.checkpoint(4)], info=info)
+    after = [m["train/loss"] for m, _ in straight.reports if m["train/step"] > 4]
+    assert after == pytest.approx([m["train/loss"] for m, _ in resumed.reports], abs=1e-6)
+    first = straight.reports[0][0]["train/loss"]
+    assert straight.reports[-1][0]["train/loss"] < first  # the adapters learned something
+
+    # Reference: base weights + this checkpoint's adapters in an adapted model, unmerged.
+    _, base_model, _, _ = open_model(base_dir)
+    ref = MoETransformer(base_model.cfg)
+    ref.load_state_dict(base_model.state_dict())
+    apply_lora(ref, cfg.lora)
+    manifest = read_manifest(ckpt)
+    with torch.no_grad():
+        for name, p in ref.state_dict().items():
+            if name in weights or (is_adapter(name) and ".experts." in name):
+                p.copy_(checkpoint_tensor(ckpt, manifest, name))
+    ref.eval()
+    x = torch.randint(0, 260, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = ref(x).logits
+        base_logits = base_model(x).logits
+    assert (expected - base_logits).abs().max() > 1e-3  # the adapters moved the model
+
+    _, merged, _, src = open_model(ckpt)  # what `raymoe serve CKPT` loads: the base with adapters merged
+    assert not src.cfg.lora.enabled and "merged" in src.notes[0]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x).logits, expected, rtol=1e-5, atol=1e-5)
+    out = export_model_dir(ckpt, str(tmp_path / "merged"), log=lambda m: None)  # `raymoe export --format raymoe`
+    _, exported, _, _ = open_model(out.path)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_changed_base_is_refused_on_resume_and_on_read(tmp_path, base_dir):
+    import shutil
+
+    base = str(tmp_path / "base-copy")
+    shutil.copytree(base_dir, base)
+    cfg = _cfg(tmp_path, base, targets=["attention"])
+    corpus = prepare_run_data(cfg).dir
+    info = DistInfo(0, 1, torch.device("cpu"))
+    rep = KeepingReporter(tmp_path / "a")
+    train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4)), corpus_dir=corpus, reporter=rep, info=info)
+    # Another model written over the base (same shapes, other weights).
+    other = MoETransformer(cfg.model)
+    other.init_weights(seed=99)
+    shutil.rmtree(base)
+    write_model_dir(base, config_from_dict({"name": "b", "model": MODEL, "train": TRAIN}), other.state_dict().items())
+    with pytest.raises(BaseModelChanged, match="model.init_from now has"):
+        train(cfg, corpus_dir=corpus, reporter=KeepingReporter(tmp_path / "b"), resume_dirs=[rep.checkpoint(4)], info=info)
+    with pytest.raises(ModelSourceError, match="the base model changed since training"):
+        open_model(rep.checkpoint(4))
