@@ -16,6 +16,9 @@ What is notable:
 - `name` carries a hash of the tokenizer's files: the corpus cache fingerprint includes it, so a
   changed tokenizer never reuses shards of another.
 - Batches go through the Rust `encode_batch`, which runs on every core (TOKENIZERS_PARALLELISM).
+- Chat data (train/sft.py) uses `encode_text` (ids, no special tokens added, special-token strings in
+  the text matched), `special_tokens` (what a chat template sees as bos_token, eos_token, ...) and
+  `chat_template()` (the tokenizer's own template, as transformers would load it).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from typing import Sequence, Union
 
 import numpy as np
@@ -47,10 +51,23 @@ class ByteTokenizer:
     unk_id = 259
     eos_ids = frozenset({257})
     add_bos = False
+    special_tokens = {"bos_token": "<bos>", "eos_token": "<eos>"}
+    """What a chat template gets as bos_token / eos_token; encode_text maps these strings back to 256 / 257."""
+    _SPECIAL_RE = re.compile("(<bos>|<eos>)")
 
     def encode(self, text: str) -> np.ndarray:
         # One C-level pass over the bytes: a python list of ints would be ~50x slower on big files.
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.uint16)
+
+    def encode_text(self, text: str) -> np.ndarray:
+        """UTF-8 bytes, except that the literal strings "<bos>" and "<eos>" become ids 256 and 257."""
+        pieces = self._SPECIAL_RE.split(text)  # odd indices are the special tokens
+        ids = [np.array([self.bos_id if p == "<bos>" else self.eos_id], np.uint16) if i % 2 else self.encode(p)
+               for i, p in enumerate(pieces)]
+        return np.concatenate(ids) if ids else np.zeros(0, np.uint16)
+
+    def chat_template(self) -> str | None:
+        return None  # bytes come with no template: data.chat_template names one
 
     def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Each document's ids followed by EOS (the byte corpora never had a BOS)."""
@@ -65,6 +82,10 @@ class ByteTokenizer:
         arr = np.asarray(ids, dtype=np.int64).reshape(-1)
         data = arr[(arr >= 0) & (arr < 256)].astype(np.uint8).tobytes()
         return data.decode("utf-8", errors="replace")
+
+
+# transformers' SPECIAL_TOKENS_ATTRIBUTES: the names chat templates see the special tokens under.
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
 
 def _token_id(tok, value) -> int | None:
@@ -117,6 +138,14 @@ class HFTokenizer:
         # applies its post-processor as written; so do we.
         probe = self._tok.encode("a", add_special_tokens=True).ids
         self.add_bos = self.bos_id is not None and bool(probe) and probe[0] == self.bos_id
+        # The named special tokens as strings, as transformers' special_tokens_map gives them to chat templates.
+        legacy = self._json("special_tokens_map.json")
+        self.special_tokens = {}
+        for key in _SPECIAL_TOKEN_KEYS:
+            value = config.get(key, legacy.get(key))
+            content = value.get("content") if isinstance(value, dict) else value
+            if isinstance(content, str):
+                self.special_tokens[key] = content
 
     def _json(self, name: str) -> dict:
         p = os.path.join(self.dir, name)
@@ -131,6 +160,30 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=True).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """The ids of `text` alone: no BOS/EOS added; special tokens written in the text are matched."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def chat_template(self) -> str | None:
+        """The default chat template, where transformers 5 finds it: chat_template.jinja beside
+        tokenizer.json (which wins), else tokenizer_config.json's chat_template (a string, or a list
+        of {name, template} of which "default" is used). None when there is none."""
+        path = os.path.join(self.dir, "chat_template.jinja")
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        value = self._json("tokenizer_config.json").get("chat_template")
+        if isinstance(value, list):
+            named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+            if "default" not in named:
+                raise TokenizerError(f"{self.dir}/tokenizer_config.json: chat_template lists {sorted(map(str, named))} "
+                                     "but no 'default'; set data.chat_template to a .jinja file")
+            value = named["default"]
+        if value is not None and not isinstance(value, str):
+            raise TokenizerError(f"{self.dir}/tokenizer_config.json: chat_template is a {type(value).__name__}, not a "
+                                 "string; fix it or set data.chat_template to a .jinja file")
+        return value
 
     def encode_documents(self, texts: Sequence[str]) -> list[np.ndarray]:
         """[BOS (if the model uses one)] + ids + [EOS] per document, in one parallel batch."""
