@@ -870,7 +870,10 @@ def _model_from_source(model: dict, base_dir: str | None, tracking_uri: str | No
         if key == "init_from":
             continue
         if key in INIT_FROM_OVERRIDABLE:
-            merged[key] = value
+            # A nested section (balance) is merged key by key: switching off the bias updates
+            # (balance: {bias_update_rate: 0}) keeps the source's other balancing settings.
+            both = isinstance(value, dict) and isinstance(arch.get(key), dict)
+            merged[key] = {**arch[key], **value} if both else value
         elif key not in arch or arch[key] != value:
             shown = arch.get(key, "<unset>")
             _fail(f"model.{key}={value!r} contradicts model.init_from={source} (which has {shown!r}); "

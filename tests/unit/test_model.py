@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.config import config_from_dict
+from raymoe.config import ModelConfig, config_from_dict
 from raymoe.model.transformer import MoETransformer
 
 V = 260  # the smallest vocabulary the byte tokenizer allows
@@ -203,3 +203,27 @@ def test_tiny_model_overfits_a_fixed_batch():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0], f"loss {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_packed_examples_attend_only_to_themselves_and_restart_positions(attention):
+    """Sequence packing (data.format=sft): an example's logits do not depend on the examples packed
+    beside it, and equal those of the example run alone."""
+    cfg = ModelConfig(hidden_size=32, num_layers=2, num_heads=2, max_seq_len=32, attention=attention, kv_lora_rank=16,
+                      qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, num_experts=4, top_k=2,
+                      expert_intermediate_size=16)
+    model = MoETransformer(cfg)
+    model.init_weights(seed=0)
+    model.eval()
+    gen = torch.Generator().manual_seed(1)
+    a, b = torch.randint(0, 260, (7,), generator=gen), torch.randint(0, 260, (9,), generator=gen)
+    segments = torch.tensor([[0] * 7 + [1] * 9])
+    positions = torch.cat([torch.arange(7), torch.arange(9)])[None]
+    with torch.no_grad():
+        packed = model(torch.cat([a, b])[None], positions=positions, segments=segments).logits
+        other = model(torch.cat([torch.randint(0, 260, (7,), generator=gen), b])[None], positions=positions,
+                      segments=segments).logits
+        alone = model(b[None]).logits
+    torch.testing.assert_close(other[0, 7:], packed[0, 7:], rtol=0, atol=1e-6)  # a changed, b's logits did not
+    torch.testing.assert_close(packed[0, 7:], alone[0], rtol=1e-5, atol=1e-5)
+    assert (other[0, :7] - packed[0, :7]).abs().max() > 1e-3

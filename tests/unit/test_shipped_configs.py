@@ -15,9 +15,27 @@ def test_there_are_shipped_configs():
     assert len(CONFIGS) >= 4
 
 
+@pytest.fixture(scope="module")
+def demo_model(tmp_path_factory):
+    """A model directory with the demo's architecture: what finetune-demo.yaml's init_from names
+    (models:/raymoe-demo/latest, which only `make demo` registers)."""
+    from raymoe.model.transformer import MoETransformer
+    from raymoe.model_dir import write_model_dir
+
+    demo = load_config(CONFIGS[0].parent / "demo.yaml")
+    model = MoETransformer(demo.model)
+    model.init_weights(seed=0)
+    out = str(tmp_path_factory.mktemp("demo") / "model")
+    write_model_dir(out, demo, model.state_dict().items())
+    return out
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_config_loads(path):
-    cfg = load_config(path)
+def test_shipped_config_loads(path, request):
+    overrides = []
+    if "init_from: models:/raymoe-demo/" in path.read_text():
+        overrides = [f"model.init_from={request.getfixturevalue('demo_model')}"]
+    cfg = load_config(path, overrides)
     assert cfg.name
 
 
