@@ -79,7 +79,7 @@ class MlflowTracker:
         """After a restart, skip steps this run already logged (they are recomputed from the last
         checkpoint), so every metric's steps stay strictly increasing. Returns that last step."""
         history = self._call("get_metric_history", lambda c: c.get_metric_history(self.run_id, key)) or []
-        self._skip_through = max((int(m.step) for m in history), default=0)
+        self._skip_through = max((int(m.step) for m in history), default=-1)
         return self._skip_through
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
