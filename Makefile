@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.raymoe-installed
 
-.PHONY: demo test test-fast setup clean
+.PHONY: demo finetune-demo test test-fast setup clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/raymoe train jobs/configs/demo.yaml --set name=demo-$$(date +%Y%m%d-%H%M%S)
 	$(BIN)/raymoe serve models:/raymoe-demo/latest --routed --try "def " --try "import os" --try "class "
+
+# LoRA on the model `make demo` registered (models:/raymoe-demo/latest), with the shipped instructions.
+finetune-demo: $(STAMP)
+	$(BIN)/raymoe train jobs/configs/finetune-demo.yaml --set name=finetune-demo-$$(date +%Y%m%d-%H%M%S)
+	$(BIN)/raymoe serve models:/raymoe-demo-chat/latest --routed --try "$$(printf '<|user|>\nWrite a function that adds two numbers.\n<|assistant|>\n')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

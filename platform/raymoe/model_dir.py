@@ -422,8 +422,11 @@ def resolve_local(source: str, tracking_uri: str | None = None) -> str:
         try:
             _DOWNLOADS[key] = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="raymoe-model-"))
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
+            hint = ""
+            if source.startswith("models:/") and "not found" in str(e):
+                hint = " (`make demo` registers raymoe-demo; `raymoe import DIR --register NAME` registers an import)"
             raise ModelSourceError(f"cannot fetch {source} from MLflow ({type(e).__name__}: {str(e)[:200]}); "
-                                   f"check the URI and MLFLOW_TRACKING_URI") from None
+                                   f"check the URI and MLFLOW_TRACKING_URI{hint}") from None
     return _DOWNLOADS[key]
 
 

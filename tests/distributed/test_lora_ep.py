@@ -1,12 +1,14 @@
 """LoRA fine-tuning on sft data, expert-parallel, multi-process with gloo, no Ray: one rank and two
 ranks (each owning half of the experts and their adapters) give the same losses step by step, so
 the adapters are sliced with their experts, their gradients cross the all-to-all, and the loss is
-normalized over the global batch's loss tokens whichever rank holds them."""
+normalized over the global batch's loss tokens whichever rank holds them; and the one-rank run's
+adapter checkpoint resumes on two ranks (resharded) with the same losses as going on with one."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -33,12 +35,12 @@ def _cfg(tmp_path, world):
                  "train_router": True},
         "scaling": {"num_workers": world},
         "train": {"steps": 4, "batch_size": GLOBAL_BATCH // world, "seq_len": 64, "lr": 1e-2, "warmup_steps": 0,
-                  "log_every": 1, "val_every": 2, "val_batches": 1, "checkpoint_every": 1000, "sample_tokens": 0},
+                  "log_every": 1, "val_every": 2, "val_batches": 1, "checkpoint_every": 2, "sample_tokens": 0},
         "data": {"format": "sft", "source": str(tmp_path / "sft.jsonl"), "val_fraction": 0.2},
     })
 
 
-def _worker(rank, world, port, cfg_dict, corpus_dir, out_file):
+def _worker(rank, world, port, cfg_dict, corpus_dir, out_file, resume, keep):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -49,8 +51,12 @@ def _worker(rank, world, port, cfg_dict, corpus_dir, out_file):
     class Reporter:
         def report(self, metrics, checkpoint_dir):
             losses[int(metrics["train/step"])] = [metrics["train/loss"], metrics.get("val/loss")]
+            if checkpoint_dir and keep:  # every rank's part into one directory, as Ray Train merges them
+                shutil.copytree(checkpoint_dir, f"{keep}/step{int(metrics['train/step'])}", dirs_exist_ok=True)
+            dist.barrier()
 
-    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=Reporter(), info=DistInfo(rank, world, torch.device("cpu")))
+    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=Reporter(), info=DistInfo(rank, world, torch.device("cpu")),
+          resume_dirs=[resume] if resume else [])
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(losses, f)
@@ -75,7 +81,8 @@ def test_expert_parallel_lora_on_two_ranks_gives_the_losses_of_one(tmp_path):
     runs = {}
     for world in (1, 2):
         out = tmp_path / f"losses-{world}.json"
-        mp.spawn(_worker, args=(world, _port(), _cfg(tmp_path, world).to_dict(), corpus, str(out)), nprocs=world)
+        keep = str(tmp_path / "ckpts") if world == 1 else None
+        mp.spawn(_worker, args=(world, _port(), _cfg(tmp_path, world).to_dict(), corpus, str(out), None, keep), nprocs=world)
         runs[world] = json.loads(out.read_text())
     assert list(runs[1]) == ["1", "2", "3", "4"]
     for step in runs[1]:
@@ -84,3 +91,11 @@ def test_expert_parallel_lora_on_two_ranks_gives_the_losses_of_one(tmp_path):
         if va is not None:
             assert vb == pytest.approx(va, rel=1e-5)
     assert runs[1]["4"][0] < runs[1]["1"][0]  # it trains
+
+    out = tmp_path / "losses-resumed.json"
+    mp.spawn(_worker, args=(2, _port(), _cfg(tmp_path, 2).to_dict(), corpus, str(out), str(tmp_path / "ckpts" / "step2"), None),
+             nprocs=2)
+    resumed = json.loads(out.read_text())
+    assert list(resumed) == ["3", "4"]
+    for step in resumed:
+        assert resumed[step][0] == pytest.approx(runs[1][step][0], rel=1e-5), step

@@ -112,7 +112,9 @@ def test_check_accepts_the_demo_config():
 
 
 def test_check_accepts_every_shipped_config_at_once():
-    paths = sorted(str(p.relative_to(REPO)) for p in CONFIGS.glob("*.yaml"))
+    # Not finetune-demo.yaml: its init_from is the model `make demo` registers (test_shipped_configs
+    # loads it against a stand-in).
+    paths = sorted(str(p.relative_to(REPO)) for p in CONFIGS.glob("*.yaml") if "init_from:" not in p.read_text())
     r = _raymoe("check", *paths)
     assert r.returncode == 0, r.stderr
     assert len(r.stdout.strip().splitlines()) == len(paths)

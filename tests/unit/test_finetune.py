@@ -118,3 +118,15 @@ def test_a_changed_base_is_refused_on_resume_and_on_read(tmp_path, base_dir):
         train(cfg, corpus_dir=corpus, reporter=KeepingReporter(tmp_path / "b"), resume_dirs=[rep.checkpoint(4)], info=info)
     with pytest.raises(ModelSourceError, match="the base model changed since training"):
         open_model(rep.checkpoint(4))
+
+
+def test_tune_searches_the_lora_keys(tmp_path, base_dir):
+    from raymoe.tune import apply_params
+
+    cfg = config_from_dict({"name": "search", "output_dir": str(tmp_path), "model": {"init_from": base_dir},
+                            "lora": {"rank": 4}, "train": TRAIN,
+                            "tune": {"space": {"lora.rank": {"choice": [2, 8]}, "lora.alpha": {"uniform": [4, 32]},
+                                               "train.lr": {"loguniform": [1e-4, 1e-2]}}}})
+    trial = apply_params(cfg.to_dict(), {"lora.rank": 8, "lora.alpha": 20.0, "train.lr": 3e-3}, "trial 1")
+    assert (trial.lora.rank, trial.lora.scale, trial.train.lr) == (8, 2.5, 3e-3)
+    assert trial.model_hash() != cfg.model_hash()  # another adapter shape: its checkpoints are its own
