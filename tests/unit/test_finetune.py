@@ -63,6 +63,8 @@ def test_a_lora_run_saves_only_adapters_resumes_exactly_and_merges_into_its_base
     base_bytes = os.path.getsize(os.path.join(base_dir, "model.safetensors"))
     assert ckpt_bytes < base_bytes / 2, (ckpt_bytes, base_bytes)
     assert read_manifest(ckpt)["state"]["extra"]["base"]["init_from"] == base_dir
+    bias = checkpoint_tensor(ckpt, read_manifest(ckpt), "layers.1.ffn.router.expert_bias")
+    assert float(bias.abs().max()) > 0  # the base's bias_update_rate (0.01) kept moving it
 
     # Resume from the step-4 adapter checkpoint: the same losses as the uninterrupted run.
     resumed = KeepingReporter(tmp_path / "b")
@@ -105,10 +107,17 @@ def test_a_changed_base_is_refused_on_resume_and_on_read(tmp_path, base_dir):
     base = str(tmp_path / "base-copy")
     shutil.copytree(base_dir, base)
     cfg = _cfg(tmp_path, base, targets=["attention"])
+    # Routing-bias updates off for the fine-tune, merged into the base's balancing settings.
+    cfg = config_from_dict({**cfg.to_dict(), "model": {"init_from": base, "balance": {"bias_update_rate": 0.0}}})
+    assert cfg.model.balance.bias_update_rate == 0.0 and cfg.model.balance == dataclasses.replace(
+        config_from_dict({"model": MODEL, "train": TRAIN}).model.balance, bias_update_rate=0.0)
     corpus = prepare_run_data(cfg).dir
     info = DistInfo(0, 1, torch.device("cpu"))
     rep = KeepingReporter(tmp_path / "a")
     train(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4)), corpus_dir=corpus, reporter=rep, info=info)
+    manifest = read_manifest(rep.checkpoint(4))
+    assert float(checkpoint_tensor(rep.checkpoint(4), manifest, "layers.1.ffn.router.expert_bias").abs().max()) == 0.0
+    assert rep.reports[-1][0]["memory/optimizer_state_bytes"] > 0
     # Another model written over the base (same shapes, other weights).
     other = MoETransformer(cfg.model)
     other.init_weights(seed=99)

@@ -440,18 +440,22 @@ class Corpus:
         """The concatenated token stream of a split (uint16 or uint32), every shard checked against its sha256."""
         parts = []
         for shard in self._split(split)["shards"]:
-            path = os.path.join(self.dir, shard["file"])
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise DataError(f"{path}: shard is missing; delete {self.dir} to re-tokenize") from None
-            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise DataError(f"{path}: shard is corrupted (sha256 differs from manifest.json); delete {self.dir} to re-tokenize")
-            column = pq.read_table(io.BytesIO(data)).column("tokens").combine_chunks()
+            column = self.read_shard(shard).column("tokens").combine_chunks()
             parts.append(column.flatten().to_numpy(zero_copy_only=False))
         dtype = _TOKEN_TYPES[self.manifest.get("token_type", "uint16")][0]
         return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype)
+
+    def read_shard(self, shard: dict[str, Any]) -> pa.Table:
+        """One shard of the manifest as a table, after checking its sha256."""
+        path = os.path.join(self.dir, shard["file"])
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise DataError(f"{path}: shard is missing; delete {self.dir} to re-tokenize") from None
+        if hashlib.sha256(data).hexdigest() != shard["sha256"]:
+            raise DataError(f"{path}: shard is corrupted (sha256 differs from manifest.json); delete {self.dir} to re-tokenize")
+        return pq.read_table(io.BytesIO(data))
 
     def _split(self, split: str) -> dict[str, Any]:
         if split not in SPLITS:
@@ -466,6 +470,31 @@ def _load_manifest(final_dir: str) -> dict[str, Any]:
             return json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: unreadable cache manifest ({e}); delete {final_dir} to re-tokenize") from None
+
+
+def build_once(cache_dir: str, final_dir: str, build: Callable[[str], dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+    """`build(tmp_dir)` writes shards and returns their manifest; the directory is renamed to
+    final_dir once complete, so a crash never leaves a cache that looks valid. Returns (manifest,
+    reused): of two concurrent builders, the loser of the rename uses the winner's identical shards."""
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp_dir = os.path.join(cache_dir, f".tmp-{os.path.basename(final_dir)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    os.makedirs(tmp_dir)
+    try:
+        manifest = build(tmp_dir)
+        manifest["fingerprint"] = os.path.basename(final_dir)
+        with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
+            json.dump(manifest, f, indent=1)
+        try:
+            os.rename(tmp_dir, final_dir)
+        except OSError:
+            if not os.path.isdir(final_dir):
+                raise
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            return _load_manifest(final_dir), True
+        return manifest, False
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
 
 
 def open_corpus(corpus_dir: str) -> Corpus:
@@ -491,27 +520,9 @@ def prepare_corpus(
         manifest = _load_manifest(final_dir)
         log(f"reusing tokenized corpus {final_dir} ({_summary(manifest)})")
     else:
-        os.makedirs(cache_dir, exist_ok=True)
-        tmp_dir = os.path.join(cache_dir, f".tmp-{os.path.basename(final_dir)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-        os.makedirs(tmp_dir)
-        try:
-            t0 = time.perf_counter()
-            manifest = _tokenize_into(tmp_dir, src, cfg, tok, log)
-            manifest["fingerprint"] = os.path.basename(final_dir)
-            with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
-                json.dump(manifest, f, indent=1)
-            try:
-                os.rename(tmp_dir, final_dir)
-            except OSError:
-                # Another process finished the same fingerprint first; its shards are identical.
-                if not os.path.isdir(final_dir):
-                    raise
-                shutil.rmtree(tmp_dir, ignore_errors=True)
-                manifest, reused = _load_manifest(final_dir), True
-            log(f"tokenized {_summary(manifest)} in {time.perf_counter() - t0:.1f}s -> {final_dir}")
-        except BaseException:
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            raise
+        t0 = time.perf_counter()
+        manifest, reused = build_once(cache_dir, final_dir, lambda d: _tokenize_into(d, src, cfg, tok, log))
+        log(f"tokenized {_summary(manifest)} in {time.perf_counter() - t0:.1f}s -> {final_dir}")
     for split in SPLITS:
         n = manifest["splits"][split]["num_tokens"]
         if n < seq_len + 1:
@@ -544,6 +555,28 @@ def _gather_windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tup
     return batch[:, :-1], batch[:, 1:]
 
 
+class EpochOrder:
+    """The global order of n items (windows, packed rows): a seeded permutation per epoch. `position`
+    counts items consumed by all ranks; rank r of a step takes [position + r*B, position + (r+1)*B),
+    so a run resumed at another world size continues the same global sequence."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            # A batch straddles at most two epochs; keep only those.
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perms[epoch]
+
+    def indices(self, position: int, rank: int, batch_size: int) -> np.ndarray:
+        global_idx = position + rank * batch_size + np.arange(batch_size)
+        epochs, within = np.divmod(global_idx, self.n)
+        return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, within)], dtype=np.int64)
+
+
 class BatchIterator:
     """Seeded, resumable batches of one rank; `position` counts windows consumed by all ranks."""
 
@@ -573,20 +606,11 @@ class BatchIterator:
                 f"but one step needs train.batch_size*workers={batch_size}*{world_size}={need} sequences "
                 f"({need * seq_len + 1} tokens); add data, raise data.max_bytes, or lower train.batch_size/train.seq_len"
             )
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            # A batch straddles at most two epochs; keep only those.
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
-        return self._perms[epoch]
+        self._order = EpochOrder(self.num_windows, seed)
 
     def window_indices(self) -> np.ndarray:
         """Which windows (token offset / seq_len) this rank's next batch holds."""
-        global_idx = self.position + self.rank * self.batch_size + np.arange(self.batch_size)
-        epochs, within = np.divmod(global_idx, self.num_windows)
-        return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, within)], dtype=np.int64)
+        return self._order.indices(self.position, self.rank, self.batch_size)
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(inputs, targets), both int64 [batch_size, seq_len]; targets are inputs shifted by one."""

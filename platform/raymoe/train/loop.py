@@ -144,6 +144,12 @@ def _to_device(batch, device: torch.device):
     return tuple(t.to(device, non_blocking=True) for t in (batch.inputs, batch.targets, batch.loss_mask, batch.positions, batch.segments))
 
 
+def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the AdamW moments this rank holds (what LoRA and freezing shrink)."""
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if torch.is_tensor(t) and t.dim() > 0)
+
+
 def _load_init_from(model, cfg: RunConfig, mesh, log) -> str:
     """model.init_from's weights into the (parallelized) model; returns the source's fingerprint.
     Each rank reads the dense tensors and only the rows of the experts it owns."""
@@ -367,6 +373,7 @@ def train(
             tok_s = throughput.rate()
             metrics.update({"train/loss": last_train, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
             metrics["train/tokens_seen"] = float(step * tokens_per_step)
+            metrics["memory/optimizer_state_bytes"] = float(_optimizer_state_bytes(optimizer))  # this rank's
             if sft:
                 metrics["train/loss_tokens_per_s"] = tok_s * window_loss_tokens / (tokens_per_step * tc.log_every)
                 window_loss_tokens = 0.0

@@ -48,12 +48,9 @@ example is at most 256 bytes, so it fits the demo model's seq_len 256).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import shutil
 import time
-import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
@@ -73,7 +70,10 @@ from raymoe.train.data import (
     _file_sha256,
     _is_val,
     _iter_lines,
+    Corpus,
+    EpochOrder,
     _list_source,
+    build_once,
     _open_binary,
     _Source,
     get_tokenizer,
@@ -444,13 +444,8 @@ def _build_into(out_dir: str, src: _Source, cfg: DataConfig, tok: Tokenizer, tem
 
 
 @dataclass(frozen=True)
-class SFTCorpus:
+class SFTCorpus(Corpus):
     """Tokenized SFT examples on disk: parquet shards (tokens, loss per example) plus manifest.json."""
-
-    dir: str
-    manifest: dict[str, Any]
-    reused: bool
-    """True when the shards came from an earlier (or concurrent) call rather than this one."""
 
     def num_examples(self, split: str) -> int:
         return int(self._split(split)["num_examples"])
@@ -460,16 +455,7 @@ class SFTCorpus:
         dtype = _TOKEN_TYPES[self.manifest["token_type"]][0]
         out = []
         for shard in self._split(split)["shards"]:
-            path = os.path.join(self.dir, shard["file"])
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise DataError(f"{path}: shard is missing; delete {self.dir} to re-tokenize") from None
-            if hashlib.sha256(data).hexdigest() != shard["sha256"]:
-                raise DataError(f"{path}: shard is corrupted (sha256 differs from manifest.json); "
-                                f"delete {self.dir} to re-tokenize")
-            table = pq.read_table(io.BytesIO(data))
+            table = self.read_shard(shard)
             tokens, loss = (table.column(c).combine_chunks() for c in ("tokens", "loss"))
             offsets = tokens.offsets.to_numpy()
             cuts = offsets[1:-1] - offsets[0]
@@ -477,11 +463,6 @@ class SFTCorpus:
             masks = loss.flatten().to_numpy(zero_copy_only=False).astype(bool, copy=False)
             out += list(zip(np.split(values, cuts), np.split(masks, cuts)))
         return out
-
-    def _split(self, split: str) -> dict[str, Any]:
-        if split not in SPLITS:
-            raise ValueError(f"split={split!r} must be one of {SPLITS}")
-        return self.manifest["splits"][split]
 
 
 def _load_manifest(corpus_dir: str) -> dict[str, Any]:
@@ -545,28 +526,9 @@ def prepare_sft(cfg: DataConfig, cache_dir: str, seq_len: int, tokenizer: Option
         manifest = _load_manifest(final_dir)
         log(f"reusing SFT examples {final_dir} ({_summary(manifest)})")
         return SFTCorpus(dir=final_dir, manifest=manifest, reused=True)
-    os.makedirs(cache_dir, exist_ok=True)
-    tmp_dir = os.path.join(cache_dir, f".tmp-{os.path.basename(final_dir)}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    os.makedirs(tmp_dir)
-    reused = False
-    try:
-        t0 = time.perf_counter()
-        manifest = _build_into(tmp_dir, src, cfg, tok, template, seq_len, log)
-        manifest["fingerprint"] = os.path.basename(final_dir)
-        with open(os.path.join(tmp_dir, "manifest.json"), "w") as f:
-            json.dump(manifest, f, indent=1)
-        try:
-            os.rename(tmp_dir, final_dir)
-        except OSError:
-            # Another process finished the same fingerprint first; its shards are identical.
-            if not os.path.isdir(final_dir):
-                raise
-            shutil.rmtree(tmp_dir, ignore_errors=True)
-            manifest, reused = _load_manifest(final_dir), True
-        log(f"tokenized SFT examples: {_summary(manifest)} in {time.perf_counter() - t0:.1f}s -> {final_dir}")
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+    t0 = time.perf_counter()
+    manifest, reused = build_once(cache_dir, final_dir, lambda d: _build_into(d, src, cfg, tok, template, seq_len, log))
+    log(f"tokenized SFT examples: {_summary(manifest)} in {time.perf_counter() - t0:.1f}s -> {final_dir}")
     return SFTCorpus(dir=final_dir, manifest=manifest, reused=reused)
 
 
@@ -680,20 +642,11 @@ class SFTBatches:
         num_slots = self.num_rows * seq_len
         self.padding_fraction = 1.0 - float(slots.sum()) / num_slots
         self.loss_fraction = sum(int(loss[1:].sum()) for _, loss in examples) / num_slots
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            # A batch straddles at most two epochs; keep only those.
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
-        return self._perms[epoch]
+        self._order = EpochOrder(self.num_rows, seed)
 
     def row_indices(self) -> np.ndarray:
         """Which rows this rank's next batch holds."""
-        global_idx = self.position + self.rank * self.batch_size + np.arange(self.batch_size)
-        epochs, within = np.divmod(global_idx, self.num_rows)
-        return np.array([self._permutation(int(e))[i] for e, i in zip(epochs, within)], dtype=np.int64)
+        return self._order.indices(self.position, self.rank, self.batch_size)
 
     def next_batch(self) -> SFTBatch:
         batch = _rows_batch(self.examples, [self.rows[i] for i in self.row_indices()], self.seq_len, self.pad_id)
