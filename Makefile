@@ -1,5 +1,7 @@
 # The README's commands. Each bootstraps .venv on first use (a few minutes), then reuses it.
 PYTHON ?= python3
+# bash: finetune-demo's prompt ends in a newline, which $'...' keeps and $(printf ...) drops.
+SHELL  := /bin/bash
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.raymoe-installed
@@ -25,7 +27,7 @@ demo: $(STAMP)
 # LoRA on the model `make demo` registered (models:/raymoe-demo/latest), with the shipped instructions.
 finetune-demo: $(STAMP)
 	$(BIN)/raymoe train jobs/configs/finetune-demo.yaml --set name=finetune-demo-$$(date +%Y%m%d-%H%M%S)
-	$(BIN)/raymoe serve models:/raymoe-demo-chat/latest --routed --try "$$(printf '<|user|>\nWrite a function that adds two numbers.\n<|assistant|>\n')"
+	$(BIN)/raymoe serve models:/raymoe-demo-chat/latest --routed --try $$'<|user|>\nWrite a function that adds two numbers.\n<|assistant|>\n'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -257,6 +257,9 @@ def run_training(
                 weights = {name: final.tensor(name) for name in final.names()}
                 if tracker:
                     log_final_artifacts(tracker, final.cfg, d, weights)
+                    if cfg.lora.enabled and cfg.tracking.log_checkpoint:
+                        # The adapters alone too (kilobytes to megabytes), with the manifest naming their base.
+                        tracker.log_artifact(d, "adapter")
                 sample = sample_from_weights(final.cfg, weights)
     if tracker:
         tracker.finish("FINISHED")

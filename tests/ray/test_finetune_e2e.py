@@ -43,8 +43,8 @@ def test_finetune_demo_trains_lora_survives_a_killed_worker_and_serves_the_merge
     history = {k: [(m.step, m.value) for m in client.get_metric_history(outcome.mlflow_run_id, k)]
                for k in ("val/loss", "params/trainable_per_rank", "data/loss_fraction", "train/loss_tokens_per_s",
                          "elastic/restarts")}
-    (_, v10), (_, v20) = history["val/loss"]
-    assert v20 < v10  # held-out assistant tokens get likelier
+    (s0, v0), (_, v10), (_, v20) = history["val/loss"]
+    assert s0 == 0 and v20 < v10 < v0  # held-out assistant tokens get likelier than under the base
     assert history["elastic/restarts"] == [(10, 1.0)]
     (_, trainable), = history["params/trainable_per_rank"]
     assert 0 < trainable < 0.2 * sum(p.numel() for p in base.parameters())
@@ -58,6 +58,8 @@ def test_finetune_demo_trains_lora_survives_a_killed_worker_and_serves_the_merge
 
     # What MLflow registered is the merged model, the same as reading the adapter checkpoint.
     assert outcome.registered_model.startswith("models:/raymoe-demo-chat/")
+    logged = {a.path for a in client.list_artifacts(outcome.mlflow_run_id, "adapter")}
+    assert "adapter/manifest.json" in logged and "adapter/dense.safetensors" in logged
     _, served, tok, _ = open_model(outcome.registered_model, tracking_uri=uri)
     _, merged, _, _ = open_model(outcome.checkpoint_path)
     x = torch.tensor([[int(t) for t in tok.encode("<|user|>\nWrite a function that adds two numbers.\n<|assistant|>\n")]])

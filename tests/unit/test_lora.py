@@ -151,3 +151,26 @@ def _wrap(experts):
     layer.ffn.experts = experts
     root.layers = torch.nn.ModuleList([layer])
     return root
+
+
+def test_a_frozen_base_in_bf16_keeps_adapters_embedding_and_norms_in_fp32_and_computes_alike():
+    from raymoe.model.lora import cast_frozen_
+
+    lora = LoraConfig(rank=4, targets=ALL)
+    model = _model()
+    apply_lora(model, lora)
+    _randomize_b(model)
+    set_trainable(model, SimpleNamespace(lora=lora, train=SimpleNamespace(freeze=())))
+    x = _tokens()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model(x).logits.float()  # fp32 weights, bf16 compute: what storing them in bf16 must match
+    saved = cast_frozen_(model, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert saved == sum(p.numel() * 2 for n, p in model.named_parameters() if dtypes[n] == torch.bfloat16)
+    assert dtypes["layers.1.ffn.experts.w1"] == dtypes["layers.0.attn.wkv_a.weight"] == torch.bfloat16
+    assert dtypes["embed.weight"] == dtypes["layers.0.attn_norm.weight"] == dtypes["layers.0.attn.wkv_a.lora_A"] == torch.float32
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x).logits.float()
+    # Linear layers compute identically (autocast rounded their weights to bf16 already); the fp32
+    # router now reads bf16-rounded weights, the only source of difference.
+    assert (out - ref).abs().max() / ref.abs().max() < 0.02

@@ -131,13 +131,18 @@ def set_trainable(model: nn.Module, cfg: RunConfig) -> None:
         raise ValueError(f"train.freeze={list(cfg.train.freeze)} leaves nothing to train; unfreeze at least one part")
 
 
-def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> None:
-    """Frozen matrices to `dtype` (bf16 on GPU: half the bytes; compute casts to bf16 anyway).
-    Vectors (norm scales, biases) stay as they are: rms_norm reads them in the input's precision."""
+def cast_frozen_(model: nn.Module, dtype: torch.dtype) -> int:
+    """Frozen matrices to `dtype` (bf16 under bf16 autocast: half the bytes, and the matmuls cast to
+    bf16 anyway); returns the bytes saved. Kept as they are: vectors (norm scales, biases: rms_norm
+    reads them in the input's precision) and the embedding table, whose output starts the fp32
+    residual stream (autocast does not cover the lookup)."""
+    saved = 0
     with torch.no_grad():
-        for p in model.parameters():
-            if not p.requires_grad and p.dim() >= 2 and p.is_floating_point():
+        for name, p in model.named_parameters():
+            if not p.requires_grad and p.dim() >= 2 and p.is_floating_point() and p.dtype != dtype and name != "embed.weight":
+                saved += p.numel() * (p.element_size() - torch.empty((), dtype=dtype).element_size())
                 p.data = p.data.to(dtype)
+    return saved
 
 
 def linear_delta(a_RI: torch.Tensor, b_OR: torch.Tensor, scale: float) -> torch.Tensor:

@@ -225,8 +225,9 @@ def train(
     if cfg.lora.enabled:
         base_fingerprint = _load_init_from(model, cfg, mesh, log)
         state.extra["base"] = {"init_from": cfg.model.init_from, "fingerprint": base_fingerprint}
-        if info.device.type == "cuda" and _uses_bf16(tc, info.device):
-            cast_frozen_(model, torch.bfloat16)  # compute is bf16 anyway; the frozen copy needs no fp32
+        if _uses_bf16(tc, info.device):  # compute is bf16 anyway; the frozen copy needs no fp32
+            saved = cast_frozen_(model, torch.bfloat16)
+            log(f"frozen base held in bf16 ({saved / 2**20:.1f} MiB less per rank)")
     trainable, total = count_parameters(model)
     resumed = load_latest_good(list(resume_dirs), model, optimizer, plan, cfg.model_hash(), log=log,
                                only=only, expect_base=base_fingerprint)
@@ -288,6 +289,12 @@ def train(
         start = {"params/trainable_per_rank": trainable, "params/total_per_rank": total}
         if sft:
             start.update({"data/padding_fraction": batches.padding_fraction, "data/loss_fraction": batches.loss_fraction})
+            log(f"sft data: {batches.num_rows} rows of {tc.seq_len} tokens, {100 * batches.loss_fraction:.1f}% of "
+                f"slots carry loss, {100 * batches.padding_fraction:.1f}% padding")
+        if cfg.model.init_from:
+            # Where fine-tuning starts from, on the same held-out data: the baseline of every later val/loss.
+            start["val/loss"] = last_val = evaluate(model, val, cfg, info)
+            log(f"validation loss of model.init_from before training: {last_val:.4f}")
         tracker.log_metrics(start, step=0)
     if state.step >= tc.steps:
         log(f"already at step {state.step} of train.steps={tc.steps}; nothing to train")
