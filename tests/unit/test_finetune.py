@@ -139,3 +139,48 @@ def test_tune_searches_the_lora_keys(tmp_path, base_dir):
     trial = apply_params(cfg.to_dict(), {"lora.rank": 8, "lora.alpha": 20.0, "train.lr": 3e-3}, "trial 1")
     assert (trial.lora.rank, trial.lora.scale, trial.train.lr) == (8, 2.5, 3e-3)
     assert trial.model_hash() != cfg.model_hash()  # another adapter shape: its checkpoints are its own
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_lora_sft_on_a_hugging_face_checkpoint_exports_merged_weights_that_transformers_loads(tmp_path):
+    """The path a user takes: a Hugging Face MoE and its tokenizer (with its own chat template),
+    LoRA on instruction data, `raymoe export` back to Hugging Face: from_pretrained gives the logits
+    of base + adapters."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from raymoe.model_dir import export_hf
+    from tiny_hf import save
+
+    hf_dir, original = save("DeepseekV3ForCausalLM", tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    (tmp_path / "hf" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    with open(tmp_path / "chats.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"count to {i % 5 + 2}"},
+                                             {"role": "assistant", "content": " ".join(str(k) for k in range(1, i % 5 + 3))}]}) + "\n")
+    cfg = config_from_dict({
+        "name": "hf-ft", "output_dir": str(tmp_path / "out"), "model": {"init_from": hf_dir},
+        "lora": {"rank": 4, "alpha": 8, "targets": ["attention", "dense_ffn", "shared_experts", "routed_experts"]},
+        "train": {**TRAIN, "steps": 4, "seq_len": 64, "checkpoint_every": 4},
+        "data": {"format": "sft", "source": str(tmp_path / "chats.jsonl"), "val_fraction": 0.2},
+    })
+    corpus = prepare_run_data(cfg)
+    assert corpus.manifest["tokenizer"].startswith("hf-")  # the checkpoint's tokenizer and its template
+    rep = KeepingReporter(tmp_path / "r")
+    train(cfg, corpus_dir=corpus.dir, reporter=rep, info=DistInfo(0, 1, torch.device("cpu")))
+
+    export_hf(rep.checkpoint(4), str(tmp_path / "export"), log=lambda m: None)
+    exported = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).eval()
+    assert type(exported).__name__ == "DeepseekV3ForCausalLM"
+    assert "chat_template" in json.loads((tmp_path / "export" / "tokenizer_config.json").read_text())
+    _, merged, _, _ = open_model(rep.checkpoint(4))
+    x = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        theirs, ours, before = exported(x).logits, merged(x).logits, original.eval()(x).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    assert (theirs - before).abs().max() > 1e-3  # the adapters are in the exported weights

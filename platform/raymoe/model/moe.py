@@ -167,7 +167,9 @@ def _apply_capacity(expert_TK, keep_TK, capacity: int, num_experts: int):
 
 def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """out[rows of expert e] = x[rows of expert e] @ w[e]; rows sorted by expert, counts [E]."""
-    if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and w_EDF.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+    # _grouped_mm wants 16-byte-aligned rows (8 bf16 numbers): a LoRA rank of 4, say, takes the fallback.
+    aligned = x_ND.shape[-1] % 8 == 0 and w_EDF.shape[-1] % 8 == 0
+    if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and w_EDF.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x_ND, w_EDF, offs=offs)
     # Fallback: one matmul per contiguous segment. unbind's backward stacks the per-expert
