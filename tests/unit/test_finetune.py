@@ -184,3 +184,21 @@ def test_lora_sft_on_a_hugging_face_checkpoint_exports_merged_weights_that_trans
         theirs, ours, before = exported(x).logits, merged(x).logits, original.eval()(x).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     assert (theirs - before).abs().max() > 1e-3  # the adapters are in the exported weights
+
+
+def test_full_fine_tuning_with_frozen_parts_leaves_them_exactly_as_the_base_had_them(tmp_path, base_dir):
+    cfg = config_from_dict({"name": "frozen", "output_dir": str(tmp_path), "model": {"init_from": base_dir},
+                            "train": {**TRAIN, "steps": 4, "checkpoint_every": 4, "freeze": ["embeddings", "router"]},
+                            "data": {"max_bytes": 300_000}})
+    rep = KeepingReporter(tmp_path / "r")
+    train(cfg, corpus_dir=prepare_run_data(cfg).dir, reporter=rep, info=DistInfo(0, 1, torch.device("cpu")))
+    ckpt = rep.checkpoint(4)
+    manifest = read_manifest(ckpt)
+    _, base, _, _ = open_model(base_dir)
+    own = base.state_dict()
+    for name in ("embed.weight", "lm_head.weight", "layers.1.ffn.router.weight"):
+        assert torch.equal(checkpoint_tensor(ckpt, manifest, name), own[name]), name
+    for name in ("layers.0.attn.wq.weight", "layers.1.ffn.experts.w1"):
+        assert not torch.equal(checkpoint_tensor(ckpt, manifest, name), own[name]), name
+    with safe_open(os.path.join(ckpt, "dense.safetensors"), "pt") as f:
+        assert "opt/embed.weight/exp_avg" not in f.keys() and "opt/layers.0.attn.wq.weight/exp_avg" in f.keys()
