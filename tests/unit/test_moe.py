@@ -491,3 +491,24 @@ def test_group_limited_routing_keeps_each_token_on_at_most_top_k_groups_expert_r
     unlimited.weight.data.copy_(router.weight.data)
     spread = unlimited(torch.randn(512, 32)).expert_TK // 2
     assert max(len(set(r.tolist())) for r in spread) > 2
+
+
+@pytest.mark.parametrize("score_func", ["softmax", "sigmoid"])
+def test_padding_loads_no_expert_and_enters_no_balance_loss(score_func):
+    """Packed sft rows end in padding: it is routed (outputs discarded) but its slots are not kept,
+    take no capacity, and count in neither the loads the bias moves on nor any balance loss."""
+    balance = {"aux_loss_coef": 0.01, "seq_aux_loss_coef": 0.001, "z_loss_coef": 0.001}
+    router = _router(num_experts=8, top_k=2, score_func=score_func, capacity_factor=1.0, balance=balance)
+    router.train()
+    x = torch.randn(12, 8, generator=torch.Generator().manual_seed(0))
+    pad = torch.zeros(4, 8)
+    pad[:, 0] = 9.0  # padding all prefers expert 0: counted, it would skew every statistic
+    valid = torch.tensor([True] * 12 + [False] * 4)
+    padded = router(torch.cat([x, pad]), batch_size=1, valid_T=valid)
+    alone = router(x, batch_size=1)
+    assert torch.equal(padded.tokens_per_expert_E, alone.tokens_per_expert_E)
+    assert not padded.keep_TK[12:].any() and torch.equal(padded.keep_TK[:12], alone.keep_TK)
+    assert int(padded.num_dropped) == int(alone.num_dropped)
+    torch.testing.assert_close(padded.aux_loss, alone.aux_loss)
+    unmasked = router(torch.cat([x, pad]), batch_size=1)
+    assert int(unmasked.tokens_per_expert_E[0]) == int(alone.tokens_per_expert_E[0]) + 4  # what the mask removes

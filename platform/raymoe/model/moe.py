@@ -85,7 +85,9 @@ class TopKRouter(nn.Module):
             return logits_TE, logits_TE.softmax(dim=-1)
         return logits_TE, logits_TE.sigmoid()
 
-    def forward(self, x_TD: torch.Tensor, batch_size: int = 1) -> Routing:
+    def forward(self, x_TD: torch.Tensor, batch_size: int = 1, valid_T: torch.Tensor | None = None) -> Routing:
+        """`valid_T` (bool [T], None = all): padding is routed (its outputs are discarded) but takes
+        no expert capacity and counts in no load, balance loss or bias update."""
         T, E, K = x_TD.shape[0], self.num_experts, self.top_k
         logits_TE, scores_TE = self.scores(x_TD)
 
@@ -110,36 +112,56 @@ class TopKRouter(nn.Module):
         keep_TK = weight_TK.detach() >= self.gate_threshold if self.gate_threshold > 0 else torch.ones_like(expert_TK, dtype=torch.bool)
         weight_TK = weight_TK * self.route_scale
 
-        tokens_per_expert_E = torch.bincount(expert_TK.flatten(), minlength=E)
+        if valid_T is None:
+            tokens_per_expert_E = torch.bincount(expert_TK.flatten(), minlength=E)
+        else:
+            keep_TK = keep_TK & valid_T[:, None]
+            slot_weight = valid_T[:, None].expand(T, K).flatten().to(torch.float32)
+            tokens_per_expert_E = torch.bincount(expert_TK.flatten(), weights=slot_weight, minlength=E).long()
         num_dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
         if self.capacity_factor is not None:
-            capacity = math.ceil(self.capacity_factor * T * K / E)
+            real = T if valid_T is None else int(valid_T.sum())  # padding does not earn capacity
+            capacity = math.ceil(self.capacity_factor * real * K / E)
             keep_TK, num_dropped = _apply_capacity(expert_TK, keep_TK, capacity, E)
         weight_TK = weight_TK * keep_TK
 
-        aux = self._balance_loss(logits_TE, scores_TE, expert_TK, batch_size) if self.training else logits_TE.new_zeros(())
+        aux = self._balance_loss(logits_TE, scores_TE, expert_TK, batch_size, valid_T) if self.training else logits_TE.new_zeros(())
         return Routing(expert_TK, weight_TK, keep_TK, tokens_per_expert_E, num_dropped, aux)
 
-    def _balance_loss(self, logits_TE, scores_TE, expert_TK, batch_size: int) -> torch.Tensor:
+    def _balance_loss(self, logits_TE, scores_TE, expert_TK, batch_size: int, valid_T=None) -> torch.Tensor:
         b, E, K = self.balance, self.num_experts, self.top_k
         loss = logits_TE.new_zeros(())
+        if valid_T is not None:
+            # Means over real tokens only: padding's affinities and choices do not enter any loss.
+            w_T1 = valid_T.to(logits_TE.dtype)[:, None]
+            mean_T = lambda t: (t * w_T1).sum(0) / w_T1.sum().clamp(min=1)  # noqa: E731
+        else:
+            mean_T = lambda t: t.mean(0)  # noqa: E731
         if b.aux_loss_coef > 0 or b.seq_aux_loss_coef > 0:
             # Normalized affinities: softmax scores already sum to 1; sigmoid ones are normalized.
             probs_TE = scores_TE / scores_TE.sum(dim=-1, keepdim=True)
             chosen_TE = torch.zeros_like(probs_TE).scatter_(1, expert_TK, 1.0)
         if b.aux_loss_coef > 0:
             # Switch/GShard: E * sum_i f_i * P_i, f_i = share of the T*K slots routed to i.
-            f_E = chosen_TE.mean(0) / K
-            loss = loss + b.aux_loss_coef * E * (f_E * probs_TE.mean(0)).sum()
+            f_E = mean_T(chosen_TE) / K
+            loss = loss + b.aux_loss_coef * E * (f_E * mean_T(probs_TE)).sum()
         if b.seq_aux_loss_coef > 0:
             # DeepSeek-V3 sequence-wise: per sequence, f_i = E / (K * S) * count_i, P_i = mean
             # normalized affinity; averaged over the batch's sequences.
             S = probs_TE.shape[0] // batch_size
-            f_BE = chosen_TE.view(batch_size, S, E).sum(1) * (E / (K * S))
-            P_BE = probs_TE.view(batch_size, S, E).mean(1)
-            loss = loss + b.seq_aux_loss_coef * (f_BE * P_BE).sum(-1).mean()
+            if valid_T is None:
+                f_BE = chosen_TE.view(batch_size, S, E).sum(1) * (E / (K * S))
+                P_BE = probs_TE.view(batch_size, S, E).mean(1)
+                loss = loss + b.seq_aux_loss_coef * (f_BE * P_BE).sum(-1).mean()
+            else:  # a row's S counts its real tokens; an all-padding row adds nothing
+                w_BS1 = valid_T.to(probs_TE.dtype).view(batch_size, S, 1)
+                S_B1 = w_BS1.sum(1)
+                f_BE = (chosen_TE.view(batch_size, S, E) * w_BS1).sum(1) * E / (K * S_B1.clamp(min=1))
+                P_BE = (probs_TE.view(batch_size, S, E) * w_BS1).sum(1) / S_B1.clamp(min=1)
+                rows = (S_B1.squeeze(1) > 0).to(probs_TE.dtype)
+                loss = loss + b.seq_aux_loss_coef * ((f_BE * P_BE).sum(-1) * rows).sum() / rows.sum().clamp(min=1)
         if b.z_loss_coef > 0:
-            loss = loss + b.z_loss_coef * torch.logsumexp(logits_TE, dim=-1).square().mean()
+            loss = loss + b.z_loss_coef * mean_T(torch.logsumexp(logits_TE, dim=-1)[:, None].square()).squeeze(0)
         return loss
 
     @torch.no_grad()
@@ -270,12 +292,15 @@ class MoE(nn.Module):
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, self.num_experts)
         return unpermute(self.experts(x_ND, counts_E), token_N, weight_N, x_TD.shape[0])
 
-    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
+    def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
+        """`valid_BS`: False at padding (packed sft rows), which then loads no expert statistic."""
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        routing = self.router(x_TD, batch_size=B)
+        valid_T = valid_BS.reshape(B * S) if valid_BS is not None else None
+        routing = self.router(x_TD, batch_size=B, valid_T=valid_T)
         y_TD = self.routed(x_TD, routing)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
-        stats = MoEStats(routing.tokens_per_expert_E.detach(), routing.num_dropped.detach(), B * S * self.top_k)
+        slots = B * S * self.top_k if valid_T is None else int(valid_T.sum()) * self.top_k
+        stats = MoEStats(routing.tokens_per_expert_E.detach(), routing.num_dropped.detach(), slots)
         return y_TD.view(B, S, D), routing.aux_loss, stats

@@ -63,11 +63,11 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
 
-    def forward(self, x_BSD, cos, sin, cache=None, doc_mask=None):
+    def forward(self, x_BSD, cos, sin, cache=None, doc_mask=None, valid_BS=None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, doc_mask)
         h = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
-            y, aux, stats = self.ffn(h)
+            y, aux, stats = self.ffn(h, valid_BS)
             return x_BSD + y, aux, stats
         return x_BSD + self.ffn(h), None, None
 
@@ -121,12 +121,13 @@ class MoETransformer(nn.Module):
         `positions` [B, S] restarting per example. With a cache: the tokens take absolute
         `positions` [B, S] in cache rows `slots` [B], and attend to everything cached before them."""
         S = tokens_BS.shape[1]
-        doc_mask = None
+        doc_mask = valid_BS = None
         if cache is None:
             assert S <= self.cfg.max_seq_len, f"sequence of {S} tokens > model.max_seq_len={self.cfg.max_seq_len}"
             if segments is not None:
                 cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # [B, 1, S, r]
                 doc_mask = document_mask(segments)
+                valid_BS = segments >= 0  # padding: -1
             else:
                 cos, sin = self.rope_cos[:S], self.rope_sin[:S]
             views = [None] * len(self.layers)
@@ -139,9 +140,9 @@ class MoETransformer(nn.Module):
         stats: list[MoEStats] = []
         for i, block in enumerate(self.layers):
             if self.training and self.checkpoint_every and i % self.checkpoint_every == 0:
-                x, aux, st = checkpoint(block, x, cos, sin, None, doc_mask, use_reentrant=False)
+                x, aux, st = checkpoint(block, x, cos, sin, None, doc_mask, valid_BS, use_reentrant=False)
             else:
-                x, aux, st = block(x, cos, sin, views[i], doc_mask)
+                x, aux, st = block(x, cos, sin, views[i], doc_mask, valid_BS)
             if st is not None:
                 aux_total = aux_total + aux
                 stats.append(st)
