@@ -18,7 +18,7 @@ from raymoe.model_dir import ModelSourceError, export_model_dir, open_model, wri
 from raymoe.parallel.checkpoint import BaseModelChanged, checkpoint_tensor, read_manifest
 from raymoe.train.data import prepare_run_data
 from raymoe.train.loop import DistInfo, train
-from test_loop import KeepingReporter
+from reporters import KeepingReporter
 
 MODEL = {"hidden_size": 48, "num_layers": 2, "num_heads": 4, "max_seq_len": 64, "num_experts": 4, "top_k": 2,
          "expert_intermediate_size": 32, "first_k_dense_layers": 1, "dense_intermediate_size": 96,

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 
 import pytest
 import torch
@@ -12,24 +10,7 @@ from raymoe.config import config_from_dict
 from raymoe.parallel.checkpoint import full_state_dict, read_manifest
 from raymoe.train.data import prepare_corpus
 from raymoe.train.loop import DistInfo, lr_at, train
-
-
-class KeepingReporter:
-    """Copies every reported checkpoint aside, as Ray Train's storage would."""
-
-    def __init__(self, root):
-        self.root = root
-        self.reports: list[tuple[dict, str | None]] = []
-
-    def report(self, metrics, checkpoint_dir):
-        kept = None
-        if checkpoint_dir:
-            kept = os.path.join(self.root, f"ckpt-{int(metrics['train/step']):04d}")
-            shutil.copytree(checkpoint_dir, kept)
-        self.reports.append((dict(metrics), kept))
-
-    def checkpoint(self, step):
-        return next(d for m, d in self.reports if d and m["train/step"] == step)
+from reporters import KeepingReporter
 
 
 def tiny_cfg(tmp_path, **train):

@@ -194,8 +194,13 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) ->
     if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and w_EDF.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         return torch._grouped_mm(x_ND, w_EDF, offs=offs)
-    # Fallback: one matmul per contiguous segment. unbind's backward stacks the per-expert
-    # gradients once, instead of each w[i] scattering into its own full-size zero tensor.
+    return grouped_mm_segments(x_ND, w_EDF, counts)
+
+
+def grouped_mm_segments(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as one matmul per contiguous segment (CPU, fp32, unaligned shapes). unbind's
+    backward stacks the per-expert gradients once, instead of each w[i] scattering into its own
+    full-size zero tensor."""
     sizes = counts.tolist()
     outs = [xs @ w for xs, w in zip(x_ND.split(sizes), w_EDF.unbind(0))]
     return torch.cat(outs) if outs else x_ND.new_zeros(0, w_EDF.shape[-1])

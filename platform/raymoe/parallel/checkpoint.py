@@ -375,7 +375,8 @@ def load_latest_good(
         except CheckpointError as e:
             ok, err, result = 0, e, None
         if _dist():
-            flag = torch.tensor([ok], dtype=torch.int32)
+            # On the model's device: NCCL takes no CPU tensors (gloo takes both).
+            flag = torch.tensor([ok], dtype=torch.int32, device=next(model.parameters()).device)
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
             ok = int(flag)
         if ok:

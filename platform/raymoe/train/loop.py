@@ -201,6 +201,9 @@ def train(
     time there (so it fires once per run) and the first step after the restart reads it back.
     """
     info = info or DistInfo.current()
+    if info.device.type == "cuda":
+        # NCCL's object collectives and barriers (checkpoint manifests) run on the current device.
+        torch.cuda.set_device(info.device)
     tracker = tracker if (tracker is not None and info.rank == 0) else NullTracker()
     log = print0(info.rank)
     tc = cfg.train

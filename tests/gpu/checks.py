@@ -1,0 +1,167 @@
+"""GPU checks, plain functions that raise AssertionError: the training loop under NCCL at world size 1
+through build, train, checkpoint, resume and export (full and LoRA), and the grouped GEMM
+(`torch._grouped_mm`) against the per-segment fallback in bf16, forward and backward.
+
+Two ways to run them, both skipped or refused without CUDA:
+
+    python -m pytest tests/gpu                     # tests/gpu/test_gpu.py wraps each check
+    python tests/gpu/checks.py OUT_DIR             # no pytest needed: writes OUT_DIR/gpu-checks.json
+    python tests/gpu/checks.py OUT_DIR --rehearse  # the loop checks on CPU with gloo (bf16 autocast)
+
+They need no Ray, MLflow or transformers (the lent GPU machine has none): platform/ on PYTHONPATH
+and safetensors + tokenizers importable (`../shared/tools/gpu-bundle.sh .gpu hf`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.join(HERE, "..", "..", "platform"), os.path.join(HERE, "..")]
+
+from reporters import KeepingReporter  # noqa: E402
+
+MODEL = {"hidden_size": 128, "num_layers": 3, "num_heads": 4, "max_seq_len": 128, "attention": "mla", "kv_lora_rank": 64,
+         "qk_nope_head_dim": 32, "qk_rope_head_dim": 16, "v_head_dim": 32, "first_k_dense_layers": 1,
+         "dense_intermediate_size": 256, "num_experts": 8, "top_k": 2, "expert_intermediate_size": 64,
+         "score_func": "sigmoid", "route_scale": 2.5, "num_expert_groups": 4, "top_k_groups": 2}
+TRAIN = {"steps": 6, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "warmup_steps": 1, "log_every": 1, "val_every": 3,
+         "val_batches": 1, "checkpoint_every": 3, "sample_tokens": 0, "precision": "bf16"}
+GROUPED_SHAPES = [(256, 128), (2048, 1408)]  # (D, F): a small one and DeepSeek-16B's expert shape
+DEVICE = "cuda"  # --rehearse: "cpu", with gloo
+
+
+def init_nccl() -> None:
+    """A one-rank NCCL process group on cuda:0, so every collective of the loop goes through NCCL."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if DEVICE == "cpu":
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        return
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1, device_id=torch.device("cuda", 0))
+
+
+def _train_and_resume(root: str, cfg) -> tuple[KeepingReporter, list[float], list[float]]:
+    from raymoe.train.data import prepare_run_data
+    from raymoe.train.loop import DistInfo, train
+
+    corpus = prepare_run_data(cfg).dir
+    info = DistInfo(0, 1, torch.device(DEVICE, 0) if DEVICE == "cuda" else torch.device("cpu"))
+    straight = KeepingReporter(os.path.join(root, "a"))
+    train(cfg, corpus_dir=corpus, reporter=straight, info=info)
+    resumed = KeepingReporter(os.path.join(root, "b"))
+    train(cfg, corpus_dir=corpus, reporter=resumed, resume_dirs=[straight.checkpoint(3)], info=info)
+    a = [m["train/loss"] for m, _ in straight.reports if m["train/step"] > 3]
+    b = [m["train/loss"] for m, _ in resumed.reports]
+    return straight, a, b
+
+
+def check_full_training_under_nccl_checkpoints_resumes_and_exports(root: str) -> None:
+    from raymoe.config import config_from_dict
+    from raymoe.model_dir import export_hf, export_model_dir, open_model
+
+    init_nccl()
+    cfg = config_from_dict({"name": "gpu", "output_dir": root, "model": MODEL, "train": TRAIN, "data": {"max_bytes": 400_000}})
+    straight, a, b = _train_and_resume(root, cfg)
+    assert len(a) == len(b) == 3 and all(abs(x - y) < 2e-2 for x, y in zip(a, b)), (a, b)  # bf16 kernels
+    assert straight.reports[-1][0]["train/loss"] < straight.reports[0][0]["train/loss"]
+    out = export_model_dir(straight.checkpoint(6), os.path.join(root, "model"), log=lambda m: None)
+    _, model, _, _ = open_model(out.path, device=DEVICE)
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 256, (2, 16), device=DEVICE)).logits).all()
+    export_hf(straight.checkpoint(6), os.path.join(root, "hf"), log=lambda m: None)
+    assert os.path.exists(os.path.join(root, "hf", "config.json"))
+
+
+def check_lora_under_nccl_holds_the_base_in_bf16_and_resumes(root: str) -> None:
+    from raymoe.config import config_from_dict
+    from raymoe.model.transformer import MoETransformer
+    from raymoe.model_dir import open_model, write_model_dir
+
+    init_nccl()
+    base = config_from_dict({"name": "base", "model": MODEL, "train": TRAIN})
+    m = MoETransformer(base.model)
+    m.init_weights(seed=1)
+    write_model_dir(os.path.join(root, "base"), base, m.state_dict().items())
+    cfg = config_from_dict({"name": "gpu-lora", "output_dir": root, "model": {"init_from": os.path.join(root, "base")},
+                            # rank 4: rows of 8 bytes in bf16, which _grouped_mm refuses; the fallback takes them
+                            "lora": {"rank": 4, "targets": ["attention", "dense_ffn", "shared_experts", "routed_experts"]},
+                            "train": TRAIN, "data": {"max_bytes": 400_000}})
+    straight, a, b = _train_and_resume(root, cfg)
+    assert all(abs(x - y) < 2e-2 for x, y in zip(a, b)), (a, b)
+    _, merged, _, _ = open_model(straight.checkpoint(6), device=DEVICE)
+    with torch.no_grad():
+        assert torch.isfinite(merged(torch.randint(0, 256, (2, 16), device=DEVICE)).logits).all()
+
+
+def check_grouped_mm_equals_the_per_segment_fallback_in_bf16(D: int, Fh: int) -> dict:
+    from raymoe.model.moe import grouped_mm, grouped_mm_segments
+
+    assert hasattr(torch, "_grouped_mm"), "this torch has no _grouped_mm"
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    counts = torch.tensor([37, 0, 128, 5, 0, 64, 200, 1], device=DEVICE)
+    x = torch.randn(int(counts.sum()), D, device="cuda", generator=gen).bfloat16().requires_grad_()
+    w = (torch.randn(8, D, Fh, device="cuda", generator=gen) / D**0.5).bfloat16().requires_grad_()
+    fast = grouped_mm(x, w, counts)
+    g = torch.randn_like(fast)
+    gx, gw = torch.autograd.grad(fast, (x, w), g)
+    slow = grouped_mm_segments(x, w, counts)
+    sx, sw = torch.autograd.grad(slow, (x, w), g)
+    errors = {name: ((p.float() - q.float()).norm() / q.float().norm()).item()
+              for name, p, q in (("out", fast, slow), ("grad_x", gx, sx), ("grad_w", gw, sw))}
+    assert all(e < 1e-2 for e in errors.values()), errors
+    return errors
+
+
+def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
+    """(name, function, arguments after the scratch directory) of every check."""
+    out = [(f.__name__, f, ()) for f in (check_full_training_under_nccl_checkpoints_resumes_and_exports,
+                                         check_lora_under_nccl_holds_the_base_in_bf16_and_resumes)]
+    if grouped:
+        out += [(f"check_grouped_mm_equals_the_per_segment_fallback_in_bf16[{d}x{f}]",
+                 lambda _root, d=d, f=f: check_grouped_mm_equals_the_per_segment_fallback_in_bf16(d, f), ())
+                for d, f in GROUPED_SHAPES]
+    return out
+
+
+def main(out_dir: str, rehearse: bool = False) -> int:
+    global DEVICE
+    if rehearse:
+        DEVICE = "cpu"
+    elif not torch.cuda.is_available():
+        print("no CUDA device: nothing to check (--rehearse runs the loop checks on CPU)", file=sys.stderr)
+        return 2
+    os.makedirs(out_dir, exist_ok=True)
+    results = []
+    for name, fn, args in all_checks(grouped=not rehearse):
+        t0 = time.time()
+        try:
+            value = fn(tempfile.mkdtemp(prefix="raymoe-gpu-"), *args)
+            results.append({"check": name, "ok": True, "s": round(time.time() - t0, 2), "value": value})
+        except Exception:  # noqa: BLE001 - every failure is recorded; the other checks still run
+            results.append({"check": name, "ok": False, "s": round(time.time() - t0, 2), "error": traceback.format_exc()[-3000:]})
+        print(json.dumps(results[-1])[:600], flush=True)
+    with open(os.path.join(out_dir, "gpu-checks.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (rehearsal)", "torch": torch.__version__,
+                   "date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=1)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    args = [a for a in sys.argv[1:] if a != "--rehearse"]
+    sys.exit(main(args[0] if args else os.environ.get("OUT", "gpu-out"), rehearse="--rehearse" in sys.argv))
