@@ -89,11 +89,11 @@ def _targets(model: nn.Module, targets: tuple[str, ...]):
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> int:
-    """Add zero-initialized adapters to the targets of `cfg`; returns how many parameters they add.
-    Call before parallelize() and before moving to the device."""
+    """Add adapters to the targets of `cfg`; returns how many parameters they add. Call before
+    parallelize(). On a real device they are initialized at once; on the meta device they are
+    allocated empty and `init_adapters` fills them after materialization."""
     if not cfg.enabled:
         return 0
-    gen = torch.Generator().manual_seed(seed + 7919)  # not the base init's stream
     r, added = cfg.rank, 0
     for name, mod in _targets(model, cfg.targets):
         if isinstance(mod, GroupedExperts):
@@ -101,22 +101,44 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> int:
             for k in _EXPERT_PROJ:
                 w = getattr(mod, f"w{k}")
                 d_in, d_out = w.shape[1], w.shape[2]
-                a = torch.randn(E, d_in, r, generator=gen) / math.sqrt(d_in)
-                mod.register_parameter(f"lora_A{k}", nn.Parameter(a.to(w.dtype)))
-                mod.register_parameter(f"lora_B{k}", nn.Parameter(torch.zeros(E, r, d_out, dtype=w.dtype)))
+                mod.register_parameter(f"lora_A{k}", nn.Parameter(w.new_empty(E, d_in, r)))
+                mod.register_parameter(f"lora_B{k}", nn.Parameter(w.new_empty(E, r, d_out)))
                 added += E * r * (d_in + d_out)
             mod.lora_scale, mod.lora_dropout = cfg.scale, cfg.dropout
         else:
             d_out, d_in = mod.weight.shape
-            a = torch.randn(r, d_in, generator=gen) / math.sqrt(d_in)
-            mod.register_parameter("lora_A", nn.Parameter(a.to(mod.weight.dtype)))
-            mod.register_parameter("lora_B", nn.Parameter(torch.zeros(d_out, r, dtype=mod.weight.dtype)))
+            mod.register_parameter("lora_A", nn.Parameter(mod.weight.new_empty(r, d_in)))
+            mod.register_parameter("lora_B", nn.Parameter(mod.weight.new_empty(d_out, r)))
             mod.lora_scale, mod.lora_dropout = cfg.scale, cfg.dropout
             mod._lora_handle = mod.register_forward_hook(_lora_hook)
             added += r * (d_in + d_out)
     if not added:
         raise ValueError(f"lora.targets={list(cfg.targets)} matches no layer of this model")
+    if not any(p.is_meta for p in model.parameters()):
+        init_adapters(model, seed)
     return added
+
+
+@torch.no_grad()
+def init_adapters(model: nn.Module, seed: int = 0) -> None:
+    """B = 0 and A ~ N(0, 1/in), every A (and every expert's row of a stacked A) from a generator of
+    its own (transformer.tensor_generator, on a stream apart from the base's): layout-independent."""
+    from raymoe.model.transformer import tensor_generator
+
+    stream = seed + 7919
+    for mod_name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            if not is_adapter(f".{pname}"):
+                continue
+            name = f"{mod_name}.{pname}"
+            if pname.startswith("lora_B"):
+                p.zero_()
+            elif isinstance(mod, GroupedExperts):
+                for i in range(p.shape[0]):
+                    e = mod.first_expert + i
+                    p[i].copy_(torch.randn(p.shape[1:], generator=tensor_generator(stream, name, e)) / math.sqrt(p.shape[1]))
+            else:
+                p.copy_(torch.randn(p.shape, generator=tensor_generator(stream, name)) / math.sqrt(p.shape[1]))
 
 
 def set_trainable(model: nn.Module, cfg: RunConfig) -> None:

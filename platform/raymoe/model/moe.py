@@ -218,6 +218,7 @@ class GroupedExperts(nn.Module):
     def __init__(self, num_experts: int, dim: int, hidden: int):
         super().__init__()
         self.num_experts = num_experts
+        self.first_expert = 0  # global id of row 0: expert parallelism keeps a slice (parallel/apply.py)
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # gate proj
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up proj
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down proj

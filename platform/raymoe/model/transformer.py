@@ -11,6 +11,7 @@ activation checkpointing, which runs a block's forward twice, cannot count a ste
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from raymoe.config import ModelConfig
 from raymoe.model.attention import CacheView, build_attention, document_mask, rope_tables
-from raymoe.model.moe import MoE, MoEStats, SwiGLU
+from raymoe.model.moe import GroupedExperts, MoE, MoEStats, SwiGLU
 
 
 @dataclass
@@ -32,6 +33,14 @@ class ModelOutput:
     """Sum of every MoE layer's balance losses (already weighted by their coefficients)."""
     moe_stats: list[MoEStats] = field(default_factory=list)
     """One entry per MoE layer, in layer order."""
+
+
+def tensor_generator(seed: int | None, name: str, index: int | None = None) -> torch.Generator | None:
+    """A CPU generator of its own for one tensor (or one expert's row of a stack); None: unseeded."""
+    if seed is None:
+        return None
+    key = f"{seed}/{name}" + (f"/{index}" if index is not None else "")
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1)
 
 
 class KVCache:
@@ -80,32 +89,53 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        self.tie_weights()
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.resolved_head_dim
         cos, sin = rope_tables(rope_dim, cfg.max_seq_len, cfg.rope_theta, cfg.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.checkpoint_every = 0  # set by the training loop: recompute every k-th block
 
+    def tie_weights(self) -> None:
+        """lm_head shares the embedding (tie_embeddings); again after to_empty, which re-creates both."""
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
-        """Normal(0, init_std) matrices; residual-output projections scaled by 1/sqrt(2L)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        """Normal(0, init_std) matrices; residual-output projections scaled by 1/sqrt(2L).
+
+        Layout-independent: every tensor draws from its own generator, seeded by (seed, name), and
+        every routed expert from its own, seeded by (seed, name, global expert id). A rank that
+        holds experts [lo, hi) of a stack (GroupedExperts.first_expert = lo) draws exactly those
+        rows of the whole model's init, so a model built on the meta device and materialized per
+        rank (parallel/apply.py) starts from the same global weights at any world size. Adapters
+        (model/lora.py) are initialized there, not here."""
+        from raymoe.model.lora import is_adapter
+
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
+        experts = {f"{n}.{k}": m for n, m in self.named_modules() if isinstance(m, GroupedExperts)
+                   for k, _ in m.named_parameters(recurse=False)}
         for name, p in self.named_parameters():
+            if is_adapter(name):
+                continue
             if name.endswith(".bias"):
                 p.zero_()
                 continue
             if p.dim() == 1:  # norm scales
                 p.fill_(1.0)
                 continue
-            is_out = name.endswith(("wo.weight", "w2.weight", ".w2"))
-            p.copy_(torch.normal(0.0, out_std if is_out else std, size=p.shape, generator=gen))
+            sd = out_std if name.endswith(("wo.weight", "w2.weight", ".w2")) else std
+            if name in experts:
+                first = experts[name].first_expert
+                for i in range(p.shape[0]):
+                    p[i].copy_(torch.normal(0.0, sd, size=p.shape[1:], generator=tensor_generator(seed, name, first + i)))
+            else:
+                p.copy_(torch.normal(0.0, sd, size=p.shape, generator=tensor_generator(seed, name)))
         for moe in self.moe_layers():
             moe.router.expert_bias.zero_()
         # Recomputed rather than copied: a model built on the meta device gets real tables here.

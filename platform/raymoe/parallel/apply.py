@@ -1,7 +1,9 @@
 """parallelize(model, mesh): expert parallelism applied to a single-device model from outside.
 
-    model = MoETransformer(cfg.model); model.init_weights(seed)      # identical on every rank
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)                             # no memory yet
     plan = parallelize(model, mesh)                                   # keep only my experts
+    materialize(model, plan, device); model.init_weights(seed)       # same global weights at any layout
     ...loss.backward(); plan.sync_gradients(); plan.clip_grad_norm_(1.0); opt.step()
 
 What changes on each rank:
@@ -69,6 +71,13 @@ class ParallelPlan:
                 g.mul_(scale)
         return norm
 
+    def collect(self, model: nn.Module) -> None:
+        """(Re)list the model's parameters as dense or expert-sharded."""
+        expert_names = expert_param_names(model)
+        self.dense, self.experts = [], []
+        for name, p in model.named_parameters():
+            (self.experts if name in expert_names else self.dense).append((name, p))
+
     def take_a2a_bytes(self) -> int:
         total = sum(d.bytes_sent for d in self.dispatchers)
         for d in self.dispatchers:
@@ -111,10 +120,18 @@ def parallelize(model: nn.Module, mesh: Mesh) -> ParallelPlan:
             for name, full in list(experts.named_parameters(recurse=False)):
                 setattr(experts, name, nn.Parameter(full.data[local.start : local.stop].clone(), requires_grad=full.requires_grad))
             experts.num_experts = len(local)
+            experts.first_expert = local.start
             # An instance attribute shadows the single-device method: the model file stays as is.
             mod.routed = ExpertParallelRouted(mod, mesh.expert_degree, mesh.expert_group)
             plan.dispatchers.append(mod.routed)
-    expert_names = expert_param_names(model)
-    for name, p in model.named_parameters():
-        (plan.experts if name in expert_names else plan.dense).append((name, p))
+    plan.collect(model)
     return plan
+
+
+def materialize(model: nn.Module, plan: ParallelPlan, device: torch.device) -> None:
+    """Allocate a model built on the meta device and parallelized there: only what this rank owns
+    (its experts' rows) gets memory. Uninitialized: call model.init_weights (and lora.init_adapters)
+    or load weights next."""
+    model.to_empty(device=device)  # new Parameter objects: re-tie, and re-list them for the plan
+    model.tie_weights()
+    plan.collect(model)

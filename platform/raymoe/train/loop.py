@@ -32,10 +32,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raymoe.config import RunConfig
-from raymoe.model.lora import apply_lora, cast_frozen_, count_parameters, set_trainable
+from raymoe.model.lora import apply_lora, cast_frozen_, count_parameters, init_adapters, set_trainable
 from raymoe.model.params import train_flops_per_token
 from raymoe.model.transformer import MoETransformer
-from raymoe.parallel.apply import parallelize
+from raymoe.parallel.apply import materialize, parallelize
 from raymoe.parallel.checkpoint import TrainerState, load_latest_good, save_checkpoint
 from raymoe.parallel.mesh import build_mesh, resolve_expert_degree
 from raymoe.train.data import BatchIterator, eval_batches, open_corpus
@@ -208,15 +208,20 @@ def train(
     log = print0(info.rank)
     tc = cfg.train
 
-    model = MoETransformer(cfg.model)
-    model.init_weights(seed=tc.seed)  # same seed everywhere: replicas start identical
-    apply_lora(model, cfg.lora, seed=tc.seed)  # before parallelize: every expert's adapters, then sliced
+    # Built on the meta device and cut to this rank's experts before anything is allocated: a rank
+    # never holds the other ranks' experts. Initialization is per tensor and per expert (seeded by
+    # name and global expert id), so every layout starts from the same global weights.
+    with torch.device("meta"):
+        model = MoETransformer(cfg.model)
+    apply_lora(model, cfg.lora, seed=tc.seed)
     set_trainable(model, cfg)
-    model.to(info.device)
     model.checkpoint_every = tc.activation_checkpointing
     ep = resolve_expert_degree(cfg.parallel.expert_degree, info.world_size, cfg.model.num_experts)
     mesh = build_mesh(info.world_size, info.rank, ep, cfg.model.num_experts)
     plan = parallelize(model, mesh)
+    materialize(model, plan, info.device)
+    model.init_weights(seed=tc.seed)
+    init_adapters(model, seed=tc.seed)
     optimizer = build_optimizer([(n, p) for n, p in plan.dense + plan.experts if p.requires_grad], tc, info.device)
     state = TrainerState(model_hash=cfg.model_hash(), world_size=info.world_size, expert_degree=ep)
     records: dict[str, Any] = {}
