@@ -356,6 +356,10 @@ class ParallelConfig:
     """Ranks sharing one layer's routed experts (each owns num_experts / expert_degree of them).
     'auto': the largest divisor of the world size that also divides num_experts, so an elastic
     resize needs no config edit. 1 = pure data parallel."""
+    dense: Literal["replicate", "fsdp"] = "replicate"
+    """Dense parameters (attention, dense FFN, shared experts, routers, embeddings, norms) and their
+    gradients and AdamW state: a full copy on every rank, or sharded over all ranks with PyTorch's
+    FSDP2 (fully_shard per transformer block; routed experts stay sharded by expert parallelism)."""
 
     def __post_init__(self) -> None:
         if self.expert_degree != "auto" and self.expert_degree < 1:

@@ -460,6 +460,7 @@ def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None
     from raymoe.parallel.checkpoint import CheckpointError
 
     from raymoe.model.lora import is_adapter
+    from raymoe.model.transformer import assign_
 
     own = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}  # adapters are not base weights
     tied = "lm_head.weight" if getattr(model.cfg, "tie_embeddings", False) else None
@@ -475,7 +476,7 @@ def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None
         if tuple(t.shape) != tuple(target.shape):
             raise CheckpointError(f"{src.path}: {name} has shape {tuple(t.shape)}, the model needs {tuple(target.shape)}")
         with torch.no_grad():
-            target.copy_(t)
+            assign_(target, t)
 
 
 def open_model(source: str, *, tracking_uri: str | None = None, device: str = "cpu"):

@@ -123,7 +123,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> int:
 def init_adapters(model: nn.Module, seed: int = 0) -> None:
     """B = 0 and A ~ N(0, 1/in), every A (and every expert's row of a stacked A) from a generator of
     its own (transformer.tensor_generator, on a stream apart from the base's): layout-independent."""
-    from raymoe.model.transformer import tensor_generator
+    from raymoe.model.transformer import assign_, tensor_generator
 
     stream = seed + 7919
     for mod_name, mod in model.named_modules():
@@ -138,7 +138,7 @@ def init_adapters(model: nn.Module, seed: int = 0) -> None:
                     e = mod.first_expert + i
                     p[i].copy_(torch.randn(p.shape[1:], generator=tensor_generator(stream, name, e)) / math.sqrt(p.shape[1]))
             else:
-                p.copy_(torch.randn(p.shape, generator=tensor_generator(stream, name)) / math.sqrt(p.shape[1]))
+                assign_(p, torch.randn(p.shape, generator=tensor_generator(stream, name)) / math.sqrt(p.shape[1]))
 
 
 def set_trainable(model: nn.Module, cfg: RunConfig) -> None:
@@ -210,7 +210,7 @@ def merge_lora(model: nn.Module) -> int:
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters of this rank's model."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return trainable, sum(p.numel() for p in model.parameters())
+    """(trainable, total) parameters this rank holds (its shard of FSDP-sharded ones)."""
+    local = [(p, p.to_local() if hasattr(p, "to_local") else p) for p in model.parameters()]
+    return sum(t.numel() for p, t in local if p.requires_grad), sum(t.numel() for _, t in local)
 

@@ -35,6 +35,18 @@ class ModelOutput:
     """One entry per MoE layer, in layer order."""
 
 
+def assign_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param[...] = full, where param may be a shard of a DTensor (FSDP2): every rank passes the
+    same whole tensor and keeps its own part, with no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        part = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(part.to_local())
+    else:
+        param.copy_(full)
+
+
 def tensor_generator(seed: int | None, name: str, index: int | None = None) -> torch.Generator | None:
     """A CPU generator of its own for one tensor (or one expert's row of a stack); None: unseeded."""
     if seed is None:
@@ -135,7 +147,7 @@ class MoETransformer(nn.Module):
                 for i in range(p.shape[0]):
                     p[i].copy_(torch.normal(0.0, sd, size=p.shape[1:], generator=tensor_generator(seed, name, first + i)))
             else:
-                p.copy_(torch.normal(0.0, sd, size=p.shape, generator=tensor_generator(seed, name)))
+                assign_(p, torch.normal(0.0, sd, size=p.shape, generator=tensor_generator(seed, name)))
         for moe in self.moe_layers():
             moe.router.expert_bias.zero_()
         # Recomputed rather than copied: a model built on the meta device gets real tables here.

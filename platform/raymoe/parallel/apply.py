@@ -34,6 +34,9 @@ from raymoe.parallel.mesh import Mesh
 @dataclass
 class ParallelPlan:
     mesh: Mesh
+    fsdp: bool = False
+    """Dense parameters are FSDP2 DTensors sharded over the world (parallel.dense=fsdp): FSDP
+    reduce-scatters (averages) their gradients in backward; only the experts are synced here."""
     dense: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     experts: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     """Sharded routed-expert parameters: dim 0 indexes this rank's local experts."""
@@ -47,7 +50,8 @@ class ParallelPlan:
         world = self.mesh.world_size
         if world == 1:
             return
-        _all_reduce_flat([p.grad for _, p in self.dense if p.grad is not None], None, world)
+        if not self.fsdp:
+            _all_reduce_flat([p.grad for _, p in self.dense if p.grad is not None], None, world)
         if self.mesh.replica_group is not None:
             _all_reduce_flat([p.grad for _, p in self.experts if p.grad is not None], self.mesh.replica_group, world)
         else:
@@ -57,11 +61,14 @@ class ParallelPlan:
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """Global-norm clipping over the whole (sharded) model; returns the norm before clipping."""
-        dense = [p.grad for _, p in self.dense if p.grad is not None]
+        # FSDP gradients are DTensor shards: their local parts partition the whole, summed over the world.
+        dense = [_local(p.grad) for _, p in self.dense if p.grad is not None]
         expert = [p.grad for _, p in self.experts if p.grad is not None]
         device = (dense or expert)[0].device
         sq_dense = sum((g.float().square().sum() for g in dense), torch.zeros((), device=device))
         sq_expert = sum((g.float().square().sum() for g in expert), torch.zeros((), device=device))
+        if self.fsdp and self.mesh.world_size > 1:
+            dist.all_reduce(sq_dense)
         if self.mesh.expert_group is not None:
             dist.all_reduce(sq_expert, group=self.mesh.expert_group)  # each shard counted once
         norm = (sq_dense + sq_expert).sqrt()
@@ -85,6 +92,11 @@ class ParallelPlan:
         return total
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (FSDP), or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _all_reduce_flat(grads: list[torch.Tensor], group, world: int) -> None:
     """Sum in one flat buffer (one collective instead of one per tensor), then divide by world."""
     if not grads:
@@ -106,8 +118,14 @@ def expert_param_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parallelize(model: nn.Module, mesh: Mesh) -> ParallelPlan:
-    plan = ParallelPlan(mesh)
+def parallelize(model: nn.Module, mesh: Mesh, dense: str = "replicate", device_type: str = "cpu") -> ParallelPlan:
+    """The one place where parallelism is applied, in this order: (1) expert parallelism cuts each
+    MoE layer to this rank's experts and swaps in the all-to-all; (2) with dense='fsdp', FSDP2's
+    fully_shard wraps every transformer block and then the root, over all ranks, leaving the
+    (already sharded) routed experts to expert parallelism. Activation checkpointing is applied
+    inside the model's forward (model.checkpoint_every), beneath both. Call on a model built on
+    the meta device, then `materialize`."""
+    plan = ParallelPlan(mesh, fsdp=dense == "fsdp" and mesh.world_size > 1)
     local = mesh.local_experts()
     # Frozen parameters (model/lora.py set_trainable) are listed too: checkpoints and the optimizer
     # filter on requires_grad, and their gradients, never computed, are skipped by the syncs below.
@@ -124,6 +142,15 @@ def parallelize(model: nn.Module, mesh: Mesh) -> ParallelPlan:
             # An instance attribute shadows the single-device method: the model file stays as is.
             mod.routed = ExpertParallelRouted(mod, mesh.expert_degree, mesh.expert_group)
             plan.dispatchers.append(mod.routed)
+    if plan.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        world_mesh = init_device_mesh(device_type, (mesh.world_size,))
+        experts = {p for mod in model.modules() if isinstance(mod, MoE) for p in mod.experts.parameters()}
+        for block in model.layers:
+            fully_shard(block, mesh=world_mesh, ignored_params=experts)
+        fully_shard(model, mesh=world_mesh, ignored_params=experts)  # embedding, final norm, head
     plan.collect(model)
     return plan
 

@@ -78,14 +78,31 @@ def _dist() -> bool:
 
 
 def _unique(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop aliases (tied embeddings): safetensors refuses two names for one storage."""
+    """Drop aliases (tied embeddings): safetensors refuses two names for one storage. FSDP's
+    DTensors are gathered whole (a collective: every rank calls this with the same names)."""
     seen, out = set(), {}
     for k, v in sd.items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        local = v.to_local() if hasattr(v, "to_local") else v
+        key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(v.shape))
         if key not in seen:
             seen.add(key)
-            out[k] = v.detach().contiguous().cpu()
+            out[k] = _whole(v).detach().contiguous().cpu()
     return out
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (all-gathered), or the tensor itself."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _shaped_like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """`full` on p's device and dtype, as a DTensor sharded like p when p is one (no communication)."""
+    full = full.to(p.device, p.dtype)
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    return full
 
 
 def _adam_step(optimizer: torch.optim.Optimizer) -> float:
@@ -111,13 +128,14 @@ def save_checkpoint(
     written: dict[str, dict[str, Any]] = {}
     expert_names = {n for n, _ in plan.experts}
 
-    if mesh.rank == 0:
-        tensors = {k: v for k, v in _unique(model.state_dict()).items()
-                   if k not in expert_names and (only is None or k in only)}
+    if mesh.rank == 0 or plan.fsdp:  # FSDP shards are gathered whole by every rank, written by rank 0
+        sd = {k: v for k, v in model.state_dict().items() if k not in expert_names and (only is None or k in only)}
+        tensors = _unique(sd)
         for name, p in plan.dense:
             for m in _MOMENTS:
                 if p in optimizer.state:
-                    tensors[f"opt/{name}/{m}"] = optimizer.state[p][m].detach().contiguous().cpu()
+                    tensors[f"opt/{name}/{m}"] = _whole(optimizer.state[p][m]).detach().contiguous().cpu()
+    if mesh.rank == 0:
         save_file(tensors, os.path.join(path, "dense.safetensors"))
         written["dense.safetensors"] = {}
         for name, obj in (records or {}).items():
@@ -279,7 +297,7 @@ def load_checkpoint(
         if f"opt/{name}/exp_avg" in moments:
             optimizer.state[p] = {
                 "step": step.to(p.device) if fused else step.clone(),
-                **{m: moments[f"opt/{name}/{m}"].to(p.device, p.dtype) for m in _MOMENTS},
+                **{m: _shaped_like(p, moments[f"opt/{name}/{m}"]) for m in _MOMENTS},
             }
     for name, p in plan_experts:
         with torch.no_grad():
@@ -348,16 +366,22 @@ def checkpoint_tensor_names(path: str, manifest: dict[str, Any]) -> list[str]:
 
 
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], allow_missing: set[str] = frozenset()) -> None:
-    """Load a state dict; tied aliases dropped at save time are restored by the tie itself."""
+    """Load a state dict of whole tensors (into FSDP shards too: each rank keeps its part); tied
+    aliases dropped at save time are restored by the tie itself. Checked before anything is copied."""
+    from raymoe.model.transformer import assign_
+
     own = model.state_dict()
     for k, v in weights.items():
         if k in own and own[k].shape != v.shape:
             raise CheckpointError(f"checkpoint does not match the model: {k} has shape {tuple(v.shape)}, the model needs {tuple(own[k].shape)}")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
     tied = {"lm_head.weight"} if getattr(getattr(model, "cfg", None), "tie_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied and k not in allow_missing]
+    missing = [k for k in own if k not in weights and k not in tied and k not in allow_missing]
+    unexpected = [k for k in weights if k not in own]
     if missing or unexpected:
         raise CheckpointError(f"checkpoint does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for k, v in weights.items():
+            assign_(own[k], v)
 
 
 def load_latest_good(

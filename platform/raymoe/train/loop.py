@@ -146,8 +146,9 @@ def _to_device(batch, device: torch.device):
 
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the AdamW moments this rank holds (what LoRA and freezing shrink)."""
-    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
-               if torch.is_tensor(t) and t.dim() > 0)
+    local = [t.to_local() if hasattr(t, "to_local") else t for st in optimizer.state.values() for t in st.values()
+             if torch.is_tensor(t) and t.dim() > 0]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 def _load_init_from(model, cfg: RunConfig, mesh, log) -> str:
@@ -218,7 +219,7 @@ def train(
     model.checkpoint_every = tc.activation_checkpointing
     ep = resolve_expert_degree(cfg.parallel.expert_degree, info.world_size, cfg.model.num_experts)
     mesh = build_mesh(info.world_size, info.rank, ep, cfg.model.num_experts)
-    plan = parallelize(model, mesh)
+    plan = parallelize(model, mesh, dense=cfg.parallel.dense, device_type=info.device.type)
     materialize(model, plan, info.device)
     model.init_weights(seed=tc.seed)
     init_adapters(model, seed=tc.seed)
@@ -233,7 +234,7 @@ def train(
     if cfg.lora.enabled:
         base_fingerprint = _load_init_from(model, cfg, mesh, log)
         state.extra["base"] = {"init_from": cfg.model.init_from, "fingerprint": base_fingerprint}
-        if _uses_bf16(tc, info.device):  # compute is bf16 anyway; the frozen copy needs no fp32
+        if _uses_bf16(tc, info.device) and not plan.fsdp:  # compute is bf16 anyway; the frozen copy needs no fp32
             saved = cast_frozen_(model, torch.bfloat16)
             log(f"frozen base held in bf16 ({saved / 2**20:.1f} MiB less per rank)")
     trainable, total = count_parameters(model)

@@ -1,0 +1,100 @@
+"""Dense parameters sharded with FSDP2 (parallel.dense: fsdp), multi-process with gloo, no Ray:
+the losses of the replicated layout within fp32 noise, at expert degree 2 and in pure data
+parallelism; each rank holds its share of the dense parameters and their AdamW state; and a
+checkpoint written sharded resumes replicated on another world size with the same losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from raymoe.config import config_from_dict
+from raymoe.train.data import prepare_run_data
+
+MODEL = {"hidden_size": 48, "num_layers": 3, "num_heads": 4, "max_seq_len": 64, "attention": "mla", "kv_lora_rank": 16,
+         "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "first_k_dense_layers": 1,
+         "dense_intermediate_size": 96, "num_experts": 4, "top_k": 2, "expert_intermediate_size": 32,
+         "balance": {"bias_update_rate": 0.01, "seq_aux_loss_coef": 1e-3}}
+STEPS = 50
+
+
+def _cfg(tmp_path, world, dense, ep="auto"):
+    return config_from_dict({
+        "name": "fsdp", "output_dir": str(tmp_path / "out"), "model": MODEL, "scaling": {"num_workers": world},
+        "parallel": {"expert_degree": ep, "dense": dense},
+        "train": {"steps": STEPS, "batch_size": 4 // world, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+                  "val_every": 25, "val_batches": 1, "checkpoint_every": 25, "sample_tokens": 0},
+        "data": {"max_bytes": 300_000},
+    })
+
+
+def _worker(rank, world, port, cfg_dict, corpus_dir, out_file, resume, keep):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from raymoe.train.loop import DistInfo, train
+
+    losses, start = {}, {}
+
+    class Reporter:
+        def report(self, metrics, checkpoint_dir):
+            losses[int(metrics["train/step"])] = [metrics["train/loss"], metrics.get("memory/optimizer_state_bytes")]
+            if checkpoint_dir and keep:  # every rank's part into one directory, as Ray Train merges them
+                shutil.copytree(checkpoint_dir, f"{keep}/step{int(metrics['train/step'])}", dirs_exist_ok=True)
+            dist.barrier()
+
+    class Tracker:
+        run_id = None
+
+        def log_metrics(self, metrics, step):
+            if step == 0:
+                start.update(metrics)
+
+        def log_artifact(self, *a, **k):
+            pass
+
+    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=Reporter(), tracker=Tracker(),
+          info=DistInfo(rank, world, torch.device("cpu")), resume_dirs=[resume] if resume else [])
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump({"losses": losses, "params": start.get("params/total_per_rank")}, f)
+    dist.destroy_process_group()
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(tmp_path, tag, world, dense, ep="auto", resume=None, keep=None):
+    out = tmp_path / f"{tag}.json"
+    mp.spawn(_worker, args=(world, _port(), _cfg(tmp_path, world, dense, ep).to_dict(), CORPUS[0], str(out), resume, keep),
+             nprocs=world)
+    return json.loads(out.read_text())
+
+
+CORPUS: list[str] = []
+
+
+def test_fsdp_matches_the_replicated_layout_shards_the_dense_state_and_reshards_on_resume(tmp_path):
+    CORPUS[:] = [prepare_run_data(_cfg(tmp_path, 1, "replicate")).dir]
+    for ep in ("auto", 1):  # expert degree 2 (experts sharded by EP), then 1 (experts replicated, synced by data)
+        rep = _run(tmp_path, f"rep-{ep}", 2, "replicate", ep)
+        keep = str(tmp_path / f"ckpt-{ep}")
+        fsdp = _run(tmp_path, f"fsdp-{ep}", 2, "fsdp", ep, keep=keep)
+        for step in map(str, range(1, STEPS + 1)):
+            assert fsdp["losses"][step][0] == pytest.approx(rep["losses"][step][0], rel=1e-5), (ep, step)
+        assert fsdp["params"] < rep["params"]  # each rank holds half of the dense parameters
+        assert fsdp["losses"]["1"][1] < rep["losses"]["1"][1]  # and half of their AdamW moments
+    # The sharded step-25 checkpoint (expert degree 1) resumes replicated on one rank: same losses.
+    resumed = _run(tmp_path, "resumed", 1, "replicate", 1, resume=str(tmp_path / "ckpt-1" / "step25"))
+    for step in map(str, range(26, STEPS + 1)):
+        assert resumed["losses"][step][0] == pytest.approx(rep["losses"][step][0], rel=1e-5), step
