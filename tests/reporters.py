@@ -22,3 +22,20 @@ class KeepingReporter:
 
     def checkpoint(self, step):
         return next(d for m, d in self.reports if d and m["train/step"] == step)
+
+
+class MergingReporter:
+    """For multi-process runs: every rank's metrics by step and, with `keep`, every rank's part of
+    each checkpoint copied into one directory per step, as Ray Train merges them."""
+
+    def __init__(self, keep: str | None = None):
+        import torch.distributed as dist
+
+        self.keep, self.metrics, self._dist = keep, {}, dist
+
+    def report(self, metrics, checkpoint_dir):
+        step = int(metrics["train/step"])
+        self.metrics[step] = dict(metrics)
+        if checkpoint_dir and self.keep:
+            shutil.copytree(checkpoint_dir, f"{self.keep}/step{step}", dirs_exist_ok=True)
+        self._dist.barrier()  # nobody deletes its part before every rank has copied

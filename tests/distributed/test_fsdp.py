@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 
 import pytest
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 
 from raymoe.config import config_from_dict
 from raymoe.train.data import prepare_run_data
+from reporters import MergingReporter
 
 MODEL = {"hidden_size": 48, "num_layers": 3, "num_heads": 4, "max_seq_len": 64, "attention": "mla", "kv_lora_rank": 16,
          "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "first_k_dense_layers": 1,
@@ -41,14 +41,8 @@ def _worker(rank, world, port, cfg_dict, corpus_dir, out_file, resume, keep):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from raymoe.train.loop import DistInfo, train
 
-    losses, start = {}, {}
-
-    class Reporter:
-        def report(self, metrics, checkpoint_dir):
-            losses[int(metrics["train/step"])] = [metrics["train/loss"], metrics.get("memory/optimizer_state_bytes")]
-            if checkpoint_dir and keep:  # every rank's part into one directory, as Ray Train merges them
-                shutil.copytree(checkpoint_dir, f"{keep}/step{int(metrics['train/step'])}", dirs_exist_ok=True)
-            dist.barrier()
+    start = {}
+    reporter = MergingReporter(keep)
 
     class Tracker:
         run_id = None
@@ -60,8 +54,9 @@ def _worker(rank, world, port, cfg_dict, corpus_dir, out_file, resume, keep):
         def log_artifact(self, *a, **k):
             pass
 
-    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=Reporter(), tracker=Tracker(),
+    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=reporter, tracker=Tracker(),
           info=DistInfo(rank, world, torch.device("cpu")), resume_dirs=[resume] if resume else [])
+    losses = {step: [m["train/loss"], m.get("memory/optimizer_state_bytes")] for step, m in reporter.metrics.items()}
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump({"losses": losses, "params": start.get("params/total_per_rank")}, f)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 
 import pytest
@@ -20,6 +19,7 @@ from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
 from raymoe.model_dir import write_model_dir
 from raymoe.train.data import prepare_run_data
+from reporters import MergingReporter
 
 MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64, "attention": "mla", "kv_lora_rank": 16,
          "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "num_experts": 4, "top_k": 2,
@@ -46,17 +46,10 @@ def _worker(rank, world, port, cfg_dict, corpus_dir, out_file, resume, keep):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from raymoe.train.loop import DistInfo, train
 
-    losses = {}
-
-    class Reporter:
-        def report(self, metrics, checkpoint_dir):
-            losses[int(metrics["train/step"])] = [metrics["train/loss"], metrics.get("val/loss")]
-            if checkpoint_dir and keep:  # every rank's part into one directory, as Ray Train merges them
-                shutil.copytree(checkpoint_dir, f"{keep}/step{int(metrics['train/step'])}", dirs_exist_ok=True)
-            dist.barrier()
-
-    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=Reporter(), info=DistInfo(rank, world, torch.device("cpu")),
+    reporter = MergingReporter(keep)
+    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=reporter, info=DistInfo(rank, world, torch.device("cpu")),
           resume_dirs=[resume] if resume else [])
+    losses = {step: [m["train/loss"], m.get("val/loss")] for step, m in reporter.metrics.items()}
     if rank == 0:
         with open(out_file, "w") as f:
             json.dump(losses, f)
