@@ -460,7 +460,7 @@ def load_weights(model: torch.nn.Module, src: ModelSource, experts: range | None
     from raymoe.parallel.checkpoint import CheckpointError
 
     from raymoe.model.lora import is_adapter
-    from raymoe.model.transformer import assign_
+    from raymoe.parallel.apply import assign_
 
     own = {k: v for k, v in model.state_dict().items() if not is_adapter(k)}  # adapters are not base weights
     tied = "lm_head.weight" if getattr(model.cfg, "tie_embeddings", False) else None

@@ -120,10 +120,12 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> int:
 
 
 @torch.no_grad()
-def init_adapters(model: nn.Module, seed: int = 0) -> None:
+def init_adapters(model: nn.Module, seed: int = 0, assign=None) -> None:
     """B = 0 and A ~ N(0, 1/in), every A (and every expert's row of a stacked A) from a generator of
     its own (transformer.tensor_generator, on a stream apart from the base's): layout-independent."""
-    from raymoe.model.transformer import assign_, tensor_generator
+    from raymoe.model.transformer import tensor_generator
+
+    assign = assign or (lambda p, t: p.copy_(t))  # parallel/apply.assign_ for FSDP shards
 
     stream = seed + 7919
     for mod_name, mod in model.named_modules():
@@ -138,7 +140,7 @@ def init_adapters(model: nn.Module, seed: int = 0) -> None:
                     e = mod.first_expert + i
                     p[i].copy_(torch.randn(p.shape[1:], generator=tensor_generator(stream, name, e)) / math.sqrt(p.shape[1]))
             else:
-                assign_(p, torch.randn(p.shape, generator=tensor_generator(stream, name)) / math.sqrt(p.shape[1]))
+                assign(p, torch.randn(p.shape, generator=tensor_generator(stream, name)) / math.sqrt(p.shape[1]))
 
 
 def set_trainable(model: nn.Module, cfg: RunConfig) -> None:

@@ -35,18 +35,6 @@ class ModelOutput:
     """One entry per MoE layer, in layer order."""
 
 
-def assign_(param: torch.Tensor, full: torch.Tensor) -> None:
-    """param[...] = full, where param may be a shard of a DTensor (FSDP2): every rank passes the
-    same whole tensor and keeps its own part, with no communication."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        part = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-        param.to_local().copy_(part.to_local())
-    else:
-        param.copy_(full)
-
-
 def tensor_generator(seed: int | None, name: str, index: int | None = None) -> torch.Generator | None:
     """A CPU generator of its own for one tensor (or one expert's row of a stack); None: unseeded."""
     if seed is None:
@@ -117,7 +105,7 @@ class MoETransformer(nn.Module):
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
 
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> None:
+    def init_weights(self, seed: int | None = None, assign=None) -> None:
         """Normal(0, init_std) matrices; residual-output projections scaled by 1/sqrt(2L).
 
         Layout-independent: every tensor draws from its own generator, seeded by (seed, name), and
@@ -125,9 +113,11 @@ class MoETransformer(nn.Module):
         holds experts [lo, hi) of a stack (GroupedExperts.first_expert = lo) draws exactly those
         rows of the whole model's init, so a model built on the meta device and materialized per
         rank (parallel/apply.py) starts from the same global weights at any world size. Adapters
-        (model/lora.py) are initialized there, not here."""
+        (model/lora.py) are initialized there, not here. `assign(param, whole)` writes a whole
+        tensor into a parameter (parallel/apply.assign_ for FSDP shards; default: copy_)."""
         from raymoe.model.lora import is_adapter
 
+        assign = assign or (lambda p, t: p.copy_(t))
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.num_layers)
         experts = {f"{n}.{k}": m for n, m in self.named_modules() if isinstance(m, GroupedExperts)
@@ -147,7 +137,7 @@ class MoETransformer(nn.Module):
                 for i in range(p.shape[0]):
                     p[i].copy_(torch.normal(0.0, sd, size=p.shape[1:], generator=tensor_generator(seed, name, first + i)))
             else:
-                assign_(p, torch.normal(0.0, sd, size=p.shape, generator=tensor_generator(seed, name)))
+                assign(p, torch.normal(0.0, sd, size=p.shape, generator=tensor_generator(seed, name)))
         for moe in self.moe_layers():
             moe.router.expert_bias.zero_()
         # Recomputed rather than copied: a model built on the meta device gets real tables here.

@@ -92,6 +92,18 @@ class ParallelPlan:
         return total
 
 
+def assign_(param: torch.Tensor, full: torch.Tensor) -> None:
+    """param[...] = full, where param may be a shard of a DTensor (FSDP2): every rank passes the
+    same whole tensor and keeps its own part, with no communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        part = distribute_tensor(full.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(part.to_local())
+    else:
+        param.copy_(full)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (FSDP), or the tensor itself."""
     return t.to_local() if hasattr(t, "to_local") else t

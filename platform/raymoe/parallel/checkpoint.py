@@ -368,7 +368,7 @@ def checkpoint_tensor_names(path: str, manifest: dict[str, Any]) -> list[str]:
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], allow_missing: set[str] = frozenset()) -> None:
     """Load a state dict of whole tensors (into FSDP shards too: each rank keeps its part); tied
     aliases dropped at save time are restored by the tie itself. Checked before anything is copied."""
-    from raymoe.model.transformer import assign_
+    from raymoe.parallel.apply import assign_
 
     own = model.state_dict()
     for k, v in weights.items():

@@ -35,7 +35,7 @@ from raymoe.config import RunConfig
 from raymoe.model.lora import apply_lora, cast_frozen_, count_parameters, init_adapters, set_trainable
 from raymoe.model.params import train_flops_per_token
 from raymoe.model.transformer import MoETransformer
-from raymoe.parallel.apply import materialize, parallelize
+from raymoe.parallel.apply import assign_, materialize, parallelize
 from raymoe.parallel.checkpoint import TrainerState, load_latest_good, save_checkpoint
 from raymoe.parallel.mesh import build_mesh, resolve_expert_degree
 from raymoe.train.data import BatchIterator, eval_batches, open_corpus
@@ -221,8 +221,8 @@ def train(
     mesh = build_mesh(info.world_size, info.rank, ep, cfg.model.num_experts)
     plan = parallelize(model, mesh, dense=cfg.parallel.dense, device_type=info.device.type)
     materialize(model, plan, info.device)
-    model.init_weights(seed=tc.seed)
-    init_adapters(model, seed=tc.seed)
+    model.init_weights(seed=tc.seed, assign=assign_)
+    init_adapters(model, seed=tc.seed, assign=assign_)
     optimizer = build_optimizer([(n, p) for n, p in plan.dense + plan.experts if p.requires_grad], tc, info.device)
     state = TrainerState(model_hash=cfg.model_hash(), world_size=info.world_size, expert_degree=ep)
     records: dict[str, Any] = {}
