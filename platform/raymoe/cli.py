@@ -184,6 +184,18 @@ def _cmd_params(args) -> int:
     return 0
 
 
+def _cmd_plan(args) -> int:
+    from raymoe.parallel.memory import format_plan, plan_layout
+
+    if args.gpus < 1:
+        raise ConfigError(f"--gpus {args.gpus} must be >= 1")
+    cfg = load_config(args.config, args.overrides)
+    plan = plan_layout(cfg, args.gpus, args.gpu_memory, headroom=args.headroom, seq_len=args.seq_len,
+                       batch_size=args.batch_size, device_type=args.device)
+    print(format_plan(plan, all_layouts=args.all))
+    return 0 if plan.chosen is not None else 1
+
+
 def _parse_bytes(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30}
     import re
@@ -398,6 +410,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: train.seq_len)")
     p.set_defaults(fn=_cmd_params)
+
+    p = sub.add_parser("plan", help="per-rank memory of a training config on N GPUs, and the parallel layout that fits")
+    _add_config_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) the run would use")
+    p.add_argument("--gpu-memory", type=_parse_bytes, default=_parse_bytes("80GB"), metavar="SIZE",
+                   help="memory of one GPU, e.g. 80GB, 141GB, 24GiB (default 80GB)")
+    p.add_argument("--headroom", type=float, default=0.1,
+                   help="fraction of each GPU kept free for the CUDA context, NCCL and fragmentation (default 0.1)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: train.seq_len)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per rank per micro-batch (default: train.batch_size)")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="what the ranks are: cuda (bf16 under precision auto) or cpu workers (fp32, unfused kernels)")
+    p.add_argument("--all", action="store_true", help="list every expert degree, not only the widest per dense layout")
+    p.set_defaults(fn=_cmd_plan)
 
     p = sub.add_parser("import", help="a Hugging Face MoE checkpoint -> a raymoe model directory (tensor by tensor)")
     p.add_argument("source", help="Hugging Face model directory: config.json, safetensors (sharded or not), tokenizer files")

@@ -144,11 +144,15 @@ def _to_device(batch, device: torch.device):
     return tuple(t.to(device, non_blocking=True) for t in (batch.inputs, batch.targets, batch.loss_mask, batch.positions, batch.segments))
 
 
+def _held_bytes(tensors) -> int:
+    """Bytes this rank holds of these tensors (its local shard of FSDP DTensors)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if t is not None]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
 def _optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of the AdamW moments this rank holds (what LoRA and freezing shrink)."""
-    local = [t.to_local() if hasattr(t, "to_local") else t for st in optimizer.state.values() for t in st.values()
-             if torch.is_tensor(t) and t.dim() > 0]
-    return sum(t.numel() * t.element_size() for t in local)
+    return _held_bytes(t for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t) and t.dim() > 0)
 
 
 def _load_init_from(model, cfg: RunConfig, mesh, log) -> str:
@@ -347,6 +351,7 @@ def train(
         plan.sync_gradients()
         grad_norm = plan.clip_grad_norm_(tc.grad_clip)
         optimizer.step()
+        grad_bytes = _held_bytes(p.grad for p in model.parameters())
         optimizer.zero_grad(set_to_none=True)
         # Every replica sees the same global load, so every replica's bias moves the same way.
         _all_reduce_(step_load, info.world_size)
@@ -389,7 +394,10 @@ def train(
             tok_s = throughput.rate()
             metrics.update({"train/loss": last_train, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
             metrics["train/tokens_seen"] = float(step * tokens_per_step)
-            metrics["memory/optimizer_state_bytes"] = float(_optimizer_state_bytes(optimizer))  # this rank's
+            # What this rank holds (raymoe plan's figures; tests/distributed/test_memory_plan.py).
+            metrics["memory/optimizer_state_bytes"] = float(_optimizer_state_bytes(optimizer))
+            metrics["memory/param_bytes"] = float(_held_bytes(model.parameters()))
+            metrics["memory/grad_bytes"] = float(grad_bytes)
             if sft:
                 metrics["train/loss_tokens_per_s"] = tok_s * window_loss_tokens / (tokens_per_step * tc.log_every)
                 window_loss_tokens = 0.0
