@@ -77,16 +77,19 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _unique(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _unique(sd: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
     """Drop aliases (tied embeddings): safetensors refuses two names for one storage. FSDP's
-    DTensors are gathered whole (a collective: every rank calls this with the same names)."""
+    DTensors are gathered whole one at a time (a collective: every rank calls this with the same
+    names); only the writer keeps them (`keep`), so no other rank ever holds the whole dense model."""
     seen, out = set(), {}
     for k, v in sd.items():
         local = v.to_local() if hasattr(v, "to_local") else v
         key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(v.shape))
         if key not in seen:
             seen.add(key)
-            out[k] = _whole(v).detach().contiguous().cpu()
+            whole = _whole(v)
+            if keep:
+                out[k] = whole.detach().contiguous().cpu()
     return out
 
 
@@ -130,11 +133,13 @@ def save_checkpoint(
 
     if mesh.rank == 0 or plan.fsdp:  # FSDP shards are gathered whole by every rank, written by rank 0
         sd = {k: v for k, v in model.state_dict().items() if k not in expert_names and (only is None or k in only)}
-        tensors = _unique(sd)
+        tensors = _unique(sd, keep=mesh.rank == 0)
         for name, p in plan.dense:
             for m in _MOMENTS:
                 if p in optimizer.state:
-                    tensors[f"opt/{name}/{m}"] = _whole(optimizer.state[p][m]).detach().contiguous().cpu()
+                    whole = _whole(optimizer.state[p][m])
+                    if mesh.rank == 0:
+                        tensors[f"opt/{name}/{m}"] = whole.detach().contiguous().cpu()
     if mesh.rank == 0:
         save_file(tensors, os.path.join(path, "dense.safetensors"))
         written["dense.safetensors"] = {}
