@@ -138,6 +138,11 @@ class MoETransformer(nn.Module):
                     p[i].copy_(torch.normal(0.0, sd, size=p.shape[1:], generator=tensor_generator(seed, name, first + i)))
             else:
                 assign(p, torch.normal(0.0, sd, size=p.shape, generator=tensor_generator(seed, name)))
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Zero selection biases and the RoPE tables: what a model built on the meta device needs
+        besides weights, when its weights are loaded rather than drawn (init_weights calls this)."""
         for moe in self.moe_layers():
             moe.router.expert_bias.zero_()
         # Recomputed rather than copied: a model built on the meta device gets real tables here.

@@ -130,11 +130,14 @@ def expert_param_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parallelize(model: nn.Module, mesh: Mesh, dense: str = "replicate", device_type: str = "cpu") -> ParallelPlan:
+def parallelize(model: nn.Module, mesh: Mesh, dense: str = "replicate", device_type: str = "cpu",
+                compute_dtype: torch.dtype | None = None) -> ParallelPlan:
     """The one place where parallelism is applied, in this order: (1) expert parallelism cuts each
     MoE layer to this rank's experts and swaps in the all-to-all; (2) with dense='fsdp', FSDP2's
     fully_shard wraps every transformer block and then the root, over all ranks, leaving the
-    (already sharded) routed experts to expert parallelism. Activation checkpointing is applied
+    (already sharded) routed experts to expert parallelism; with a bf16 `compute_dtype` FSDP
+    gathers the parameters in bf16 and reduce-scatters gradients in fp32 (the fp32 master shards
+    stay what AdamW updates). Activation checkpointing is applied
     inside the model's forward (model.checkpoint_every), beneath both. Call on a model built on
     the meta device, then `materialize`."""
     plan = ParallelPlan(mesh, fsdp=dense == "fsdp" and mesh.world_size > 1)
@@ -156,13 +159,14 @@ def parallelize(model: nn.Module, mesh: Mesh, dense: str = "replicate", device_t
             plan.dispatchers.append(mod.routed)
     if plan.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         world_mesh = init_device_mesh(device_type, (mesh.world_size,))
         experts = {p for mod in model.modules() if isinstance(mod, MoE) for p in mod.experts.parameters()}
+        mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
         for block in model.layers:
-            fully_shard(block, mesh=world_mesh, ignored_params=experts)
-        fully_shard(model, mesh=world_mesh, ignored_params=experts)  # embedding, final norm, head
+            fully_shard(block, mesh=world_mesh, ignored_params=experts, mp_policy=mp)
+        fully_shard(model, mesh=world_mesh, ignored_params=experts, mp_policy=mp)  # embedding, final norm, head
     plan.collect(model)
     return plan
 

@@ -223,9 +223,15 @@ def train(
     model.checkpoint_every = tc.activation_checkpointing
     ep = resolve_expert_degree(cfg.parallel.expert_degree, info.world_size, cfg.model.num_experts)
     mesh = build_mesh(info.world_size, info.rank, ep, cfg.model.num_experts)
-    plan = parallelize(model, mesh, dense=cfg.parallel.dense, device_type=info.device.type)
+    plan = parallelize(model, mesh, dense=cfg.parallel.dense, device_type=info.device.type,
+                       compute_dtype=torch.bfloat16 if _uses_bf16(tc, info.device) else None)
     materialize(model, plan, info.device)
-    model.init_weights(seed=tc.seed, assign=assign_)
+    if cfg.model.init_from or resume_dirs:
+        # Every weight is about to be loaded, from model.init_from or a checkpoint (if none of the
+        # checkpoints loads, the run stops below): drawing random weights first would be wasted.
+        model.init_buffers()
+    else:
+        model.init_weights(seed=tc.seed, assign=assign_)
     init_adapters(model, seed=tc.seed, assign=assign_)
     optimizer = build_optimizer([(n, p) for n, p in plan.dense + plan.experts if p.requires_grad], tc, info.device)
     state = TrainerState(model_hash=cfg.model_hash(), world_size=info.world_size, expert_degree=ep)
