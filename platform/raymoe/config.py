@@ -359,7 +359,9 @@ class ParallelConfig:
     dense: Literal["replicate", "fsdp"] = "replicate"
     """Dense parameters (attention, dense FFN, shared experts, routers, embeddings, norms) and their
     gradients and AdamW state: a full copy on every rank, or sharded over all ranks with PyTorch's
-    FSDP2 (fully_shard per transformer block; routed experts stay sharded by expert parallelism)."""
+    FSDP2 (fully_shard per transformer block). Under fsdp, routed experts (already split by expert
+    parallelism) are also FSDP-sharded over their replicas when the data degree is > 1. Under bf16
+    compute FSDP gathers bf16 parameters and reduces gradients in fp32. `raymoe plan` says which fits."""
 
     def __post_init__(self) -> None:
         if self.expert_degree != "auto" and self.expert_degree < 1:

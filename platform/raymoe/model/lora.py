@@ -136,9 +136,9 @@ def init_adapters(model: nn.Module, seed: int = 0, assign=None) -> None:
             if pname.startswith("lora_B"):
                 p.zero_()
             elif isinstance(mod, GroupedExperts):
-                for i in range(p.shape[0]):
-                    e = mod.first_expert + i
-                    p[i].copy_(torch.randn(p.shape[1:], generator=tensor_generator(stream, name, e)) / math.sqrt(p.shape[1]))
+                rows = [torch.randn(p.shape[1:], generator=tensor_generator(stream, name, mod.first_expert + i))
+                        for i in range(p.shape[0])]
+                assign(p, torch.stack(rows) / math.sqrt(p.shape[1]))
             else:
                 assign(p, torch.randn(p.shape, generator=tensor_generator(stream, name)) / math.sqrt(p.shape[1]))
 

@@ -134,8 +134,8 @@ class MoETransformer(nn.Module):
             sd = out_std if name.endswith(("wo.weight", "w2.weight", ".w2")) else std
             if name in experts:
                 first = experts[name].first_expert
-                for i in range(p.shape[0]):
-                    p[i].copy_(torch.normal(0.0, sd, size=p.shape[1:], generator=tensor_generator(seed, name, first + i)))
+                assign(p, torch.stack([torch.normal(0.0, sd, size=p.shape[1:], generator=tensor_generator(seed, name, first + i))
+                                       for i in range(p.shape[0])]))
             else:
                 assign(p, torch.normal(0.0, sd, size=p.shape, generator=tensor_generator(seed, name)))
         self.init_buffers()

@@ -15,6 +15,10 @@ What changes on each rank:
   the all-to-all's backward delivered, so summing over the expert axis would count them twice;
 - the global gradient norm adds the expert shards' squared norms over the expert group once.
 
+With parallel.dense=fsdp (FSDP2) dense tensors are sharded over all ranks, and expert stacks over
+their replica group; FSDP's reduce-scatter then does the averaging above (experts divided by the
+world size), and the squared norms of all shards are summed over the world.
+
 Bias balancing needs nothing here: the loop all-reduces expert loads over the whole world.
 """
 
@@ -37,6 +41,9 @@ class ParallelPlan:
     fsdp: bool = False
     """Dense parameters are FSDP2 DTensors sharded over the world (parallel.dense=fsdp): FSDP
     reduce-scatters (averages) their gradients in backward; only the experts are synced here."""
+    expert_fsdp: bool = False
+    """Routed experts are FSDP2-sharded across their replicas too (parallel.dense=fsdp with a data
+    degree > 1): FSDP reduce-scatters their gradients; nothing to sync here either."""
     dense: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     experts: list[tuple[str, nn.Parameter]] = field(default_factory=list)
     """Sharded routed-expert parameters: dim 0 indexes this rank's local experts."""
@@ -52,6 +59,8 @@ class ParallelPlan:
             return
         if not self.fsdp:
             _all_reduce_flat([p.grad for _, p in self.dense if p.grad is not None], None, world)
+        if self.expert_fsdp:
+            return
         if self.mesh.replica_group is not None:
             _all_reduce_flat([p.grad for _, p in self.experts if p.grad is not None], self.mesh.replica_group, world)
         else:
@@ -63,13 +72,15 @@ class ParallelPlan:
         """Global-norm clipping over the whole (sharded) model; returns the norm before clipping."""
         # FSDP gradients are DTensor shards: their local parts partition the whole, summed over the world.
         dense = [_local(p.grad) for _, p in self.dense if p.grad is not None]
-        expert = [p.grad for _, p in self.experts if p.grad is not None]
+        expert = [_local(p.grad) for _, p in self.experts if p.grad is not None]
         device = (dense or expert)[0].device
         sq_dense = sum((g.float().square().sum() for g in dense), torch.zeros((), device=device))
         sq_expert = sum((g.float().square().sum() for g in expert), torch.zeros((), device=device))
         if self.fsdp and self.mesh.world_size > 1:
             dist.all_reduce(sq_dense)
-        if self.mesh.expert_group is not None:
+        if self.expert_fsdp:
+            dist.all_reduce(sq_expert)  # FSDP shards of each expert group's shards: each piece once
+        elif self.mesh.expert_group is not None:
             dist.all_reduce(sq_expert, group=self.mesh.expert_group)  # each shard counted once
         norm = (sq_dense + sq_expert).sqrt()
         if max_norm > 0:
@@ -134,8 +145,9 @@ def parallelize(model: nn.Module, mesh: Mesh, dense: str = "replicate", device_t
                 compute_dtype: torch.dtype | None = None) -> ParallelPlan:
     """The one place where parallelism is applied, in this order: (1) expert parallelism cuts each
     MoE layer to this rank's experts and swaps in the all-to-all; (2) with dense='fsdp', FSDP2's
-    fully_shard wraps every transformer block and then the root, over all ranks, leaving the
-    (already sharded) routed experts to expert parallelism; with a bf16 `compute_dtype` FSDP
+    fully_shard wraps each MoE layer's experts over their replica group (when there is more than
+    one replica: torchtitan's FSDP over the data axis beside EP), then every transformer block and
+    the root over all ranks; with a bf16 `compute_dtype` FSDP
     gathers the parameters in bf16 and reduce-scatters gradients in fp32 (the fp32 master shards
     stay what AdamW updates). Activation checkpointing is applied
     inside the model's forward (model.checkpoint_every), beneath both. Call on a model built on
@@ -162,11 +174,29 @@ def parallelize(model: nn.Module, mesh: Mesh, dense: str = "replicate", device_t
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         world_mesh = init_device_mesh(device_type, (mesh.world_size,))
-        experts = {p for mod in model.modules() if isinstance(mod, MoE) for p in mod.experts.parameters()}
         mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) if compute_dtype else MixedPrecisionPolicy()
-        for block in model.layers:
-            fully_shard(block, mesh=world_mesh, ignored_params=experts, mp_policy=mp)
-        fully_shard(model, mesh=world_mesh, ignored_params=experts, mp_policy=mp)  # embedding, final norm, head
+        replica_mesh = None
+        if mesh.data_degree > 1:
+            # Ranks holding the same experts (same expert index): rank = data_index * E_deg + expert_index.
+            replica_mesh = world_mesh if mesh.expert_degree == 1 else init_device_mesh(
+                device_type, (mesh.data_degree, mesh.expert_degree), mesh_dim_names=("data", "expert"))["data"]
+        plan.expert_fsdp = replica_mesh is not None
+        moes = [mod for mod in model.modules() if isinstance(mod, MoE)]
+        ignored = set()
+        for mod in moes:
+            if plan.expert_fsdp:
+                # Each replica keeps 1/data_degree of its experts' rows; FSDP gathers them for the
+                # layer's expert GEMMs and reduce-scatters their gradients over the replicas. Divided
+                # by the world, not the replica count: the all-to-all's backward already summed the
+                # expert group's contributions (see the module docstring).
+                fully_shard(mod.experts, mesh=replica_mesh, mp_policy=mp)
+                mod.experts.set_gradient_divide_factor(float(mesh.world_size))
+                mod.experts.set_force_sum_reduction_for_comms(True)  # scale + SUM: gloo has no PREMUL_SUM
+            else:
+                ignored.update(mod.experts.parameters())
+        for block in model.layers:  # sharded experts are already FSDP's (their own group): skipped here
+            fully_shard(block, mesh=world_mesh, ignored_params=ignored, mp_policy=mp)
+        fully_shard(model, mesh=world_mesh, ignored_params=ignored, mp_policy=mp)  # embedding, final norm, head
     plan.collect(model)
     return plan
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from raymoe.parallel.apply import ParallelPlan
+from raymoe.parallel.apply import ParallelPlan, assign_
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2
@@ -148,19 +148,27 @@ def save_checkpoint(
             with open(os.path.join(path, name), "w") as f:
                 json.dump(obj, f)
             written[name] = {}
-    if mesh.data_index == 0 and plan.experts:
+    # Experts FSDP-sharded over their replicas are gathered there (each replica group at once),
+    # one tensor at a time; the replica with data index 0 writes them.
+    if plan.experts and (mesh.data_index == 0 or plan.expert_fsdp):
         local = mesh.local_experts()
         fname = f"experts-{local.start:05d}-{local.stop:05d}.safetensors"
+        writer = mesh.data_index == 0
         tensors = {}
         for name, p in plan.experts:
             if only is not None and name not in only:
                 continue
-            tensors[name] = p.detach().contiguous().cpu()
+            whole = _whole(p)
+            if writer:
+                tensors[name] = whole.detach().contiguous().cpu()
             for m in _MOMENTS:
                 if p in optimizer.state:
-                    tensors[f"opt/{name}/{m}"] = optimizer.state[p][m].detach().contiguous().cpu()
-        save_file(tensors, os.path.join(path, fname))
-        written[fname] = {"experts": [local.start, local.stop]}
+                    whole = _whole(optimizer.state[p][m])
+                    if writer:
+                        tensors[f"opt/{name}/{m}"] = whole.detach().contiguous().cpu()
+        if writer:
+            save_file(tensors, os.path.join(path, fname))
+            written[fname] = {"experts": [local.start, local.stop]}
     for fname, info in written.items():
         info["sha256"] = _sha256(os.path.join(path, fname))
 
@@ -306,11 +314,11 @@ def load_checkpoint(
             }
     for name, p in plan_experts:
         with torch.no_grad():
-            p.copy_(expert_rows[name])
+            assign_(p, expert_rows[name].to(p.device))
         if f"opt/{name}/exp_avg" in expert_rows:
             optimizer.state[p] = {
                 "step": step.to(p.device) if fused else step.clone(),
-                **{m: expert_rows[f"opt/{name}/{m}"].to(p.device, p.dtype) for m in _MOMENTS},
+                **{m: _shaped_like(p, expert_rows[f"opt/{name}/{m}"]) for m in _MOMENTS},
             }
     torch.set_rng_state(torch.tensor(manifest["rng"], dtype=torch.uint8))
     records = {}
@@ -373,8 +381,6 @@ def checkpoint_tensor_names(path: str, manifest: dict[str, Any]) -> list[str]:
 def load_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], allow_missing: set[str] = frozenset()) -> None:
     """Load a state dict of whole tensors (into FSDP shards too: each rank keeps its part); tied
     aliases dropped at save time are restored by the tie itself. Checked before anything is copied."""
-    from raymoe.parallel.apply import assign_
-
     own = model.state_dict()
     for k, v in weights.items():
         if k in own and own[k].shape != v.shape:

@@ -8,7 +8,8 @@ memory, milliseconds even for DeepSeek-V3) with the run's LoRA and freezing appl
 tensor is cut the way parallel/apply.py cuts it: routed experts by expert parallelism (rows of
 the stacked [E, ...] weights), dense tensors either whole on every rank (parallel.dense:
 replicate) or as FSDP2's dim-0 shard (fsdp: ceil(rows / world) rows, padded, as fully_shard
-allocates them). Gradients exist for trainable tensors only, in the parameter's dtype; AdamW holds
+allocates them), and under fsdp the expert stacks also split over their replicas (ceil(local
+experts / data degree) rows). Gradients exist for trainable tensors only, in the parameter's dtype; AdamW holds
 two fp32 moments per trainable element. A test holds these figures equal to the bytes the
 training loop reports holding (memory/*_bytes) in gloo runs of 1, 2 and 4 ranks.
 
@@ -29,9 +30,11 @@ matrix), which is what CUDA runs. With activation checkpointing (train.activatio
 against the bytes torch's saved-tensor hooks see on CPU in fp32 (within 15%); on CUDA in bf16 the
 GPU checks compare it with torch.cuda.max_memory_allocated when a device is lent.
 
-Transient buffers are added on top: with replicated dense parameters the gradient all-reduce's
+Transient buffers are added on top: the logits the loop holds until backward and their fp32 and
+compute-dtype gradients (3 x tokens x vocab); with replicated dense parameters the gradient all-reduce's
 flat copy (parallel/apply.py); with FSDP two blocks' unsharded parameters (one computing, one
-prefetched) and one block's unsharded gradients. What is not modelled: the CUDA context and
+prefetched; their local experts too when those are FSDP-sharded) and one block's unsharded
+gradients. What is not modelled: the CUDA context and
 NCCL buffers, allocator fragmentation, all-to-all imbalance. `headroom` (default 10% of the
 device) stands for them.
 """
@@ -135,9 +138,11 @@ def state_bytes(cfg: RunConfig, world: int, layout: Layout, device_type: str = "
     # The loop keeps a LoRA run's frozen base in bf16 under bf16 compute (model/lora.cast_frozen_).
     frozen_bf16 = cfg.lora.enabled and c == 2 and not fsdp
     out = dict(params=0, grads=0, optimizer=0, buffers=0, dense_grads=0, expert_grads=0)
+    expert_fsdp = fsdp and world // ep > 1  # experts FSDP-sharded over their replicas too
     for name, p in model.named_parameters():
         if id(p) in expert_ids:
-            numel = math.prod(p.shape) // ep
+            local_shape = (p.shape[0] // ep, *p.shape[1:])
+            numel = _shard_numel(local_shape, world // ep) if expert_fsdp else math.prod(local_shape)
         elif fsdp:
             numel = _shard_numel(tuple(p.shape), world)
         else:
@@ -152,14 +157,22 @@ def state_bytes(cfg: RunConfig, world: int, layout: Layout, device_type: str = "
             out["expert_grads" if id(p) in expert_ids else "dense_grads"] += numel * size
     for b in model.buffers():
         out["buffers"] += math.prod(b.shape) * b.element_size()
-    # FSDP unshards one block at a time (whole, compute dtype); experts are not FSDP-managed.
-    out["block_dense"] = max(
-        sum(math.prod(p.shape) for p in block.parameters() if id(p) not in expert_ids) for block in model.layers
-    ) * c
-    out["block_dense_grads"] = max(
-        sum(math.prod(p.shape) for p in block.parameters() if id(p) not in expert_ids and p.requires_grad)
-        for block in model.layers
-    ) * 4
+    # FSDP unshards one block at a time (whole, compute dtype), and with expert FSDP its local
+    # experts (this rank's expert slice, gathered over the replicas).
+    def unsharded(block, trainable_only: bool) -> int:
+        n = 0
+        for p in block.parameters():
+            if trainable_only and not p.requires_grad:
+                continue
+            if id(p) not in expert_ids:
+                n += math.prod(p.shape)
+            elif expert_fsdp:
+                n += math.prod(p.shape) // ep
+        return n
+
+    out["block_unsharded"] = max(unsharded(b, False) for b in model.layers) * c
+    out["block_unsharded_grads"] = max(unsharded(b, True) for b in model.layers) * 4
+    out["expert_fsdp"] = expert_fsdp
     return out
 
 
@@ -234,13 +247,16 @@ def rank_memory(cfg: RunConfig, world: int, layout: Layout, *, seq_len: int | No
     tokens = (seq_len or cfg.train.seq_len) * (batch_size or cfg.train.batch_size)
     fsdp = layout.dense == "fsdp" and world > 1
     if fsdp:
-        transient = 2 * s["block_dense"] + s["block_dense_grads"]
+        transient = 2 * s["block_unsharded"] + s["block_unsharded_grads"]
     elif world > 1:
         transient = s["dense_grads"]  # the flat all-reduce buffer of parallel/apply.py
     else:
         transient = 0
-    if world // layout.expert_degree > 1:
+    if world // layout.expert_degree > 1 and not s["expert_fsdp"]:
         transient = max(transient, s["expert_grads"])  # the replica groups' flat buffer (one at a time)
+    # The loop holds the logits (compute dtype) until backward, which makes their fp32 gradient and
+    # its compute-dtype cast: [tokens, vocab] three times over, large for a 100K+ vocabulary.
+    transient += tokens * cfg.model.vocab_size * (2 * _compute_bytes(cfg, device_type) + 4)
     return RankMemory(params=s["params"], grads=s["grads"], optimizer=s["optimizer"], buffers=s["buffers"],
                       activations=activation_bytes(cfg, tokens, layout.activation_checkpointing, device_type),
                       transient=transient)
