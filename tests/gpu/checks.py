@@ -1,6 +1,7 @@
 """GPU checks, plain functions that raise AssertionError: the training loop under NCCL at world size 1
-through build, train, checkpoint, resume and export (full and LoRA), and the grouped GEMM
-(`torch._grouped_mm`) against the per-segment fallback in bf16, forward and backward.
+through build, train, checkpoint, resume and export (full and LoRA), the grouped GEMM
+(`torch._grouped_mm`) against the per-segment fallback in bf16, forward and backward, and
+`raymoe plan`'s per-rank bytes against the CUDA allocator's peak over a training step.
 
 Two ways to run them, both skipped or refused without CUDA:
 
@@ -128,6 +129,53 @@ def check_grouped_mm_equals_the_per_segment_fallback_in_bf16(D: int, Fh: int) ->
     return errors
 
 
+def check_memory_plan_against_cuda_peak(checkpointing: int) -> dict:
+    """raymoe plan's per-rank total against torch.cuda.max_memory_allocated over a second training
+    step (forward, backward, AdamW) of one rank, bf16 autocast, a small-gpu.yaml-like shape."""
+    import torch.nn.functional as F
+
+    from raymoe.config import config_from_dict
+    from raymoe.model.transformer import MoETransformer
+    from raymoe.parallel.memory import Layout, rank_memory
+    from raymoe.train.loop import build_optimizer
+
+    model_cfg = {**MODEL, "hidden_size": 512, "num_layers": 4, "num_heads": 8, "kv_lora_rank": 128, "num_experts": 32,
+                 "top_k": 4, "num_expert_groups": 1, "top_k_groups": 1, "expert_intermediate_size": 256,
+                 "dense_intermediate_size": 1408, "max_seq_len": 1024, "vocab_size": 32768}
+    cfg = config_from_dict({"name": "plan", "model": model_cfg, "train": {**TRAIN, "batch_size": 8, "seq_len": 1024,
+                                                                           "activation_checkpointing": checkpointing}})
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    model = MoETransformer(cfg.model).to(DEVICE)
+    model.init_weights(seed=0)
+    model.train()
+    model.checkpoint_every = checkpointing
+    opt = build_optimizer(list(model.named_parameters()), cfg.train, torch.device(DEVICE))
+    tokens = torch.randint(0, cfg.model.vocab_size, (8, 1025), device=DEVICE)
+    for step in range(2):
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(tokens[:, :-1])
+            loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated() - start
+    planned = rank_memory(cfg, 1, Layout(1, "replicate", checkpointing), device_type="cuda")
+    result = {"measured_peak_bytes": measured, "planned_total_bytes": planned.total, "ratio": planned.total / measured,
+              "planned": {k: getattr(planned, k) for k in ("params", "grads", "optimizer", "activations", "transient")}}
+    del model, opt, out, loss
+    torch.cuda.empty_cache()
+    # The plan sums grads and activations (both never peak together) and stands in for kernels'
+    # workspaces by its headroom: it should land near the measured peak, not on it.
+    assert 0.6 < result["ratio"] < 1.6, result
+    return result
+
+
 def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
     """(name, function, arguments after the scratch directory) of every check."""
     out = [(f.__name__, f, ()) for f in (check_full_training_under_nccl_checkpoints_resumes_and_exports,
@@ -136,6 +184,8 @@ def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
         out += [(f"check_grouped_mm_equals_the_per_segment_fallback_in_bf16[{d}x{f}]",
                  lambda _root, d=d, f=f: check_grouped_mm_equals_the_per_segment_fallback_in_bf16(d, f), ())
                 for d, f in GROUPED_SHAPES]
+        out += [(f"check_memory_plan_against_cuda_peak[ac={ac}]",
+                 lambda _root, ac=ac: check_memory_plan_against_cuda_peak(ac), ()) for ac in (0, 1)]
     return out
 
 
