@@ -251,7 +251,8 @@ def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: 
             mdir = os.path.join(d, "model")
             # The training checkpoint is sharded by expert; what we log is the whole model, as a
             # model directory (with the tokenizer the run used, so serving it needs nothing else).
-            tensors = _unique(weights if weights is not None else full_state_dict(checkpoint_dir), keep=True)
+            tensors = {k: v.detach().contiguous().cpu()
+                       for k, v in _unique(weights if weights is not None else full_state_dict(checkpoint_dir)).items()}
             write_model_dir(mdir, cfg, tensors.items(), tokenizer_dir=tokenizer_dir_of(cfg), staged=False)
             tracker.log_artifact(mdir, "model")
             if cfg.tracking.registered_model:

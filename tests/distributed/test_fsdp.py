@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -16,6 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from raymoe.config import config_from_dict
+from raymoe.model_dir import export_model_dir, open_model
+from raymoe.parallel.checkpoint import CheckpointError, full_state_dict
 from raymoe.train.data import prepare_run_data
 from reporters import MergingReporter
 
@@ -82,14 +85,33 @@ CORPUS: list[str] = []
 
 def test_fsdp_matches_the_replicated_layout_shards_the_dense_state_and_reshards_on_resume(tmp_path):
     CORPUS[:] = [prepare_run_data(_cfg(tmp_path, 1, "replicate")).dir]
-    for ep in ("auto", 1):  # expert degree 2 (experts sharded by EP), then 1 (experts replicated, synced by data)
-        rep = _run(tmp_path, f"rep-{ep}", 2, "replicate", ep)
+    for ep in ("auto", 1):  # expert degree 2 (experts sharded by EP), then 1 (experts FSDP-sharded over the data axis)
+        rep = _run(tmp_path, f"rep-{ep}", 2, "replicate", ep, keep=str(tmp_path / f"ckpt-rep-{ep}"))
         keep = str(tmp_path / f"ckpt-{ep}")
         fsdp = _run(tmp_path, f"fsdp-{ep}", 2, "fsdp", ep, keep=keep)
         for step in map(str, range(1, STEPS + 1)):
             assert fsdp["losses"][step][0] == pytest.approx(rep["losses"][step][0], rel=1e-5), (ep, step)
         assert fsdp["params"] < rep["params"]  # each rank holds half of the dense parameters
         assert fsdp["losses"]["1"][1] < rep["losses"]["1"][1]  # and half of their AdamW moments
+    # Dense tensors and moments went through torch.distributed.checkpoint, one file per rank; read
+    # back whole (what serving and export do), they are the replicated run's, and export works.
+    sharded = tmp_path / "ckpt-1" / "step25"
+    assert (sharded / "dense" / ".metadata").exists() and len(list((sharded / "dense").glob("__*.distcp"))) == 2
+    whole, reference = full_state_dict(str(sharded)), full_state_dict(str(tmp_path / "ckpt-rep-1" / "step25"))
+    assert whole.keys() == reference.keys()
+    for name, t in whole.items():
+        assert torch.allclose(t, reference[name], atol=1e-4), name
+    exported = export_model_dir(str(sharded), str(tmp_path / "model"), log=lambda m: None)
+    _, model, _, _ = open_model(exported.path)
+    assert torch.equal(model.state_dict()["layers.0.attn.wo.weight"], whole["layers.0.attn.wo.weight"])
+    # A damaged rank file is named, as for every other checkpoint file.
+    damaged = tmp_path / "damaged"
+    shutil.copytree(sharded, damaged)
+    with open(damaged / "dense" / "__1_0.distcp", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00" * 8)
+    with pytest.raises(CheckpointError, match=r"dense/__1_0.distcp: sha256 does not match"):
+        full_state_dict(str(damaged))
     # The sharded step-25 checkpoint (expert degree 1) resumes replicated on one rank: same losses.
     resumed = _run(tmp_path, "resumed", 1, "replicate", 1, resume=str(tmp_path / "ckpt-1" / "step25"))
     for step in map(str, range(26, STEPS + 1)):

@@ -3,6 +3,10 @@
 A checkpoint directory holds
     dense.safetensors                  rank 0: every replicated tensor (routers' selection biases
                                        included) and its AdamW moments (`opt/<name>/exp_avg`, ...)
+    dense/                             parallel.dense=fsdp instead: the FSDP-sharded dense tensors
+                                       and their moments through torch.distributed.checkpoint, one
+                                       __<rank>_0.distcp per rank plus .metadata (dense.safetensors
+                                       then holds only the buffers)
     experts-<lo>-<hi>.safetensors      one per expert shard, written by the replica with data index
                                        0: global experts [lo, hi) of every layer, with their moments
     *.json                             small records such as the expert-load history (optional)
@@ -10,7 +14,12 @@ A checkpoint directory holds
                                        range of each shard file and the sha256 of every file
 
 Loading at another layout reads, per rank, exactly the expert rows it now owns from whichever
-shard files hold them (safetensors reads slices lazily). The manifest is written last, by rank 0
+shard files hold them (safetensors reads slices lazily), and exactly its FSDP rows of the dense
+tensors (torch.distributed.checkpoint reshards; each rank reads on its own, no collective).
+Experts keep their own row-range files rather than going through torch.distributed.checkpoint:
+serving, `raymoe export` and the Hugging Face export read one expert range of one tensor without
+a process group, and the manifest names which files a rank needs, so a rank checks the sha256 of
+those files only. The manifest is written last, by rank 0
 after gathering every rank's checksums: a directory without one was never completed. A file whose
 sha256 differs from the manifest is refused; `load_latest_good` then falls back to the previous
 checkpoint, and every rank agrees on which one (one all-reduce).
@@ -39,6 +48,7 @@ from safetensors.torch import save_file
 from raymoe.parallel.apply import ParallelPlan, assign_
 
 MANIFEST = "manifest.json"
+DENSE_DCP = "dense"  # torch.distributed.checkpoint folder of FSDP-sharded dense tensors
 FORMAT_VERSION = 2
 _MOMENTS = ("exp_avg", "exp_avg_sq")
 
@@ -77,25 +87,25 @@ def _dist() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _unique(sd: dict[str, torch.Tensor], keep: bool) -> dict[str, torch.Tensor]:
-    """Drop aliases (tied embeddings): safetensors refuses two names for one storage. FSDP's
-    DTensors are gathered whole one at a time (a collective: every rank calls this with the same
-    names); only the writer keeps them (`keep`), so no other rank ever holds the whole dense model."""
+def _unique(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop aliases (tied embeddings): safetensors refuses two names for one storage."""
     seen, out = set(), {}
     for k, v in sd.items():
-        local = v.to_local() if hasattr(v, "to_local") else v
+        local = v.to_local() if _is_dtensor(v) else v
         key = (local.untyped_storage().data_ptr(), local.storage_offset(), tuple(v.shape))
         if key not in seen:
             seen.add(key)
-            whole = _whole(v)
-            if keep:
-                out[k] = whole.detach().contiguous().cpu()
+            out[k] = v
     return out
+
+
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return hasattr(t, "device_mesh")
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
     """A DTensor's full value (all-gathered), or the tensor itself."""
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+    return t.full_tensor() if _is_dtensor(t) else t
 
 
 def _shaped_like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
@@ -131,16 +141,25 @@ def save_checkpoint(
     written: dict[str, dict[str, Any]] = {}
     expert_names = {n for n, _ in plan.experts}
 
-    if mesh.rank == 0 or plan.fsdp:  # FSDP shards are gathered whole by every rank, written by rank 0
-        sd = {k: v for k, v in model.state_dict().items() if k not in expert_names and (only is None or k in only)}
-        tensors = _unique(sd, keep=mesh.rank == 0)
+    sd = _unique({k: v for k, v in model.state_dict().items() if k not in expert_names and (only is None or k in only)})
+    if plan.fsdp:
+        # FSDP shards (and their moments) through torch.distributed.checkpoint: each rank writes
+        # its own shards, nobody gathers; the loader reshards to any layout.
+        sharded = {k: v for k, v in sd.items() if _is_dtensor(v)}
         for name, p in plan.dense:
-            for m in _MOMENTS:
-                if p in optimizer.state:
-                    whole = _whole(optimizer.state[p][m])
-                    if mesh.rank == 0:
-                        tensors[f"opt/{name}/{m}"] = whole.detach().contiguous().cpu()
+            if p in optimizer.state and name in sharded:
+                sharded.update({f"opt/{name}/{m}": optimizer.state[p][m] for m in _MOMENTS})
+        import torch.distributed.checkpoint as dcp
+
+        dcp.save(sharded, checkpoint_id=os.path.join(path, DENSE_DCP))
+        mine = [f for f in os.listdir(os.path.join(path, DENSE_DCP)) if f.startswith(f"__{mesh.rank}_")]
+        written.update({f"{DENSE_DCP}/{f}": {} for f in mine + ([".metadata"] if mesh.rank == 0 else [])})
+        sd = {k: v for k, v in sd.items() if k not in sharded}  # buffers: whole on every rank
     if mesh.rank == 0:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        for name, p in plan.dense:
+            if p in optimizer.state and name in sd:
+                tensors.update({f"opt/{name}/{m}": optimizer.state[p][m].detach().contiguous().cpu() for m in _MOMENTS})
         save_file(tensors, os.path.join(path, "dense.safetensors"))
         written["dense.safetensors"] = {}
         for name, obj in (records or {}).items():
@@ -282,6 +301,7 @@ def load_checkpoint(
         )
     plan_experts = [(n, p) for n, p in plan.experts if only is None or n in only]
     _verify(path, manifest, files_needed(manifest, plan))
+    sharded = _dcp_targets(path, manifest, model, plan)  # FSDP-saved dense tensors, shapes checked
 
     fused = bool(optimizer.defaults.get("fused"))
     step = torch.tensor(manifest["adam_step"], dtype=torch.float32)
@@ -305,7 +325,10 @@ def load_checkpoint(
                 expert_rows[key] = rows
     # Every shape is checked before anything is copied: a refused checkpoint leaves the model as it was.
     frozen = set() if only is None else set(model.state_dict()) - only
-    load_model_weights(model, weights, allow_missing={n for n, _ in plan.experts} | frozen)
+    load_model_weights(model, weights, allow_missing={n for n, _ in plan.experts} | frozen | set(sharded))
+    if sharded:
+        _dcp_load(path, sharded)
+        moments.update({k: v for k, v in sharded.items() if k.startswith("opt/")})
     for name, p in plan.dense:
         if f"opt/{name}/exp_avg" in moments:
             optimizer.state[p] = {
@@ -327,6 +350,78 @@ def load_checkpoint(
             with open(os.path.join(path, name)) as f:
                 records[name] = json.load(f)
     return state, records
+
+
+def _dcp_metadata(path: str, manifest: dict[str, Any]):
+    """The torch.distributed.checkpoint metadata of the FSDP-saved dense tensors, or None."""
+    meta = f"{DENSE_DCP}/.metadata"
+    if meta not in manifest["files"]:
+        return None
+    _verify(path, manifest, [meta])
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return FileSystemReader(os.path.join(path, DENSE_DCP)).read_metadata()
+
+
+def _dcp_files(md, name: str, rows: tuple[int, int] | None) -> set[str]:
+    """The .distcp files holding the chunks of `name` that overlap dim-0 rows [lo, hi) (all if None)."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    out = set()
+    for i, chunk in enumerate(md.state_dict_metadata[name].chunks):
+        lo, n = (int(chunk.offsets[0]), int(chunk.sizes[0])) if len(chunk.sizes) else (0, 1)
+        if rows is None or (lo < rows[1] and lo + n > rows[0]):
+            out.add(f"{DENSE_DCP}/{md.storage_data[MetadataIndex(name, chunk.offsets, i)].relative_path}")
+    return out
+
+
+def _rows_of(t: torch.Tensor) -> tuple[int, int] | None:
+    """Dim-0 rows of the whole tensor this rank's part of a DTensor holds; None for a plain tensor."""
+    if not _is_dtensor(t) or t.dim() == 0:
+        return None
+    (chunk,) = t.__create_chunk_list__()
+    return int(chunk.offsets[0]), int(chunk.offsets[0]) + int(chunk.sizes[0])
+
+
+def _dcp_targets(path: str, manifest: dict[str, Any], model: torch.nn.Module, plan: ParallelPlan) -> dict[str, torch.Tensor]:
+    """Where each FSDP-saved dense tensor goes in this model (its parameter, or a new tensor shaped
+    like it for an AdamW moment), after checking shapes and the sha256 of exactly the files this
+    rank will read (its rows, at whatever layout it now has)."""
+    md = _dcp_metadata(path, manifest)
+    if md is None:
+        return {}
+    own = model.state_dict()
+    params = dict(plan.dense)
+    targets, files = {}, set()
+    for key, info in md.state_dict_metadata.items():
+        name = key.split("/")[1] if key.startswith("opt/") else key
+        if name not in own:
+            raise CheckpointError(f"{path}: checkpoint does not match the model: unexpected {name}")
+        if tuple(info.size) != tuple(own[name].shape):
+            raise CheckpointError(f"{path}: checkpoint does not match the model: {key} has shape {tuple(info.size)}, "
+                                  f"the model needs {tuple(own[name].shape)}")
+        if key.startswith("opt/"):
+            if name not in params or not params[name].requires_grad:
+                continue
+            target = torch.empty_like(params[name], dtype=info.properties.dtype)
+        else:
+            target = own[name]
+        targets[key] = target
+        files |= _dcp_files(md, key, _rows_of(target))
+    _verify(path, manifest, sorted(files))
+    return targets
+
+
+def _dcp_load(path: str, targets: dict[str, torch.Tensor]) -> None:
+    """Read into `targets` in place, each rank on its own (no collective: a rank that refused the
+    checkpoint before this point cannot leave the others waiting)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(targets, checkpoint_id=os.path.join(path, DENSE_DCP), no_dist=True)
 
 
 def _keys(path: str, fname: str) -> set[str]:
@@ -357,6 +452,13 @@ def checkpoint_tensor(path: str, manifest: dict[str, Any], name: str, experts: r
     with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
         if name in f.keys():
             return f.get_tensor(name)
+    md = _dcp_metadata(path, manifest)
+    if md is not None and name in md.state_dict_metadata:
+        info = md.state_dict_metadata[name]
+        check(sorted(_dcp_files(md, name, None)))
+        out = torch.empty(tuple(info.size), dtype=info.properties.dtype)
+        _dcp_load(path, {name: out})
+        return out
     shards = sorted(((n, *i["experts"]) for n, i in manifest["files"].items() if "experts" in i), key=lambda t: t[1])
     if not shards:
         raise CheckpointError(f"{path}: the checkpoint has no tensor {name}")
@@ -372,6 +474,11 @@ def checkpoint_tensor_names(path: str, manifest: dict[str, Any]) -> list[str]:
     """Every model tensor's name (from the file headers; nothing is read or verified)."""
     with safe_open(os.path.join(path, "dense.safetensors"), framework="pt") as f:
         names = [k for k in f.keys() if not k.startswith("opt/")]
+    if f"{DENSE_DCP}/.metadata" in manifest["files"]:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        md = FileSystemReader(os.path.join(path, DENSE_DCP)).read_metadata()
+        names += [k for k in md.state_dict_metadata if not k.startswith("opt/")]
     shards = [n for n, i in manifest["files"].items() if "experts" in i]
     if shards:
         names += [k for k in sorted(_keys(path, shards[0])) if not k.startswith("opt/")]
