@@ -1,7 +1,7 @@
 """Per-rank parameter, gradient and AdamW bytes of each parallel layout at 1, 2 and 4 ranks, held
 (measured in real gloo training runs) against what `raymoe plan` predicts, and the step time.
 
-    python bench/memory.py             # jobs/configs/small-gpu.yaml's shape scaled down (~15M parameters)
+    python bench/memory.py             # jobs/configs/small-gpu.yaml's shape scaled down (20.5M parameters)
     python bench/memory.py --tiny      # seconds
 
 Each run is the training loop itself (train/loop.py, no Ray) on `world` processes with gloo, for

@@ -147,11 +147,11 @@ def parallelize(model: nn.Module, mesh: Mesh, dense: str = "replicate", device_t
     MoE layer to this rank's experts and swaps in the all-to-all; (2) with dense='fsdp', FSDP2's
     fully_shard wraps each MoE layer's experts over their replica group (when there is more than
     one replica: torchtitan's FSDP over the data axis beside EP), then every transformer block and
-    the root over all ranks; with a bf16 `compute_dtype` FSDP
-    gathers the parameters in bf16 and reduce-scatters gradients in fp32 (the fp32 master shards
-    stay what AdamW updates). Activation checkpointing is applied
-    inside the model's forward (model.checkpoint_every), beneath both. Call on a model built on
-    the meta device, then `materialize`."""
+    the root over all ranks; with a bf16 `compute_dtype` FSDP gathers the parameters in bf16 and
+    reduce-scatters gradients in fp32 (the fp32 master shards stay what AdamW updates).
+    Activation checkpointing is applied inside the model's forward (model.checkpoint_every),
+    beneath both; nothing is torch.compile'd yet (it would wrap each block here, before
+    fully_shard). Call on a model built on the meta device, then `materialize`."""
     plan = ParallelPlan(mesh, fsdp=dense == "fsdp" and mesh.world_size > 1)
     local = mesh.local_experts()
     # Frozen parameters (model/lora.py set_trainable) are listed too: checkpoints and the optimizer
