@@ -19,6 +19,7 @@ import torch.multiprocessing as mp
 from raymoe.config import config_from_dict
 from raymoe.model_dir import export_model_dir, open_model
 from raymoe.parallel.checkpoint import CheckpointError, full_state_dict
+from raymoe.parallel.memory import Layout, rank_memory
 from raymoe.train.data import prepare_run_data
 from reporters import MergingReporter
 
@@ -63,7 +64,8 @@ def _worker(rank, world, port, cfg_dict, corpus_dir, out_file, resume, keep):
     losses = {step: [m["train/loss"], m.get("memory/optimizer_state_bytes")] for step, m in reporter.metrics.items()}
     if rank == 0:
         with open(out_file, "w") as f:
-            json.dump({"losses": losses, "params": start.get("params/total_per_rank")}, f)
+            memory = {k: v for k, v in reporter.metrics[min(reporter.metrics)].items() if k.startswith("memory/")}
+            json.dump({"losses": losses, "params": start.get("params/total_per_rank"), "memory": memory}, f)
     dist.destroy_process_group()
 
 
@@ -74,10 +76,16 @@ def _port():
 
 
 def _run(tmp_path, tag, world, dense, ep="auto", resume=None, keep=None, **train):
+    """Rank 0's losses and bytes; the bytes it holds must be raymoe plan's (parallel/memory.py)."""
     out = tmp_path / f"{tag}.json"
-    mp.spawn(_worker, args=(world, _port(), _cfg(tmp_path, world, dense, ep, **train).to_dict(), CORPUS[0], str(out), resume,
-                            keep), nprocs=world)
-    return json.loads(out.read_text())
+    cfg = _cfg(tmp_path, world, dense, ep, **train)
+    mp.spawn(_worker, args=(world, _port(), cfg.to_dict(), CORPUS[0], str(out), resume, keep), nprocs=world)
+    result = json.loads(out.read_text())
+    planned = rank_memory(cfg, world, Layout(2 if ep == "auto" else ep, dense, 0), device_type="cpu")
+    held = result["memory"]
+    assert (held["memory/param_bytes"], held["memory/grad_bytes"], held["memory/optimizer_state_bytes"]) == (
+        planned.params, planned.grads, planned.optimizer), (tag, held, planned)
+    return result
 
 
 CORPUS: list[str] = []
