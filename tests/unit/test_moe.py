@@ -352,6 +352,26 @@ def test_grouped_mm_fallback_equals_per_segment_matmuls_with_empty_experts():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_on_cpu_equals_the_per_segment_matmuls_forward_and_backward(dtype):
+    """Aligned shapes take torch._grouped_mm on CPU; its results and gradients are the per-segment
+    loop's exactly, even for an expanded upstream gradient (out.sum()), which its backward refuses
+    without the contiguity hook."""
+    from raymoe.model.moe import grouped_mm_segments
+
+    torch.manual_seed(0)
+    counts = torch.tensor([7, 0, 12, 1, 0, 20])
+    x = torch.randn(40, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(6, 16, 8, dtype=dtype, requires_grad=True)
+    results = []
+    for fn in (grouped_mm, grouped_mm_segments):
+        out = fn(x, w, counts)
+        gx, gw = torch.autograd.grad(out.sum(), (x, w))
+        results.append((out, gx, gw))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_grouped_mm_with_no_rows_returns_an_empty_result():
     out = grouped_mm(torch.zeros(0, 3), torch.randn(2, 3, 4), torch.tensor([0, 0]))
     assert out.shape == (0, 4)

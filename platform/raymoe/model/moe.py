@@ -188,12 +188,20 @@ def _apply_capacity(expert_TK, keep_TK, capacity: int, num_experts: int):
 
 
 def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """out[rows of expert e] = x[rows of expert e] @ w[e]; rows sorted by expert, counts [E]."""
-    # _grouped_mm wants 16-byte-aligned rows (8 bf16 numbers): a LoRA rank of 4, say, takes the fallback.
-    aligned = x_ND.shape[-1] % 8 == 0 and w_EDF.shape[-1] % 8 == 0
-    if x_ND.is_cuda and x_ND.dtype == torch.bfloat16 and w_EDF.dtype == torch.bfloat16 and aligned and hasattr(torch, "_grouped_mm"):
+    """out[rows of expert e] = x[rows of expert e] @ w[e]; rows sorted by expert, counts [E].
+
+    One torch._grouped_mm call: bf16 on CUDA; fp32 or bf16 on CPU, where it gives the per-segment
+    matmuls' results exactly and runs the expert GEMMs 1.1-1.3x faster (docs/PERFORMANCE.md)."""
+    # _grouped_mm wants 16-byte-aligned rows (8 bf16 or 4 fp32 numbers): a LoRA rank of 2, say, takes the fallback.
+    aligned = (x_ND.shape[-1] * x_ND.element_size()) % 16 == 0 and (w_EDF.shape[-1] * w_EDF.element_size()) % 16 == 0
+    dtypes = (torch.bfloat16,) if x_ND.is_cuda else (torch.float32, torch.bfloat16)
+    if hasattr(torch, "_grouped_mm") and x_ND.dtype == w_EDF.dtype and x_ND.dtype in dtypes and aligned \
+            and x_ND.device.type in ("cuda", "cpu"):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        return torch._grouped_mm(x_ND, w_EDF, offs=offs)
+        out = torch._grouped_mm(x_ND, w_EDF, offs=offs)
+        if out.requires_grad:
+            out.register_hook(torch.Tensor.contiguous)  # its backward refuses expanded (stride-0) gradients
+        return out
     return grouped_mm_segments(x_ND, w_EDF, counts)
 
 
