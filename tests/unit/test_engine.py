@@ -177,8 +177,10 @@ def test_load_model_reads_a_model_directory_and_refuses_anything_else(tmp_path):
         load_model(str(tmp_path))
 
 
-def test_micro_batched_decoding_gives_the_same_tokens():
+def test_micro_batched_decoding_gives_the_same_tokens_and_builds_no_autograd_graph():
     model, tok = tiny_model(**LAYOUTS["mla"]), ByteTokenizer()
+    modes = []  # per forward, in whatever thread ran it: grad mode is thread-local
+    model.embed.register_forward_hook(lambda m, a, out: modes.append((torch.is_inference_mode_enabled(), out.requires_grad)))
     texts = {}
     for micro in (1, 2, 3):
         engine = Engine(model, tok, max_batch=5, micro_batches=micro)
@@ -187,3 +189,19 @@ def test_micro_batched_decoding_gives_the_same_tokens():
             engine.step()
         texts[micro] = [r.text for r in reqs]
     assert texts[1] == texts[2] == texts[3]
+    assert len(modes) > 30 and all(inference and not grad for inference, grad in modes)
+
+
+def test_batched_greedy_and_per_request_sampling_mix_in_one_step():
+    """Greedy rows take one argmax over the batch; sampled rows keep their own seeded generators,
+    so each request's tokens do not depend on what else shares its batch."""
+    model, tok = tiny_model(**LAYOUTS["mla"]), ByteTokenizer()
+    sampled = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, seed=7)
+    alone = Engine(model, tok, max_batch=4).generate("abc", sampled).text
+    greedy_alone = Engine(model, tok, max_batch=4).generate("xyz", SamplingParams(max_tokens=10, temperature=0)).text
+    engine = Engine(model, tok, max_batch=4)
+    reqs = [engine.add_request("xyz", SamplingParams(max_tokens=10, temperature=0)), engine.add_request("abc", sampled),
+            engine.add_request("xyz", SamplingParams(max_tokens=10, temperature=0))]
+    while engine.has_work():
+        engine.step()
+    assert [r.text for r in reqs] == [greedy_alone, alone, greedy_alone]

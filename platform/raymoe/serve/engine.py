@@ -133,8 +133,15 @@ class Engine:
         self._pool = None
         self._load_lock = threading.Lock()
         self.stats = {"decode_steps": 0, "prefills": 0, "tokens": 0}
-        self.load = torch.zeros(len(model.moe_layers()), max(model.cfg.num_experts, 1), dtype=torch.long)
-        """Tokens routed to each expert of each MoE layer since the engine started."""
+        # Summed on the model's device: copying it to the host every layer of every step would
+        # synchronize with the GPU that often.
+        self._load = torch.zeros(len(model.moe_layers()), max(model.cfg.num_experts, 1), dtype=torch.long, device=self.device)
+
+    @property
+    def load(self) -> torch.Tensor:
+        """Tokens routed to each expert of each MoE layer since the engine started ([layers, experts], CPU)."""
+        with self._load_lock:
+            return self._load.cpu()
 
     # -- requests
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
@@ -160,7 +167,7 @@ class Engine:
         req.finish_reason = req.finish_reason or "abort"
 
     # -- the scheduler
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self) -> list[tuple[Request, str, bool]]:
         """Admit what fits, then decode one token for every running sequence."""
         events: list[tuple[Request, str, bool]] = []
@@ -178,13 +185,13 @@ class Engine:
         for reqs in admitted.values():
             logits = self._forward([r.slot for r in reqs], [r.prompt_ids for r in reqs], start=[0] * len(reqs))
             self.stats["prefills"] += 1
-            for r, lg in zip(reqs, logits):
-                events.append(self._accept(r, lg))
+            for r, tok in zip(reqs, self._sample(reqs, logits)):
+                events.append(self._accept(r, tok))
         if active:
             logits = self._decode(active)
             self.stats["decode_steps"] += 1
-            for r, lg in zip(active, logits):
-                events.append(self._accept(r, lg))
+            for r, tok in zip(active, self._sample(active, logits)):
+                events.append(self._accept(r, tok))
         for r, _, done in events:
             if done and self.running.get(r.slot) is r:
                 del self.running[r.slot]
@@ -193,7 +200,8 @@ class Engine:
     def _decode(self, active: list[Request]) -> torch.Tensor:
         """One new token for every active row, in `micro_batches` concurrent slices."""
         def run(rows: list[Request]) -> torch.Tensor:
-            return self._forward([r.slot for r in rows], [[r.output_ids[-1]] for r in rows], start=[r.length - 1 for r in rows])
+            with torch.inference_mode():  # grad mode is per thread: the pool's threads need it too
+                return self._forward([r.slot for r in rows], [[r.output_ids[-1]] for r in rows], start=[r.length - 1 for r in rows])
 
         k = min(self.micro_batches, len(active))
         if k <= 1:
@@ -205,8 +213,7 @@ class Engine:
         size = -(-len(active) // k)
         # Each slice writes only its own cache rows, so the slices never touch the same memory.
         parts = [active[i : i + size] for i in range(0, len(active), size)]
-        with torch.no_grad():
-            return torch.cat(list(self._pool.map(run, parts)))
+        return torch.cat(list(self._pool.map(run, parts)))
 
     def _forward(self, slots: list[int], tokens: list[list[int]], start: list[int]) -> torch.Tensor:
         """Logits of the last position of each row. Rows here all have the same number of new tokens."""
@@ -214,13 +221,27 @@ class Engine:
         x = torch.tensor(tokens, device=self.device)
         positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(S, device=self.device)
         out = self.model(x, self.cache, torch.tensor(slots, device=self.device), positions)
-        with self._load_lock:
-            for layer, st in enumerate(out.moe_stats):
-                self.load[layer] += st.tokens_per_expert.cpu()
+        if out.moe_stats:
+            counts = torch.stack([st.tokens_per_expert for st in out.moe_stats])
+            with self._load_lock:
+                self._load += counts.to(self._load.device)
         return out.logits[:, -1]
 
-    def _accept(self, req: Request, logits_V: torch.Tensor) -> tuple[Request, str, bool]:
-        tok = sample_next(logits_V, req.params, req.generator)
+    def _sample(self, reqs: list[Request], logits_BV: torch.Tensor) -> list[int]:
+        """The next token of every row: greedy rows by one argmax over the batch and one copy to
+        the host (not a host sync per row); sampled rows each with their own request's generator."""
+        tokens: list[int | None] = [None] * len(reqs)
+        greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
+        if greedy:
+            rows = logits_BV if len(greedy) == len(reqs) else logits_BV[torch.tensor(greedy, device=logits_BV.device)]
+            for i, tok in zip(greedy, rows.float().argmax(-1).tolist()):
+                tokens[i] = tok
+        for i, r in enumerate(reqs):
+            if tokens[i] is None:
+                tokens[i] = sample_next(logits_BV[i], r.params, r.generator)
+        return tokens
+
+    def _accept(self, req: Request, tok: int) -> tuple[Request, str, bool]:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         self.stats["tokens"] += 1
