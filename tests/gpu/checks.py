@@ -176,6 +176,32 @@ def check_memory_plan_against_cuda_peak(checkpointing: int) -> dict:
     return result
 
 
+def check_dropless_moe_layer_makes_no_host_sync() -> dict:
+    """A dropless MoE layer's forward and backward on one GPU under torch.cuda.set_sync_debug_mode
+    ("error"): routing, counting (scatter-add, not bincount), permute (no boolean index when every
+    slot is kept), grouped GEMMs and combine must not read anything back to the host."""
+    from raymoe.config import config_from_dict
+    from raymoe.model.moe import MoE
+
+    cfg = config_from_dict({"name": "sync", "model": {**MODEL, "capacity_factor": None}}).model
+    layer = MoE(cfg).to(DEVICE)
+    torch.nn.init.normal_(layer.experts.w1, std=0.02)
+    torch.nn.init.normal_(layer.experts.w2, std=0.02)
+    torch.nn.init.normal_(layer.experts.w3, std=0.02)
+    x = torch.randn(4, 256, cfg.hidden_size, device=DEVICE, requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        layer(x)  # warm-up: lazy initializations may sync once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y, aux, _ = layer(x)
+        (y.float().square().mean() + aux).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return {"tokens": 4 * 256, "grad_norm": float(x.grad.norm())}
+
+
 def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
     """(name, function, arguments after the scratch directory) of every check."""
     out = [(f.__name__, f, ()) for f in (check_full_training_under_nccl_checkpoints_resumes_and_exports,
@@ -184,6 +210,7 @@ def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
         out += [(f"check_grouped_mm_equals_the_per_segment_fallback_in_bf16[{d}x{f}]",
                  lambda _root, d=d, f=f: check_grouped_mm_equals_the_per_segment_fallback_in_bf16(d, f), ())
                 for d, f in GROUPED_SHAPES]
+        out.append(("check_dropless_moe_layer_makes_no_host_sync", lambda _root: check_dropless_moe_layer_makes_no_host_sync(), ()))
         out += [(f"check_memory_plan_against_cuda_peak[ac={ac}]",
                  lambda _root, ac=ac: check_memory_plan_against_cuda_peak(ac), ()) for ac in (0, 1)]
     return out

@@ -44,6 +44,9 @@ class Routing:
     """Slots dropped by capacity, long scalar."""
     aux_loss: torch.Tensor
     """Sum of the enabled balance losses (fp32 scalar, carries router gradients)."""
+    all_kept: bool = False
+    """Known without looking at the data: every slot is kept (no gate threshold, no capacity, no
+    padding), so permute need not filter by keep_TK (a boolean index: a host sync on CUDA)."""
 
 
 @dataclass
@@ -113,11 +116,10 @@ class TopKRouter(nn.Module):
         weight_TK = weight_TK * self.route_scale
 
         if valid_T is None:
-            tokens_per_expert_E = torch.bincount(expert_TK.flatten(), minlength=E)
+            tokens_per_expert_E = count_per_expert(expert_TK.flatten(), E)
         else:
             keep_TK = keep_TK & valid_T[:, None]
-            slot_weight = valid_T[:, None].expand(T, K).flatten().to(torch.float32)
-            tokens_per_expert_E = torch.bincount(expert_TK.flatten(), weights=slot_weight, minlength=E).long()
+            tokens_per_expert_E = count_per_expert(expert_TK.flatten(), E, valid_T[:, None].expand(T, K).flatten())
         num_dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
         if self.capacity_factor is not None:
             real = T if valid_T is None else int(valid_T.sum())  # padding does not earn capacity
@@ -126,7 +128,8 @@ class TopKRouter(nn.Module):
         weight_TK = weight_TK * keep_TK
 
         aux = self._balance_loss(logits_TE, scores_TE, expert_TK, batch_size, valid_T) if self.training else logits_TE.new_zeros(())
-        return Routing(expert_TK, weight_TK, keep_TK, tokens_per_expert_E, num_dropped, aux)
+        all_kept = self.gate_threshold <= 0 and valid_T is None and self.capacity_factor is None
+        return Routing(expert_TK, weight_TK, keep_TK, tokens_per_expert_E, num_dropped, aux, all_kept)
 
     def _balance_loss(self, logits_TE, scores_TE, expert_TK, batch_size: int, valid_T=None) -> torch.Tensor:
         b, E, K = self.balance, self.num_experts, self.top_k
@@ -171,6 +174,13 @@ class TopKRouter(nn.Module):
         if rate > 0:
             load = tokens_per_expert_E.float()
             self.expert_bias.add_(rate * torch.sign(load.mean() - load))
+
+
+def count_per_expert(expert_N: torch.Tensor, num_experts: int, where_N: torch.Tensor | None = None) -> torch.Tensor:
+    """How many slots chose each expert (only slots where `where_N`), long [E]. A scatter-add
+    rather than torch.bincount, which reads the largest id back to the host (a sync on CUDA)."""
+    ones = torch.ones_like(expert_N) if where_N is None else where_N.to(expert_N.dtype)
+    return torch.zeros(num_experts, dtype=torch.long, device=expert_N.device).scatter_add_(0, expert_N, ones)
 
 
 def _apply_capacity(expert_TK, keep_TK, capacity: int, num_experts: int):
@@ -275,12 +285,13 @@ class SharedExperts(SwiGLU):
 
 def permute(x_TD: torch.Tensor, routing: Routing, num_experts: int):
     """Sort the kept (token, expert) slots by expert. Returns (x_ND, counts_E, token_N, weight_N)."""
-    keep_N = routing.keep_TK.flatten()
-    expert_N = routing.expert_TK.flatten()[keep_N]
-    token_N = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(routing.expert_TK.shape[1])[keep_N]
-    weight_N = routing.weight_TK.flatten()[keep_N]
+    expert_N, weight_N = routing.expert_TK.flatten(), routing.weight_TK.flatten()
+    token_N = torch.arange(x_TD.shape[0], device=x_TD.device).repeat_interleave(routing.expert_TK.shape[1])
+    if not routing.all_kept:
+        keep_N = routing.keep_TK.flatten()
+        expert_N, token_N, weight_N = expert_N[keep_N], token_N[keep_N], weight_N[keep_N]
     order = torch.argsort(expert_N, stable=True)
-    counts_E = torch.bincount(expert_N, minlength=num_experts)
+    counts_E = count_per_expert(expert_N, num_experts)
     return x_TD[token_N[order]], counts_E, token_N[order], weight_N[order]
 
 

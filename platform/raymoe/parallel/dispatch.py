@@ -64,15 +64,16 @@ class ExpertParallelRouted:
     def __call__(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         moe, ep = self.moe, self.expert_degree
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, moe.num_experts)
-        # Counts must be on the host to size the buffers: one sync per layer, as in any dropless EP.
+        # Counts must be on the host to size the buffers: one sync per layer (both splits in one
+        # copy), as in any dropless EP.
         recv_counts = exchange_counts(counts_E, ep, self.group)        # [ep, e]
-        send_splits = counts_E.view(ep, -1).sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
+        send_splits, recv_splits = torch.stack([counts_E.view(ep, -1).sum(1), recv_counts.sum(1)]).tolist()
         x_MD = all_to_all(x_ND, recv_splits, send_splits, self.group)
 
         # Received slots are ordered (source rank, local expert); the GEMM wants local-expert order.
         e = recv_counts.shape[1]
-        local_id_M = torch.repeat_interleave(torch.arange(e, device=x_MD.device).repeat(ep), recv_counts.flatten())
+        local_id_M = torch.repeat_interleave(torch.arange(e, device=x_MD.device).repeat(ep), recv_counts.flatten(),
+                                             output_size=sum(recv_splits))  # sized on the host: no second sync
         order = torch.argsort(local_id_M, stable=True)
         y_sorted = moe.experts(x_MD[order], recv_counts.sum(0))
         y_MD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)

@@ -351,7 +351,7 @@ def train(
             loss_sum[1] += 1 if mask is None else float(mask.sum())
             for i, st in enumerate(out.moe_stats):
                 step_load[i] += st.tokens_per_expert
-                window_dropped += int(st.num_dropped)
+                window_dropped += st.num_dropped  # a tensor: int() here would be a host sync per layer
                 window_slots += st.num_slots
 
         plan.sync_gradients()
@@ -413,7 +413,7 @@ def train(
             if peak:
                 metrics["perf/mfu"] = flops_per_token * tok_s / (peak * info.world_size)
             # Counters summed on each rank; the global picture needs the other ranks' too.
-            counts = torch.tensor([window_dropped, window_slots], dtype=torch.long, device=info.device)
+            counts = torch.tensor([int(window_dropped), window_slots], dtype=torch.long, device=info.device)
             _all_reduce_(counts, info.world_size)
             if moe_layers:
                 metrics.update(moe_load_metrics(window_load, int(counts[0]), int(counts[1])))
