@@ -292,7 +292,10 @@ def permute(x_TD: torch.Tensor, routing: Routing, num_experts: int):
         expert_N, token_N, weight_N = expert_N[keep_N], token_N[keep_N], weight_N[keep_N]
     order = torch.argsort(expert_N, stable=True)
     counts_E = count_per_expert(expert_N, num_experts)
-    return x_TD[token_N[order]], counts_E, token_N[order], weight_N[order]
+    token_N = token_N[order]
+    # index_select, not x_TD[token_N]: its backward is an index_add_, 6x faster on CPU than the
+    # accumulating index_put_ that advanced indexing backpropagates through (docs/PERFORMANCE.md).
+    return x_TD.index_select(0, token_N), counts_E, token_N, weight_N[order]
 
 
 def unpermute(out_ND: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -75,7 +75,7 @@ class ExpertParallelRouted:
         local_id_M = torch.repeat_interleave(torch.arange(e, device=x_MD.device).repeat(ep), recv_counts.flatten(),
                                              output_size=sum(recv_splits))  # sized on the host: no second sync
         order = torch.argsort(local_id_M, stable=True)
-        y_sorted = moe.experts(x_MD[order], recv_counts.sum(0))
+        y_sorted = moe.experts(x_MD.index_select(0, order), recv_counts.sum(0))  # backward: index_add_ (see permute)
         y_MD = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)
 
         y_ND = all_to_all(y_MD, send_splits, recv_splits, self.group)
