@@ -18,7 +18,8 @@ zero_grad(set_to_none=True). raymoe: cross-entropy of the next token + the model
 (model/moe.py; the router bias update is not run). transformers: the model's own loss
 (labels with shift_labels = the same targets, so both average the same B * S predictions).
 AdamW with the same hyperparameters (raymoe: train/loop.py build_optimizer, weight decay on
-matrices only; transformers: the same lr/betas/eps/decay on every parameter), fused on CUDA.
+matrices only; transformers: the same lr/betas/eps/decay on every parameter), fused on both sides
+(CUDA and CPU: what raymoe's loop uses).
 bf16 autocast on CUDA, fp32 on CPU. Each implementation gets a fresh model and optimizer, runs
 one probe step (an implementation that cannot train here is reported, not timed), --warmup steps,
 then --steps timed steps (synchronized on CUDA); the median is reported. Schedule: on CPU all
@@ -87,7 +88,7 @@ except ImportError as e:  # train/loop.py imports the data pipeline (pyarrow); a
         for name, p in named_params:
             (no_decay if p.dim() < 2 or name.startswith("embed.") else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
 
 PARITY_TOL = 1e-4
 BALANCE = {"bias_update_rate": 0.001, "seq_aux_loss_coef": 1e-4}  # as jobs/configs/small-gpu.yaml
@@ -401,7 +402,7 @@ def main() -> None:
                     continue
                 hf.train()
                 hf_opt = torch.optim.AdamW(hf.parameters(), lr=tc.lr, betas=tc.betas, eps=tc.eps,
-                                           weight_decay=tc.weight_decay, fused=device.type == "cuda")
+                                           weight_decay=tc.weight_decay, fused=device.type in ("cuda", "cpu"))
 
                 def hf_step(hf=hf, hf_opt=hf_opt):
                     with autocast():
@@ -470,7 +471,7 @@ def main() -> None:
                    "threads": torch.get_num_threads() if device.type == "cpu" else None},
         "shape": {"name": shape, "batch": B, "seq_len": S, "tokens_per_step": tokens, "model": to_plain(cfg),
                   "total_params": counts.total, "activated_params": counts.activated},
-        "dtype": "bf16 autocast (fp32 weights, fused AdamW)" if bf16 else "fp32",
+        "dtype": "bf16 autocast (fp32 weights, fused AdamW)" if bf16 else "fp32 (fused AdamW)",
         "steps": args.steps, "warmup": args.warmup, "probe_steps": 1, "schedule": args.schedule,
         "optimizer": {"lr": tc.lr, "betas": list(tc.betas), "eps": tc.eps, "weight_decay": tc.weight_decay,
                       "raymoe": OPTIMIZER_SOURCE, "transformers": "torch.optim.AdamW over all parameters"},

@@ -332,7 +332,7 @@ def load_checkpoint(
     for name, p in plan.dense:
         if f"opt/{name}/exp_avg" in moments:
             optimizer.state[p] = {
-                "step": step.to(p.device) if fused else step.clone(),
+                "step": step.to(p.device, copy=True) if fused else step.clone(),  # one tensor per parameter: the step is updated in place
                 **{m: _shaped_like(p, moments[f"opt/{name}/{m}"]) for m in _MOMENTS},
             }
     for name, p in plan_experts:
@@ -340,7 +340,7 @@ def load_checkpoint(
             assign_(p, expert_rows[name].to(p.device))
         if f"opt/{name}/exp_avg" in expert_rows:
             optimizer.state[p] = {
-                "step": step.to(p.device) if fused else step.clone(),
+                "step": step.to(p.device, copy=True) if fused else step.clone(),  # one tensor per parameter: the step is updated in place
                 **{m: _shaped_like(p, expert_rows[f"opt/{name}/{m}"]) for m in _MOMENTS},
             }
     torch.set_rng_state(torch.tensor(manifest["rng"], dtype=torch.uint8))

@@ -102,12 +102,17 @@ def lr_at(step: int, cfg) -> float:
 
 
 def build_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], cfg, device: torch.device) -> torch.optim.AdamW:
-    """AdamW; weight decay on matrices only (norm scales and the embedding lookup are exempt)."""
-    decay, no_decay = [], []
+    """AdamW; weight decay on matrices only (norm scales and the embedding lookup are exempt).
+    Fused (one kernel over all tensors) on CUDA and on CPU, where it is 3.8x faster than the
+    per-tensor loop (docs/PERFORMANCE.md)."""
+    # One group per (decay, mesh): a fused step takes either plain tensors or DTensors of one
+    # device mesh (FSDP's dense shards, experts sharded over their replicas), never a mix.
+    groups: dict[tuple[bool, int], list[torch.nn.Parameter]] = {}
     for name, p in named_params:
-        (no_decay if p.dim() < 2 or name.startswith("embed.") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type == "cuda")
+        decays = not (p.dim() < 2 or name.startswith("embed."))
+        groups.setdefault((decays, id(getattr(p, "device_mesh", None))), []).append(p)
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decays else 0.0} for (decays, _), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
 
 
 def _uses_bf16(cfg, device: torch.device) -> bool:
