@@ -54,7 +54,7 @@ def test_v2_lite_on_8x80gb_needs_fsdp_and_recomputation_and_v3_on_256_a_smaller_
     assert 40 * GB < plan.chosen[1].params + plan.chosen[1].grads + plan.chosen[1].optimizer < 45 * GB
 
 
-def test_cli_prints_the_choice_and_refuses_in_one_line_with_exit_1():
+def test_cli_prints_the_choice_and_refuses_in_one_line_with_exit_1(capsys):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r = subprocess.run([RAYMOE, "plan", str(V2_LITE), "--gpus", "8", "--gpu-memory", "80GB"], capture_output=True,
                        text=True, env=env, timeout=60)
@@ -65,9 +65,11 @@ def test_cli_prints_the_choice_and_refuses_in_one_line_with_exit_1():
     assert r.returncode == 1
     refusal = [line for line in r.stdout.splitlines() if line.startswith("nothing fits")]
     assert len(refusal) == 1 and "Use more GPUs" in refusal[0]
-    r = subprocess.run([RAYMOE, "plan", str(V3), "--gpus", "8", "--gpu-memory", "lots"], capture_output=True,
-                       text=True, env=env, timeout=60)
-    assert r.returncode == 2 and "is not a size like 4GB" in r.stderr
+    from raymoe.cli import main
+
+    with pytest.raises(SystemExit) as exit_:  # argparse refuses the size before anything runs
+        main(["plan", str(V3), "--gpus", "8", "--gpu-memory", "lots"])
+    assert exit_.value.code == 2 and "is not a size like 4GB" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("gpus", [0, -1])
