@@ -30,11 +30,11 @@ MODEL = {"hidden_size": 48, "num_layers": 3, "num_heads": 4, "max_seq_len": 64, 
 STEPS = 50
 
 
-def _cfg(tmp_path, world, dense, ep="auto", precision="fp32", steps=STEPS, checkpoint_every=25):
+def _cfg(tmp_path, world, dense, ep="auto", precision="fp32", steps=STEPS, checkpoint_every=25, freeze=()):
     return config_from_dict({
         "name": "fsdp", "output_dir": str(tmp_path / "out"), "model": MODEL, "scaling": {"num_workers": world},
         "parallel": {"expert_degree": ep, "dense": dense},
-        "train": {"steps": steps, "precision": precision, "batch_size": max(1, 4 // world), "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
+        "train": {"steps": steps, "precision": precision, "freeze": list(freeze), "batch_size": max(1, 4 // world), "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "log_every": 1,
                   "val_every": 25, "val_batches": 1, "checkpoint_every": checkpoint_every, "sample_tokens": 0},
         "data": {"max_bytes": 300_000},
     })
@@ -141,14 +141,17 @@ def test_fsdp_in_bf16_gathers_bf16_parameters_and_tracks_the_replicated_bf16_los
 def test_experts_fsdp_sharded_over_their_replicas_match_and_load_a_replicated_checkpoint(tmp_path):
     """4 ranks, expert degree 2 x data degree 2: each expert stack is FSDP-sharded over its two
     replicas. Same losses as the replicated layout, fewer bytes per rank, and a replicated
-    checkpoint resumes into the sharded layout with the same losses."""
+    checkpoint resumes into the sharded layout with the same losses. The norms and the attention
+    are frozen, so the planned bytes (checked in _run) cover frozen parts too."""
     CORPUS[:] = [prepare_run_data(_cfg(tmp_path, 1, "replicate")).dir]
     keep = str(tmp_path / "ckpt-rep4")
-    rep = _run(tmp_path, "rep4", 4, "replicate", 2, keep=keep, steps=20, checkpoint_every=10)
-    fsdp = _run(tmp_path, "fsdp4", 4, "fsdp", 2, steps=20)
+    frozen = ("attention", "norms")
+    rep = _run(tmp_path, "rep4", 4, "replicate", 2, keep=keep, steps=20, checkpoint_every=10, freeze=frozen)
+    fsdp = _run(tmp_path, "fsdp4", 4, "fsdp", 2, steps=20, freeze=frozen)
     for step in map(str, range(1, 21)):
         assert fsdp["losses"][step][0] == pytest.approx(rep["losses"][step][0], rel=1e-5), step
     assert fsdp["params"] < rep["params"] / 2  # dense over 4 ranks, experts over their 2 replicas
-    resumed = _run(tmp_path, "fsdp4-resumed", 4, "fsdp", 2, resume=str(tmp_path / "ckpt-rep4" / "step10"), steps=20)
+    resumed = _run(tmp_path, "fsdp4-resumed", 4, "fsdp", 2, resume=str(tmp_path / "ckpt-rep4" / "step10"), steps=20,
+                   freeze=frozen)
     for step in map(str, range(11, 21)):
         assert resumed["losses"][step][0] == pytest.approx(rep["losses"][step][0], rel=1e-5), step

@@ -1,6 +1,6 @@
 """`raymoe plan`: the layout it chooses for the shipped DeepSeek configs, its per-rank figures in
 closed form from the parameter counts, and a refusal that says what would fit.
-(tests/distributed/test_memory_plan.py checks the same figures against held bytes.)"""
+(tests/distributed/test_fsdp.py checks the same figures against held bytes.)"""
 
 from __future__ import annotations
 

@@ -405,7 +405,7 @@ def train(
             tok_s = throughput.rate()
             metrics.update({"train/loss": last_train, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
             metrics["train/tokens_seen"] = float(step * tokens_per_step)
-            # What this rank holds (raymoe plan's figures; tests/distributed/test_memory_plan.py).
+            # What this rank holds (raymoe plan's figures; checked in tests/distributed/test_fsdp.py).
             metrics["memory/optimizer_state_bytes"] = float(_optimizer_state_bytes(optimizer))
             metrics["memory/param_bytes"] = float(_held_bytes(model.parameters()))
             metrics["memory/grad_bytes"] = float(grad_bytes)
