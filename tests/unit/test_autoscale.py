@@ -46,14 +46,14 @@ class FakeBoard:
 
 
 def _ctx(state, lo=1, hi=4, group=0):
-    cfg = expert_group_autoscaling(lo, hi, target_tokens_per_s=100, load_key="app-key", group=group)
+    cfg = expert_group_autoscaling(lo, hi, target_tokens_per_s=100, app_key="app-key", group=group)
     policy = SimpleNamespace(policy_kwargs=cfg["policy"]["policy_kwargs"])
     return SimpleNamespace(config=SimpleNamespace(policy=policy), policy_state=state, deployment_name=f"ExpertGroup{group}",
                            capacity_adjusted_min_replicas=lo, capacity_adjusted_max_replicas=hi)
 
 
 def test_policy_scales_the_hot_group_and_keeps_the_cold_one_at_its_minimum(monkeypatch):
-    monkeypatch.setattr(autoscale, "LoadBoard", FakeBoard)
+    monkeypatch.setattr(autoscale, "_board", FakeBoard)
     now = autoscale.time.time()
     FakeBoard.current = [{"t": now, "tokens_per_s": [350.0, 20.0]}, {"t": now, "tokens_per_s": [100.0, 0.0]}]
     hot, hot_state = autoscale.expert_load_policy(_ctx({}, group=0))
@@ -63,7 +63,7 @@ def test_policy_scales_the_hot_group_and_keeps_the_cold_one_at_its_minimum(monke
 
 
 def test_policy_reads_the_board_at_most_every_half_second(monkeypatch):
-    monkeypatch.setattr(autoscale, "LoadBoard", FakeBoard)
+    monkeypatch.setattr(autoscale, "_board", FakeBoard)
     FakeBoard.current, FakeBoard.reads = [{"t": autoscale.time.time(), "tokens_per_s": [250.0]}], 0
     want, state = autoscale.expert_load_policy(_ctx({}))
     FakeBoard.current = []  # the load vanished, but the cached reading stands until it is re-read

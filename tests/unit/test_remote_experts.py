@@ -18,7 +18,7 @@ TOKEN = "test-token"
 
 
 class Registry:
-    """Ray's GCS key-value store stand-in: group -> addresses."""
+    """directory.Registry's stand-in: group -> addresses."""
 
     def __init__(self, servers):
         self.servers = servers

@@ -62,4 +62,4 @@ def test_router_and_groups_autoscale_when_given_a_replica_range():
     kwargs = [g._bound_deployment._deployment_config.autoscaling_config.policy.policy_kwargs
               for g in router.init_args if hasattr(g, "_bound_deployment")]
     assert [k["group"] for k in kwargs] == [0, 1]  # each group scales on its own share of the routers' reports
-    assert kwargs[0]["load_key"] == kwargs[1]["load_key"] == router.init_args[0].load_key is not None
+    assert kwargs[0]["app_key"] == kwargs[1]["app_key"] == router.init_args[0].app_key is not None

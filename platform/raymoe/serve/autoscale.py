@@ -2,8 +2,8 @@
 routers send it.
 
 Every Router replica counts the tokens it routes to each expert group (over the last few
-seconds) and publishes those rates once a second on a `LoadBoard` in Ray's GCS key-value store,
-under its application's key. The Serve controller runs `expert_load_policy` once per control loop
+seconds) and publishes those rates once a second on its application's `LoadBoard` (a named
+actor, directory.py). The Serve controller runs `expert_load_policy` once per control loop
 for each ExpertGroup deployment: it sums the fresh reports of every router for that group and asks
 for ceil(total / target_tokens_per_s) replicas, within [min, max]. So a group holding hot experts
 gains replicas while cold groups stay at their minimum: each group scales on the traffic it
@@ -11,7 +11,7 @@ actually receives, not on the router's request count, and the count is made wher
 decision is (a group's replicas cannot see calls queued for them elsewhere).
 
     autoscaling_config = expert_group_autoscaling(min_replicas=1, max_replicas=4, target_tokens_per_s=2000,
-                                                  load_key=key, group=0)
+                                                  app_key=key, group=0)
 
 A router that stops withdraws its report; one that dies leaves a report that is ignored once it
 is older than REPORT_STALE_S.
@@ -19,15 +19,14 @@ is older than REPORT_STALE_S.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections import deque
 from typing import Any
 
-LOAD_BOARD = "raymoe-expert-load/"
-"""Key prefix in Ray's internal KV: LOAD_BOARD + app key + '/' + router replica -> JSON report."""
+from raymoe.serve.directory import AppDirectory, LoadBoard
+
 REPORT_EVERY_S = 1.0
 """How often a router publishes its per-group rates."""
 REPORT_STALE_S = 10.0
@@ -55,32 +54,12 @@ class TokenRate:
         return sum(t for _, t in self.events) / self.window_s
 
 
-class LoadBoard:
-    """The routers' reports of routed tokens per second per expert group, for one application."""
-
-    def __init__(self, key: str):
-        self.prefix = f"{LOAD_BOARD}{key}/"
-
-    def publish(self, router: str, tokens_per_s: list[float], now: float | None = None) -> None:
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        report = {"t": time.time() if now is None else now, "tokens_per_s": [round(r, 3) for r in tokens_per_s]}
-        _internal_kv_put(self.prefix + router, json.dumps(report))
-
-    def withdraw(self, router: str) -> None:
-        from ray.experimental.internal_kv import _internal_kv_del
-
-        _internal_kv_del(self.prefix + router)
-
-    def reports(self) -> list[dict]:
-        from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
-
-        out = []
-        for key in _internal_kv_list(self.prefix):
-            value = _internal_kv_get(key)
-            if value:
-                out.append(json.loads(value))
-        return out
+def _board(app_key: str) -> LoadBoard:
+    """The application's load board as the Serve controller reads it: looked up, never created
+    (the controller must not own the directory; directory.py). A fresh lookup per read (at most
+    every READ_EVERY_S): Serve pickles this policy with what it references, so it keeps no state
+    between calls beyond ctx.policy_state."""
+    return LoadBoard(AppDirectory(app_key, create=False))
 
 
 def routed_load(reports: list[dict], group: int, now: float) -> tuple[float, int]:
@@ -101,7 +80,7 @@ def expert_load_policy(ctx) -> tuple[int, dict[str, Any]]:
     state = dict(ctx.policy_state or {})
     now = time.time()
     if now - state.get("read_at", 0.0) >= READ_EVERY_S:
-        total, routers = routed_load(LoadBoard(kwargs["load_key"]).reports(), int(kwargs["group"]), now)
+        total, routers = routed_load(_board(kwargs["app_key"]).reports(), int(kwargs["group"]), now)
         state.update(read_at=now, routed_tokens_per_s=total, routers=routers)
     want = desired_replicas(state["routed_tokens_per_s"], float(kwargs["target_tokens_per_s"]),
                             ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas)
@@ -112,9 +91,9 @@ def expert_load_policy(ctx) -> tuple[int, dict[str, Any]]:
     return want, state
 
 
-def expert_group_autoscaling(min_replicas: int, max_replicas: int, target_tokens_per_s: float, load_key: str, group: int,
+def expert_group_autoscaling(min_replicas: int, max_replicas: int, target_tokens_per_s: float, app_key: str, group: int,
                              upscale_delay_s: float = 3.0, downscale_delay_s: float = 30.0) -> dict[str, Any]:
-    """An autoscaling_config for ExpertGroup `group` of the application whose routers report on `load_key`."""
+    """An autoscaling_config for ExpertGroup `group` of the application whose routers report on `app_key`."""
     return {
         "min_replicas": min_replicas,
         "max_replicas": max_replicas,
@@ -122,6 +101,6 @@ def expert_group_autoscaling(min_replicas: int, max_replicas: int, target_tokens
         "downscale_delay_s": downscale_delay_s,
         "policy": {
             "policy_function": "raymoe.serve.autoscale:expert_load_policy",
-            "policy_kwargs": {"target_tokens_per_s": target_tokens_per_s, "load_key": load_key, "group": group},
+            "policy_kwargs": {"target_tokens_per_s": target_tokens_per_s, "app_key": app_key, "group": group},
         },
     }

@@ -35,8 +35,9 @@ import torch
 from ray import serve
 
 from raymoe.model.moe import GroupedExperts, Routing, permute, unpermute
-from raymoe.serve.autoscale import REPORT_EVERY_S, LoadBoard, TokenRate, expert_group_autoscaling
-from raymoe.serve.channel import Call, ChannelCall, ChannelError, ExpertChannel, ExpertServer, Registry
+from raymoe.serve.autoscale import REPORT_EVERY_S, TokenRate, expert_group_autoscaling
+from raymoe.serve.channel import Call, ChannelCall, ChannelError, ExpertChannel, ExpertServer
+from raymoe.serve.directory import AppDirectory, Heartbeat, LoadBoard, Registry
 from raymoe.serve.placement import Placement, contiguous_placement
 
 
@@ -82,9 +83,9 @@ class ServeSettings:
     channel.py; Serve still owns their lifecycle and scaling) or 'handle' (Serve handle calls)."""
     channel_token: str | None = None
     """Shared secret of the direct channel; build_app draws a random one per deployment."""
-    load_key: str | None = None
-    """Where routers publish their per-group load for the ExpertGroup autoscaler (autoscale.py);
-    build_app draws a random one per deployment when groups autoscale."""
+    app_key: str | None = None
+    """Names the application's directory actor (directory.py: group replicas' addresses, routers'
+    per-group load for the ExpertGroup autoscaler); build_app draws a random one per deployment."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("routed", "monolithic"):
@@ -326,21 +327,20 @@ class ExpertGroup:
         _, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
         self.compute = GroupExperts(model, resolve_placement(settings, model.cfg.num_experts).groups[group])
         self.group = group
-        self.server, self.registry, self.replica = None, None, None
+        self.server, self.heartbeat = None, None
         if settings.data_path == "direct":
             import ray
 
             self.server = ExpertServer(self.compute.run_calls, settings.channel_token, host=ray.util.get_node_ip_address())
-            self.registry = Registry(settings.channel_token)
-            self.replica = serve.get_replica_context().replica_id.unique_id
-            self.registry.register(group, self.replica, self.server.address)
+            replica = serve.get_replica_context().replica_id.unique_id
+            self.heartbeat = Heartbeat(Registry(AppDirectory(settings.app_key)), group, replica, self.server.address)
 
     def __del__(self):
         """Serve calls this when it stops the replica (scale-down, redeploy): leave the registry
         first so routers stop choosing this replica, then stop the channel."""
         if getattr(self, "server", None) is not None:
             try:
-                self.registry.deregister(self.group, self.replica)
+                self.heartbeat.stop()
             finally:
                 self.server.close()
                 self.server = None
@@ -374,7 +374,8 @@ class Router:
         if settings.mode == "routed":
             self.placement = resolve_placement(settings, cfg.model.num_experts)
             if settings.data_path == "direct":
-                self.channel = ExpertChannel(settings.channel_token, settings.num_groups, timeout_s=CALL_TIMEOUT_S)
+                self.channel = ExpertChannel(settings.channel_token, settings.num_groups, timeout_s=CALL_TIMEOUT_S,
+                                             registry=Registry(AppDirectory(settings.app_key)))
             for layer, moe in enumerate(model.moe_layers()):
                 moe.routed = RemoteExperts(layer, self.placement, list(groups), self.stats, loop_of=lambda: self.loop,
                                            channel=self.channel, shared=moe.shared)
@@ -390,8 +391,8 @@ class Router:
         self.started = time.time()
         self.loop = None  # the replica's event loop, known from the first request on
         self.board, self._stop_reporting = None, threading.Event()
-        if settings.mode == "routed" and settings.load_key is not None:
-            self.board = LoadBoard(settings.load_key)
+        if settings.mode == "routed" and settings.group_replicas[0] != settings.group_replicas[1]:
+            self.board = LoadBoard(AppDirectory(settings.app_key))
             self.replica = serve.get_replica_context().replica_id.unique_id
             threading.Thread(target=self._report_load, name="expert-load-report", daemon=True).start()
 
@@ -400,7 +401,7 @@ class Router:
         while not self._stop_reporting.wait(REPORT_EVERY_S):
             try:
                 self.board.publish(self.replica, self.stats.tokens_per_s())
-            except Exception as e:  # noqa: BLE001 - a GCS hiccup must not stop serving; the next report retries
+            except Exception as e:  # noqa: BLE001 - a directory hiccup must not stop serving; the next report retries
                 print(f"raymoe: could not publish expert-group load: {e}", flush=True)
 
     def __del__(self):
@@ -439,15 +440,15 @@ def build_app(settings: ServeSettings):
         return router.bind(settings)
     if settings.data_path == "direct" and settings.channel_token is None:
         settings = dataclasses.replace(settings, channel_token=secrets.token_hex(16))
+    if settings.app_key is None:
+        settings = dataclasses.replace(settings, app_key=secrets.token_hex(8))
     lo, hi = settings.group_replicas
-    if lo != hi and settings.load_key is None:
-        settings = dataclasses.replace(settings, load_key=secrets.token_hex(8))
 
     def scaling(g: int) -> dict:
         if lo == hi:
             return {"num_replicas": lo}
         return {"num_replicas": "auto", "autoscaling_config": expert_group_autoscaling(
-            lo, hi, settings.target_tokens_per_s, load_key=settings.load_key, group=g,
+            lo, hi, settings.target_tokens_per_s, app_key=settings.app_key, group=g,
             downscale_delay_s=settings.downscale_delay_s)}
 
     groups = [ExpertGroup.options(name=f"ExpertGroup{g}", ray_actor_options={"num_cpus": settings.group_cpus}, **scaling(g))
