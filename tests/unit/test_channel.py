@@ -1,10 +1,12 @@
 """The direct router -> expert-group channel over real loopback sockets (no Ray): exact tensors
 round trip, calls from several threads are merged, a stopped or killed replica's calls go to
-another, strangers are refused. The Ray-backed registry is exercised in tests/ray/test_serve*.py;
-here an in-memory one stands in for Ray's key-value store."""
+another, strangers and replayed handshakes are refused. The Ray-backed registry is exercised in
+tests/ray/test_directory.py and tests/ray/test_serve*.py;
+here an in-memory one stands in for the application's directory actor (serve/directory.py)."""
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import threading
 import time
@@ -12,11 +14,12 @@ import time
 import pytest
 import torch
 
-from raymoe.serve.channel import MAGIC, ChannelError, ExpertChannel, ExpertServer, recv_reply, send_call
+from raymoe.serve.channel import (MAGIC, NONCE_BYTES, ChannelError, ExpertChannel, ExpertServer, _recv_exact,
+                                  challenge_response, recv_reply, send_call)
 
 
 class MemoryRegistry:
-    """Ray's GCS key-value store stand-in: group -> {replica: address}."""
+    """directory.Registry's stand-in: group -> {replica: address}."""
 
     def __init__(self):
         self.entries: dict[int, dict[str, str]] = {}
@@ -181,16 +184,54 @@ def test_no_live_replica_means_send_returns_none_for_the_serve_handle_fallback()
     assert ExpertChannel("t", 1, registry=reg).send(0, 0, torch.ones(1, 2), torch.tensor([1])) is None
 
 
+def _greeted(address: str) -> tuple[socket.socket, bytes]:
+    """A raw connection to a server and the nonce it challenged with."""
+    host, port = address.rsplit(":", 1)
+    s = socket.create_connection((host, int(port)), timeout=5)
+    greeting = _recv_exact(s, len(MAGIC) + NONCE_BYTES)
+    assert greeting[: len(MAGIC)] == MAGIC
+    return s, bytes(greeting[len(MAGIC):])
+
+
+def _refused(s: socket.socket) -> None:
+    with pytest.raises((ChannelError, OSError)):  # the server hangs up: at the send or at the read
+        send_call(s, 0, torch.ones(1, 2), torch.tensor([1]))
+        recv_reply(s, torch.float32)
+
+
 def test_a_connection_without_the_token_gets_nothing():
     server = ExpertServer(Recorder(), token="secret")
-    host, port = server.address.rsplit(":", 1)
     try:
-        with socket.create_connection((host, int(port)), timeout=5) as s:
-            s.sendall(MAGIC + b"\0" * 32)
-            with pytest.raises((ChannelError, OSError)):  # the server hangs up: at the send or at the read
-                send_call(s, 0, torch.ones(1, 2), torch.tensor([1]))
-                recv_reply(s, torch.float32)
+        s, nonce = _greeted(server.address)
+        with s:
+            s.sendall(MAGIC + challenge_response("not-the-secret", nonce))
+            _refused(s)
         assert server.calls_served == 0
+    finally:
+        server.close()
+
+
+def test_an_answer_overheard_on_one_connection_is_refused_on_the_next():
+    """Challenge-response: each connection gets its own nonce, so replaying a router's handshake
+    (or the old fixed sha256(token) greeting) opens nothing."""
+    server = ExpertServer(Recorder(), token="secret")
+    try:
+        first, nonce = _greeted(server.address)
+        answer = MAGIC + challenge_response("secret", nonce)
+        with first:
+            first.sendall(answer)
+            send_call(first, 0, torch.ones(1, 2), torch.tensor([1]))
+            assert recv_reply(first, torch.float32).shape == (1, 2)  # the genuine answer works once
+        second, other = _greeted(server.address)
+        assert other != nonce
+        with second:
+            second.sendall(answer)
+            _refused(second)
+        third, _ = _greeted(server.address)
+        with third:
+            third.sendall(MAGIC + hashlib.sha256(b"secret").digest())
+            _refused(third)
+        assert server.calls_served == 1
     finally:
         server.close()
 

@@ -7,9 +7,9 @@ between two processes costs tens of microseconds plus the copy.
 
 What Serve still owns: every ExpertGroup replica is a Serve replica. Serve starts it, checks its
 health, scales it on the load the routers report (autoscale.py) and stops it. Each replica
-opens an `ExpertServer` when it starts and registers its address in Ray's GCS key-value store
-under its application's key; Serve calling the replica's destructor on a graceful stop removes
-it. Routers read that registry (at most once a second, and at once after a failure) and deal
+opens an `ExpertServer` when it starts and keeps its address registered in its application's
+directory (a named actor, directory.py); Serve calling the replica's destructor on a graceful
+stop removes it, and an address not refreshed for ten seconds expires. Routers read that registry (at most once a second, and at once after a failure) and deal
 each group's calls round-robin over its live replicas.
 
 Failures: a call whose connection breaks (the replica was killed, or Serve is stopping it) is sent
@@ -17,8 +17,10 @@ again to another live replica of the group; expert groups are stateless, so a re
 safe. With no live replica in the registry the caller falls back to the Serve handle, which
 waits for Serve to bring one up.
 
-Wire format (little-endian). After connecting, the client sends MAGIC + sha256(token) once; the
-server closes connections that do not. Then, per call:
+Wire format (little-endian). A connection opens with a challenge: the server sends MAGIC and 32
+random bytes, the client answers MAGIC + HMAC-SHA256(token, those bytes), and the server closes a
+connection whose answer is wrong (constant-time comparison). An answer overheard on one
+connection is worthless on the next, and the token never crosses the wire. Then, per call:
     request:  int32 layer, rows, dim, local_experts, dtype  |  int64 counts[local_experts]  |  rows x dim values
     reply:    int32 status (0 ok, 1 error), rows, dim        |  rows x dim values (or a UTF-8 message)
 """
@@ -28,21 +30,23 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import secrets
 import selectors
 import socket
 import struct
 import threading
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from raymoe.serve.directory import Registry
 
 MAGIC = b"RMX1"
 REQUEST = struct.Struct("<5i")
 REPLY = struct.Struct("<3i")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-REGISTRY = "raymoe-expert-channel/"
-"""Key prefix in Ray's internal KV: REGISTRY + app + '/' + group + '/' + replica -> 'host:port'."""
 
 Call = tuple[int, torch.Tensor, torch.Tensor]
 """(layer, rows sorted by local expert [n, D], tokens per local expert [e])."""
@@ -52,13 +56,12 @@ class ChannelError(ConnectionError):
     """The replica at the other end is gone or refused the call; send it elsewhere."""
 
 
-def token_digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode()).digest()
+NONCE_BYTES = 32
 
 
-def registry_prefix(token: str) -> str:
-    """Registry keys of one application (its token is a per-deployment random string)."""
-    return f"{REGISTRY}{hashlib.sha256(b'registry' + token.encode()).hexdigest()[:16]}/"
+def challenge_response(token: str, nonce: bytes) -> bytes:
+    """What a client proves knowing the token with, for this connection's nonce only."""
+    return hmac.new(token.encode(), b"raymoe-expert-channel/" + nonce, hashlib.sha256).digest()
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytearray:
@@ -128,7 +131,7 @@ class ExpertServer:
 
     def __init__(self, run_calls: Callable[[list[Call]], list[torch.Tensor]], token: str, host: str = "127.0.0.1",
                  poll_s: float = 0.2):
-        self.run_calls, self.digest, self.poll_s = run_calls, token_digest(token), poll_s
+        self.run_calls, self.token, self.poll_s = run_calls, token, poll_s
         self.listener = socket.create_server((host, 0))
         self.listener.setblocking(False)
         self.address = f"{host}:{self.listener.getsockname()[1]}"
@@ -160,12 +163,18 @@ class ExpertServer:
                                 break  # none left (or closing)
                             new.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                             new.settimeout(5.0)  # accepted sockets block: a frame, once started, arrives whole
-                            sel.register(new, selectors.EVENT_READ, "hello")
+                            nonce = secrets.token_bytes(NONCE_BYTES)
+                            try:
+                                new.sendall(MAGIC + nonce)
+                            except OSError:
+                                new.close()
+                                continue
+                            sel.register(new, selectors.EVENT_READ, ("hello", challenge_response(self.token, nonce)))
                         continue
                     try:
-                        if key.data == "hello":
-                            hello = _recv_exact(conn, len(MAGIC) + len(self.digest))
-                            if hello[: len(MAGIC)] != MAGIC or not hmac.compare_digest(bytes(hello[len(MAGIC):]), self.digest):
+                        if isinstance(key.data, tuple):  # ("hello", the answer this connection owes)
+                            hello = _recv_exact(conn, len(MAGIC) + len(key.data[1]))
+                            if hello[: len(MAGIC)] != MAGIC or not hmac.compare_digest(bytes(hello[len(MAGIC):]), key.data[1]):
                                 drop(conn)  # not one of our routers
                             else:
                                 sel.modify(conn, selectors.EVENT_READ, "calls")
@@ -213,46 +222,6 @@ def _send_error(conn: socket.socket, message: str) -> None:
     conn.sendall(REPLY.pack(1, len(msg), 0) + msg)
 
 
-class Registry:
-    """Where the replicas of each expert group listen (Ray's GCS key-value store)."""
-
-    def __init__(self, token: str):
-        self.prefix = registry_prefix(token)
-
-    def register(self, group: int, replica: str, address: str) -> None:
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        _internal_kv_put(f"{self.prefix}{group}/{replica}", address)
-
-    def deregister(self, group: int, replica: str) -> None:
-        from ray.experimental.internal_kv import _internal_kv_del
-
-        _internal_kv_del(f"{self.prefix}{group}/{replica}")
-
-    def drop_address(self, group: int, address: str) -> None:
-        """Forget a replica that refused connections (it died without deregistering)."""
-        from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get
-
-        for key in self._keys(group):
-            if _internal_kv_get(key) == address.encode():
-                _internal_kv_del(key)
-
-    def _keys(self, group: int) -> list[bytes]:
-        from ray.experimental.internal_kv import _internal_kv_list
-
-        return sorted(_internal_kv_list(f"{self.prefix}{group}/"))
-
-    def addresses(self, group: int) -> list[str]:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        out = []
-        for key in self._keys(group):
-            value = _internal_kv_get(key)
-            if value:
-                out.append(value.decode())
-        return out
-
-
 class ChannelCall:
     """A call in flight on one connection; `result()` reads the reply."""
 
@@ -277,10 +246,12 @@ class ExpertChannel:
     calls within about a second.
     """
 
-    def __init__(self, token: str, num_groups: int, registry: Registry | None = None, refresh_s: float = 1.0,
+    def __init__(self, token: str, num_groups: int, registry: "Registry", refresh_s: float = 1.0,
                  timeout_s: float = 30.0):
-        self.hello = MAGIC + token_digest(token)
-        self.registry = registry or Registry(token)
+        """`registry`: where group replicas are listed (directory.Registry, or any object with
+        `addresses(group)` and `drop_address(group, address)`)."""
+        self.token = token
+        self.registry = registry
         self.num_groups, self.refresh_s, self.timeout_s = num_groups, refresh_s, timeout_s
         self._addresses: list[list[str]] = [[] for _ in range(num_groups)]
         self._read_at = [0.0] * num_groups
@@ -309,7 +280,15 @@ class ExpertChannel:
             sock = socket.create_connection((host, int(port)), timeout=2.0)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.timeout_s)
-            sock.sendall(self.hello)
+            try:
+                greeting = _recv_exact(sock, len(MAGIC) + NONCE_BYTES)
+            except OSError:
+                sock.close()
+                raise
+            if greeting[: len(MAGIC)] != MAGIC:
+                sock.close()
+                raise ChannelError(f"{address} is not an expert channel (bad greeting)")
+            sock.sendall(MAGIC + challenge_response(self.token, bytes(greeting[len(MAGIC):])))
             conns[address] = sock
         return sock
 
