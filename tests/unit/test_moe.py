@@ -532,3 +532,26 @@ def test_padding_loads_no_expert_and_enters_no_balance_loss(score_func):
     torch.testing.assert_close(padded.aux_loss, alone.aux_loss)
     unmasked = router(torch.cat([x, pad]), batch_size=1)
     assert int(unmasked.tokens_per_expert_E[0]) == int(alone.tokens_per_expert_E[0]) + 4  # what the mask removes
+
+
+@pytest.mark.parametrize("model", [{}, {"capacity_factor": 0.75, "gate_threshold": 0.3}], ids=["dropless", "capacity_and_threshold"])
+def test_inference_on_a_few_tokens_computes_every_expert_and_matches_the_per_token_reference(model, monkeypatch):
+    """Decode-sized batches under inference take GroupedExperts.forward_dense (every expert for
+    every token, unchosen ones weighted 0); the result is the per-token reference's."""
+    moe = _random_moe(**model).eval()
+    x = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(3))
+    calls = []
+    monkeypatch.setattr(GroupedExperts, "forward", lambda *a: calls.append("grouped") or pytest.fail("took the grouped path"))
+    with torch.inference_mode():
+        assert moe._dense_is_faster(4)
+        y, _, stats = moe(x)
+    y_ref, routing = _naive_moe(moe, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    assert stats.tokens_per_expert.sum().item() == 4 * moe.top_k
+    # Training, many tokens, or a single token (few experts touched) keep the grouped GEMM.
+    assert not moe._dense_is_faster(4)
+    with torch.inference_mode():
+        assert not moe._dense_is_faster(moe.dense_max_tokens + 1)
+    wide = _random_moe(num_experts=16, top_k=2).eval()
+    with torch.inference_mode():  # one token touches 2 of 16 experts: reading all 16 would cost more
+        assert not wide._dense_is_faster(1) and wide._dense_is_faster(8)

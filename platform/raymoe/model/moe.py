@@ -250,11 +250,29 @@ class GroupedExperts(nn.Module):
         return y + self.lora_scale * grouped_mm(grouped_mm(x_ND, a, counts_E), b, counts_E)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        if torch.is_autocast_enabled(x_ND.device.type):
-            # Autocast does not see grouped_mm; cast explicitly so experts run in bf16 too.
-            x_ND = x_ND.to(torch.get_autocast_dtype(x_ND.device.type))
+        x_ND = _autocast_input(x_ND)
         h_NF = F.silu(self._proj(x_ND, "1", counts_E)) * self._proj(x_ND, "3", counts_E)
         return self._proj(h_NF, "2", counts_E)
+
+    def forward_dense(self, x_TD: torch.Tensor, weight_TE: torch.Tensor) -> torch.Tensor:
+        """sum_e weight[t, e] * expert_e(x[t]) computed for every expert, unsorted: two batched
+        GEMMs over all experts and one [T, E*F] x [E*F, D] GEMM, weighted before the down
+        projection (the same sum). For a handful of tokens (decode) this beats sorting them into
+        E tiny segments; `MoE.routed` decides when. No LoRA (adapters take the grouped path)."""
+        x_TD = _autocast_input(x_TD)
+        w1, w3, w2 = (w.to(x_TD.dtype) for w in (self.w1, self.w3, self.w2))
+        h_ETF = F.silu(torch.matmul(x_TD, w1)) * torch.matmul(x_TD, w3)
+        h_ETF = h_ETF * weight_TE.t().to(h_ETF.dtype).unsqueeze(-1)
+        E, T, Fh = h_ETF.shape
+        return h_ETF.transpose(0, 1).reshape(T, E * Fh) @ w2.reshape(E * Fh, -1)
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """Autocast does not see grouped_mm or matmul over stacked weights; cast explicitly so
+    experts run in the autocast dtype too."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 class SwiGLU(nn.Module):
@@ -315,8 +333,26 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size)
         self.shared = SharedExperts(cfg.hidden_size, cfg.shared_width, cfg.shared_expert_gate) if cfg.shared_width else None
 
+    dense_max_tokens: int = 16
+    """Inference on CPU computes every expert for every token (GroupedExperts.forward_dense) for at
+    most this many tokens, when they are expected to touch at least half of the experts anyway
+    (1 - (1 - K/E)^T >= 1/2): E/K times the FLOPs, but a few GEMMs instead of E tiny ones and
+    little more weight traffic. Measured 1.1-1.7x faster there and slower beyond 16 tokens on
+    both decode shapes (bench/dense_experts.py, docs/PERFORMANCE.md); with fewer tokens the
+    grouped GEMM reads only the experts chosen, which at real sizes is what decode costs. CUDA
+    keeps the grouped GEMM until measured there."""
+
+    def _dense_is_faster(self, num_tokens: int) -> bool:
+        experts, E, K = self.experts, self.num_experts, self.top_k
+        return (num_tokens <= self.dense_max_tokens and 1 - (1 - K / E) ** num_tokens >= 0.5
+                and not torch.is_grad_enabled() and experts.lora_scale is None and experts.w1.device.type == "cpu"
+                and experts.num_experts == E)
+
     def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Run the routed experts; expert parallelism replaces this method (parallel/apply.py)."""
+        if self._dense_is_faster(x_TD.shape[0]):
+            weight_TE = routing.weight_TK.new_zeros(x_TD.shape[0], self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
+            return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, self.num_experts)
         return unpermute(self.experts(x_ND, counts_E), token_N, weight_N, x_TD.shape[0])
 
