@@ -108,3 +108,57 @@ def test_a_planned_placement_with_a_replicated_hot_expert_serves_the_same_text(s
         assert all(t > 0 for t in load["groups"]["tokens"])
     finally:
         serve.delete("placed")
+
+
+def _scrape() -> list[tuple[str, dict[str, str], float]]:
+    """Every sample on this node's Ray metrics endpoint (Prometheus text format)."""
+    import re
+    import urllib.request
+
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = []
+    for line in body.splitlines():
+        m = re.match(r"^(\w+)\{(.*)\} (\S+)$", line)
+        if m and m.group(1).startswith("ray_raymoe_"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2)))
+            out.append((m.group(1)[len("ray_"):], labels, float(m.group(3))))
+    return out
+
+
+def test_operator_metrics_reach_rays_prometheus_endpoint(served):
+    """Request latency, TTFT, time per output token, finish reasons, tokens routed to each group
+    and replicas per group, as an operator's Prometheus scrapes them (Ray exports every ~10 s)."""
+    import time
+
+    with httpx.Client(timeout=60) as http:
+        for _ in range(2):
+            r = http.post(f"{served}/routed/v1/completions", json={"prompt": "def ", "max_tokens": 5, "temperature": 0})
+            assert r.status_code == 200
+    want = {"request_latency_seconds_count", "time_to_first_token_seconds_count", "time_per_output_token_seconds_count",
+            "requests_total", "output_tokens_total", "requests_running", "routed_tokens_total", "expert_group_replicas"}
+    def total(name, **labels):
+        return sum(v for n, lab, v in samples if n == f"raymoe_{name}" and all(lab.get(k) == w for k, w in labels.items()))
+
+    # Each process exports on its own ~10 s cycle: wait until every replica has exported once.
+    deadline = time.time() + 45
+    while True:
+        samples = _scrape()
+        names = {n[len("raymoe_"):] for n, _, _ in samples}
+        replicas = [total("expert_group_replicas", group=g) for g in ("0", "1")]
+        if (want <= names and min(replicas) >= 2) or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert want <= names, f"missing from the metrics endpoint: {sorted(want - names)}"
+
+    assert total("time_to_first_token_seconds_count", model="tiny-serve") >= 2
+    assert total("requests_total", model="tiny-serve", finish_reason="length") >= 2
+    assert total("output_tokens_total", model="tiny-serve") >= 10
+    assert total("request_latency_seconds_sum") > total("time_to_first_token_seconds_sum") > 0
+    for g in ("0", "1"):
+        assert total("routed_tokens_total", group=g) > 0
+        # The "routed" and "handle" apps each run one replica of every group.
+        assert total("expert_group_replicas", group=g) >= 2, [(lab.get("WorkerId", "")[:8], lab.get("group"), v) for n, lab, v in samples if n == "raymoe_expert_group_replicas"]
+    assert {lab.get("group") for n, lab, _ in samples if n == "raymoe_routed_tokens_total"} == {"0", "1"}  # bounded labels

@@ -38,6 +38,7 @@ from raymoe.model.moe import GroupedExperts, Routing, permute, unpermute
 from raymoe.serve.autoscale import REPORT_EVERY_S, TokenRate, expert_group_autoscaling
 from raymoe.serve.channel import Call, ChannelCall, ChannelError, ExpertChannel, ExpertServer
 from raymoe.serve.directory import AppDirectory, Heartbeat, LoadBoard, Registry
+from raymoe.serve.metrics import RouterMetrics, expert_group_replica_gauge
 from raymoe.serve.placement import Placement, contiguous_placement
 
 
@@ -324,9 +325,10 @@ class ExpertGroup:
     def __init__(self, settings: ServeSettings, group: int):
         from raymoe.serve.engine import load_model
 
-        _, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
+        cfg, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
         self.compute = GroupExperts(model, resolve_placement(settings, model.cfg.num_experts).groups[group])
         self.group = group
+        self.replica_gauge = expert_group_replica_gauge(cfg.name, group)
         self.server, self.heartbeat = None, None
         if settings.data_path == "direct":
             import ray
@@ -383,7 +385,8 @@ class Router:
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         max_len = min(settings.max_len, model.cfg.max_seq_len)
         self.engine = Engine(model, tok, max_batch=settings.max_batch, max_len=max_len, micro_batches=settings.micro_batches)
-        self.threaded = ThreadedEngine(self.engine)
+        self.metrics = RouterMetrics(cfg.name, settings.num_groups if settings.mode == "routed" else 0)
+        self.threaded = ThreadedEngine(self.engine, on_finish=self.metrics.finished)
         limits = APILimits(max_prompt_tokens=max_len // 2, max_tokens=settings.max_tokens)
         self.api = CompletionsAPI(self.threaded, tok, model_name=cfg.name, limits=limits,
                                   api_key=settings.api_key or os.environ.get("RAYMOE_API_KEY"),
@@ -394,20 +397,29 @@ class Router:
         if settings.mode == "routed" and settings.group_replicas[0] != settings.group_replicas[1]:
             self.board = LoadBoard(AppDirectory(settings.app_key))
             self.replica = serve.get_replica_context().replica_id.unique_id
-            threading.Thread(target=self._report_load, name="expert-load-report", daemon=True).start()
+        threading.Thread(target=self._report, name="raymoe-router-report", daemon=True).start()
 
-    def _report_load(self) -> None:
-        """Publish the tokens/s routed to each group, once a second, for the group autoscaler."""
+    def _report(self) -> None:
+        """Once a second: the operator's gauges and counters (metrics.py) and, when groups
+        autoscale, the tokens/s routed to each group for the group autoscaler."""
         while not self._stop_reporting.wait(REPORT_EVERY_S):
+            rates = self.stats.tokens_per_s() if self.mode == "routed" else None
             try:
-                self.board.publish(self.replica, self.stats.tokens_per_s())
+                self.metrics.sample(len(self.engine.running), len(self.engine.waiting), list(self.stats.tokens), rates)
+            except Exception as e:  # noqa: BLE001 - metrics must never stop serving
+                print(f"raymoe: could not record serving metrics: {e}", flush=True)
+            if self.board is None:
+                continue
+            try:
+                self.board.publish(self.replica, rates)
             except Exception as e:  # noqa: BLE001 - a directory hiccup must not stop serving; the next report retries
                 print(f"raymoe: could not publish expert-group load: {e}", flush=True)
 
     def __del__(self):
         """Serve calls this when it stops the replica: withdraw the load report at once."""
-        if getattr(self, "board", None) is not None:
+        if hasattr(self, "_stop_reporting"):
             self._stop_reporting.set()
+        if getattr(self, "board", None) is not None:
             self.board.withdraw(self.replica)
             self.board = None
 
