@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+import time
+
 import pytest
 import torch
 
@@ -205,3 +207,30 @@ def test_batched_greedy_and_per_request_sampling_mix_in_one_step():
     while engine.has_work():
         engine.step()
     assert [r.text for r in reqs] == [greedy_alone, alone, greedy_alone]
+
+
+def test_threaded_engine_reports_every_finished_request_once_aborted_ones_too():
+    """on_finish feeds the serving metrics: each request once, with its finish reason and timings."""
+    import asyncio
+
+    from raymoe.serve.engine import ThreadedEngine
+
+    finished = []
+    threaded = ThreadedEngine(Engine(tiny_model(), ByteTokenizer(), max_batch=4), on_finish=finished.append)
+
+    async def run():
+        done = await asyncio.gather(*(threaded.complete(p, SamplingParams(max_tokens=6, temperature=0)) for p in ("ab", "cd")))
+        stream = threaded.stream("ef", SamplingParams(max_tokens=40, temperature=0))
+        await stream.__anext__()
+        await stream.aclose()  # the client goes away mid-stream
+        return done
+
+    done = asyncio.run(run())
+    deadline = time.time() + 10
+    while len(finished) < 3 and time.time() < deadline:
+        time.sleep(0.01)
+    assert [c.completion_tokens for c in done] == [6, 6]
+    assert sorted(r.finish_reason for r in finished) == ["abort", "length", "length"]
+    for r in finished:
+        assert r.first_token_at >= r.arrival
+    assert sorted(len(r.output_ids) for r in finished if r.finish_reason == "length") == [6, 6]

@@ -26,7 +26,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import torch
 
@@ -289,18 +289,35 @@ class ThreadedEngine:
     event loop (Serve's throughput-optimized mode), so blocking it on a step would deadlock.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, on_finish: "Callable[[Request], None] | None" = None):
+        """`on_finish(request)` runs in the engine thread as each request ends, aborted ones too
+        (serving metrics); an exception in it is logged, never raised into serving."""
         self.engine = engine
+        self.on_finish = on_finish
         self._inbox: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
         self._wake = threading.Event()
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._thread = threading.Thread(target=self._run, name="raymoe-engine", daemon=True)
         self._thread.start()
 
+    def _finished(self, req: Request) -> None:
+        if self.on_finish is not None:
+            try:
+                self.on_finish(req)
+            except Exception:  # noqa: BLE001
+                logging.getLogger("raymoe.serve").exception("on_finish failed for request %d", req.id)
+
     def _deliver(self, req: Request, delta: str, done: bool) -> None:
         loop, q = self._queues.get(req.id, (None, None))
-        if q is not None:
+        if q is None:
+            return
+        try:
             loop.call_soon_threadsafe(q.put_nowait, (delta, done, req))
+        except RuntimeError:  # the consumer's event loop is closed: nobody reads this request
+            self._queues.pop(req.id, None)
+            if not done and req.finish_reason is None:
+                self.engine.abort(req)
+                self._finished(req)
 
     def _drain_inbox(self) -> None:
         while True:
@@ -323,6 +340,7 @@ class ThreadedEngine:
                 self._queues.pop(req.id, None)
                 if req.finish_reason is None:  # the client went away: free its cache row
                     self.engine.abort(req)
+                    self._finished(req)
 
     def _run(self) -> None:
         while True:
@@ -348,6 +366,7 @@ class ThreadedEngine:
                 self._deliver(req, delta, done)
                 if done:
                     self._queues.pop(req.id, None)
+                    self._finished(req)
 
     async def stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[tuple[str, bool, Request]]:
         """Yields (text delta, finished, request) until finished; the last delta may be ''.
