@@ -97,6 +97,11 @@ def test_api_key_is_required_when_configured():
     ok = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1}, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
     assert c.get("/healthz").status_code == 200  # health checks need no key
+    # The scheme in any case (RFC 7235); anything but the exact key, or another scheme, is refused.
+    for header in ("bearer s3cret", "BEARER s3cret"):
+        assert c.get("/v1/models", headers={"Authorization": header}).status_code == 200, header
+    for header in ("Bearer s3cre", "Bearer s3cret2", "Basic s3cret", "s3cret", "Bearer"):
+        assert c.get("/v1/models", headers={"Authorization": header}).status_code == 401, header
 
 
 def test_concurrent_requests_share_decode_steps():

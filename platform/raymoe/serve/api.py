@@ -12,6 +12,7 @@ the same code runs under Ray Serve (a deployment's `__call__`) and in a plain AS
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 import uuid
@@ -158,7 +159,9 @@ class CompletionsAPI:
     def _authorize(self, request: Request) -> None:
         if not self.api_key:
             return
-        if request.headers.get("authorization", "") != f"Bearer {self.api_key}":
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        # The scheme is case-insensitive (RFC 7235); the key is compared in constant time.
+        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
             raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
 
     async def _completions(self, request: Request) -> Response:
