@@ -86,6 +86,7 @@ def test_nodes_start_ray_with_token_auth_and_the_head_runs_the_mlflow_server(pat
 def test_aws_head_is_cpu_only_and_gpu_workers_are_8x_h100_autoscaled():
     cfg = _load(REPO / "cluster.yaml")
     assert cfg["provider"]["type"] == "aws"
+    assert cfg["provider"]["use_internal_ips"] is True  # the nodes live in the private subnet it recommends
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
     assert head["resources"] == {"CPU": 0}
@@ -189,12 +190,21 @@ def test_rayjob_entrypoint_is_a_valid_raymoe_train_on_the_shared_volume():
         "available_node_types"]["ray.worker.h100x8"]["resources"]["GPU"]  # one full node
 
 
-def test_rayservice_serves_the_application_of_serve_apps_config():
+def test_rayservice_serves_the_application_of_serve_apps_config_with_the_model_the_rayjob_registers():
+    from raymoe.config import load_config
+
     shipped = _load(REPO / "serve_apps" / "config.yaml")
     serve = yaml.safe_load(_load(REPO / "k8s" / "rayservice.yaml")["spec"]["serveConfigV2"])
     (app,) = serve["applications"]
     (expected,) = shipped["applications"]
-    assert app == expected
+    assert {**app, "args": {**app["args"], "model": None}} == {**expected, "args": {**expected["args"], "model": None}}
+    # What the RayJob's entrypoint trains registers a version of exactly the model served.
+    args = shlex.split(_load(REPO / "k8s" / "rayjob-train.yaml")["spec"]["entrypoint"])
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    trained = load_config(REPO / args[4].removeprefix("/home/ray/raymoe/"), overrides)
+    assert trained.tracking.registered_model and app["args"]["model"] == f"models:/{trained.tracking.registered_model}/latest"
+    # KubeRay probes each worker's own Serve proxy (kuberay#4994): HeadOnly would leave every worker NotReady.
+    assert serve["proxy_location"] == "EveryNode"
     assert serve["http_options"]["port"] == shipped["http_options"]["port"]
     assert serve["http_options"]["host"] == "0.0.0.0"  # reachable through the Kubernetes Service
     head = _ray_cluster("rayservice.yaml")["headGroupSpec"]["template"]["spec"]["containers"][0]
