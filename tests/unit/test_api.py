@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from starlette.testclient import TestClient
 
 from raymoe.config import config_from_dict
@@ -113,3 +114,37 @@ def test_concurrent_requests_share_decode_steps():
     assert all(r["usage"]["completion_tokens"] == 20 for r in results)
     # Four 20-token requests alone would take 4 x 19 decode steps; batched, far fewer.
     assert engine.stats["decode_steps"] < 4 * 19
+
+
+def test_echo_and_logprobs_score_a_continuation_the_way_lm_evaluation_harness_asks():
+    """lm-eval's local-completions sends token ids, max_tokens 1, logprobs 1, echo true, and sums
+    token_logprobs[ctxlen:-1]: that sum must be the model's log-likelihood of the continuation."""
+    c, engine = make_client()
+    tok = ByteTokenizer()
+    context, continuation = [int(t) for t in tok.encode("def f")], [int(t) for t in tok.encode_text("(x):")]
+    ids = context + continuation
+    r = c.post("/v1/completions", json={"model": "tiny", "prompt": [ids, ids[:-1]], "max_tokens": 1, "logprobs": 1,
+                                        "echo": True, "temperature": 0, "seed": 1234})
+    assert r.status_code == 200, r.text
+    first, second = sorted(r.json()["choices"], key=lambda ch: ch["index"])
+    lp = first["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 1
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert first["text"].startswith(tok.decode(ids)) and len(second["logprobs"]["tokens"]) == len(ids)
+    with torch.no_grad():
+        ref = engine.model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    want = sum(ref[j - 1, ids[j]].item() for j in range(len(context), len(ids)))
+    assert sum(lp["token_logprobs"][len(context):-1]) == pytest.approx(want, abs=1e-3)
+    greedy = all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(context):-1], lp["top_logprobs"][len(context):-1]))
+    assert greedy == all(ref[j - 1].argmax().item() == ids[j] for j in range(len(context), len(ids)))
+    assert r.json()["usage"]["prompt_tokens"] == 2 * len(ids) - 1
+
+
+def test_logprobs_requests_that_cannot_be_served_get_a_400_naming_the_field():
+    c, _ = make_client()
+    cases = [({"prompt": "x", "logprobs": 1, "stream": True}, "stream"), ({"prompt": "x", "logprobs": 99}, "logprobs"),
+             ({"prompt": [1, 2, 999999]}, "prompt"), ({"prompt": [[1, 2], "ab", []]}, "prompt"), ({"prompt": []}, "prompt"),
+             ({"prompt": "x", "echo": "yes"}, "echo")]
+    for body, param in cases:
+        r = c.post("/v1/completions", json={"max_tokens": 1, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)

@@ -234,3 +234,34 @@ def test_threaded_engine_reports_every_finished_request_once_aborted_ones_too():
     for r in finished:
         assert r.first_token_at >= r.arrival
     assert sorted(len(r.output_ids) for r in finished if r.finish_reason == "length") == [6, 6]
+
+
+def test_logprobs_of_prompt_and_completion_are_the_models_own_log_softmax():
+    """What /v1/completions' logprobs and echo report (lm-evaluation-harness scores with them):
+    each prompt token after the first and each generated token, with the top alternatives, equal to
+    a full uncached forward's log_softmax; a request without logprobs in the same batch gets none."""
+    model, tok = tiny_model(**LAYOUTS["mla"]), ByteTokenizer()
+    engine = Engine(model, tok, max_batch=4)
+    scored = engine.add_request("hello world", SamplingParams(max_tokens=5, temperature=0, logprobs=3, prompt_logprobs=True))
+    sampled = engine.add_request("hello world", SamplingParams(max_tokens=5, temperature=1.0, seed=3, logprobs=2))
+    plain = engine.add_request("hello world", SamplingParams(max_tokens=5, temperature=0))
+    while engine.has_work():
+        engine.step()
+    assert plain.logprobs == [] and plain.prompt_logprobs == [] and sampled.prompt_logprobs == []
+    for req, k in ((scored, 3), (sampled, 2)):
+        full = req.prompt_ids + req.output_ids
+        with torch.no_grad():
+            ref = model(torch.tensor([full])).logits[0].float().log_softmax(-1)
+        P = len(req.prompt_ids)
+        rows = list(range(P - 1)) if req.params.prompt_logprobs else []
+        entries = req.prompt_logprobs + req.logprobs
+        positions = rows + [P - 1 + t for t in range(len(req.output_ids))]
+        assert len(entries) == len(positions) == (P - 1 if rows else 0) + 5
+        for (lp, top), j in zip(entries, positions):
+            assert lp == pytest.approx(ref[j, full[j + 1]].item(), abs=1e-4)
+            want = ref[j].topk(k)
+            assert [t for t, _ in top] == want.indices.tolist()
+            assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=1e-4)
+    # Greedy: every generated token is the most likely one.
+    assert all(lp == pytest.approx(top[0][1]) for lp, top in scored.logprobs)
+    assert plain.output_ids == scored.output_ids

@@ -66,7 +66,7 @@ def test_streamed_deltas_never_cut_a_multibyte_character(tmp_path):
     for t in target:  # drive the engine's own acceptance with logits that choose the target ids
         logits = torch.full((320,), -1e9)
         logits[t] = 0
-        _, delta, _ = engine._accept(req, engine._sample([req], logits[None])[0])
+        _, delta, _ = engine._accept(req, *engine._sample([req], logits[None])[0])
         deltas.append(delta)
     assert "".join(deltas) == "a€b日€"
     assert all("\ufffd" not in d for d in deltas)
@@ -132,4 +132,4 @@ def test_generation_stops_at_any_eos_id_of_the_model(tmp_path):
     assert req.prompt_ids == tok.encode("def") and req.prompt_ids[0] == tok.bos_id
     logits = torch.full((320,), -1e9)
     logits[7] = 0  # the second EOS id, from generation_config.json
-    assert engine._accept(req, engine._sample([req], logits[None])[0]) == (req, "", True) and req.finish_reason == "stop"
+    assert engine._accept(req, *engine._sample([req], logits[None])[0]) == (req, "", True) and req.finish_reason == "stop"

@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP API over a generation backend (a `ThreadedEngine`, or anything with its
-`stream` coroutine): POST /v1/completions (streaming as server-sent events), GET /v1/models,
-GET /healthz, GET /v1/expert_load.
+`stream` coroutine): POST /v1/completions (streaming as server-sent events; `logprobs` and `echo`
+for scoring, one choice per prompt of a batch), GET /v1/models, GET /healthz, GET /v1/expert_load.
 
 Every bad request gets a 4xx with an error body in OpenAI's shape and the server keeps serving:
 
@@ -12,6 +12,7 @@ the same code runs under Ray Serve (a deployment's `__call__`) and in a plain AS
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -22,7 +23,7 @@ from typing import Any, Callable
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from raymoe.serve.engine import EngineError, RequestError, SamplingParams
+from raymoe.serve.engine import MAX_LOGPROBS, EngineError, RequestError, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,31 @@ def _integer(body: dict, key: str, default: int | None, lo: int, hi: int | None)
 
 @dataclass
 class CompletionRequest:
-    prompt_ids: list[int]
+    prompts: list[list[int]]
+    """Token ids of each prompt: one choice per prompt, in order."""
     params: SamplingParams
     stream: bool
+    echo: bool = False
+    """Return each prompt before its completion (and, with logprobs, its tokens scored)."""
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
+
+MAX_PROMPTS = 64
+"""Prompts one /v1/completions request may carry (a batch, as lm-evaluation-harness sends)."""
+
+
+def _prompt_list(prompt) -> list:
+    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of those."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        return prompt
+    raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those", "prompt")
 
 
 def parse_completion_request(raw: bytes, tokenizer, limits: APILimits, model_name: str) -> CompletionRequest:
@@ -88,16 +111,26 @@ def parse_completion_request(raw: bytes, tokenizer, limits: APILimits, model_nam
     model = body.get("model")
     if model is not None and model != model_name:
         raise APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise APIError(400, "prompt must be a string", "prompt")
-    if not prompt:
-        raise APIError(400, "prompt must not be empty", "prompt")
-    ids = [int(t) for t in tokenizer.encode(prompt)]
-    if len(ids) > limits.max_prompt_tokens:
-        raise APIError(400, f"prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}", "prompt", code="context_length_exceeded")
+    prompts = _prompt_list(body.get("prompt"))
+    if len(prompts) > MAX_PROMPTS:
+        raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {MAX_PROMPTS}", "prompt")
+    all_ids = []
+    vocab = getattr(tokenizer, "vocab_size", None)
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise APIError(400, "prompt must not be empty", "prompt")
+            ids = [int(t) for t in tokenizer.encode(prompt)]
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside this model's vocabulary [0, {vocab})", "prompt")
+            ids = list(prompt)
+        else:
+            raise APIError(400, "each prompt must be a non-empty string or a non-empty list of token ids", "prompt")
+        if len(ids) > limits.max_prompt_tokens:
+            raise APIError(400, f"prompt has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}", "prompt", code="context_length_exceeded")
+        all_ids.append(ids)
     n = _integer(body, "n", 1, 1, 1)
     assert n == 1
     stop = body.get("stop")
@@ -110,6 +143,12 @@ def parse_completion_request(raw: bytes, tokenizer, limits: APILimits, model_nam
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "stream must be true or false", "stream")
+    echo = body.get("echo", False)
+    if not isinstance(echo, bool):
+        raise APIError(400, "echo must be true or false", "echo")
+    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
+    if stream and (len(all_ids) > 1 or echo or logprobs is not None):
+        raise APIError(400, "stream takes one prompt, without echo or logprobs (send stream: false for those)", "stream")
     try:
         params = SamplingParams(
             max_tokens=_integer(body, "max_tokens", 16, 1, limits.max_tokens),
@@ -118,10 +157,12 @@ def parse_completion_request(raw: bytes, tokenizer, limits: APILimits, model_nam
             top_k=_integer(body, "top_k", 0, 0, None),
             seed=_integer(body, "seed", None, 0, 2**63 - 1),
             stop=tuple(stop),
+            logprobs=logprobs,
+            prompt_logprobs=echo and logprobs is not None,
         )
     except RequestError as e:
         raise APIError(400, str(e)) from None
-    return CompletionRequest(ids, params, stream)
+    return CompletionRequest(all_ids, params, stream, echo)
 
 
 class CompletionsAPI:
@@ -169,19 +210,43 @@ class CompletionsAPI:
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
             return StreamingResponse(self._sse(req, cid, created), media_type="text/event-stream")
-        text, state = [], None
-        try:
-            async for delta, _, state in self.backend.stream(req.prompt_ids, req.params):
+        async def one(ids: list[int]):
+            text, state = [], None
+            async for delta, _, state in self.backend.stream(ids, req.params):
                 text.append(delta)
+            return "".join(text), state
+
+        try:
+            done = await asyncio.gather(*(one(ids) for ids in req.prompts))
         except RequestError as e:
             raise APIError(400, str(e)) from None
         except EngineError as e:
             raise APIError(500, f"generation failed: {e}", type="server_error") from None
+        choices = []
+        for i, (text, state) in enumerate(done):
+            prefix = self.tokenizer.decode(state.prompt_ids) if req.echo else ""
+            choices.append({"text": prefix + text, "index": i, "finish_reason": state.finish_reason,
+                            "logprobs": self._logprobs(state, req.echo) if req.params.logprobs is not None else None})
+        usage = [_usage(state) for _, state in done]
         return JSONResponse({
-            "id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-            "choices": [{"text": "".join(text), "index": 0, "logprobs": None, "finish_reason": state.finish_reason}],
-            "usage": _usage(state),
+            "id": cid, "object": "text_completion", "created": created, "model": self.model_name, "choices": choices,
+            "usage": {k: sum(u[k] for u in usage) for k in usage[0]},
         })
+
+    def _logprobs(self, state, echo: bool) -> dict:
+        """OpenAI's completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset;
+        with echo the prompt's tokens first (the very first has no log-probability: null)."""
+        ids = (state.prompt_ids if echo else []) + state.output_ids
+        entries = ([None] + state.prompt_logprobs if echo else []) + state.logprobs
+        tokens = [self.tokenizer.decode([t]) for t in ids]
+        offsets, at = [], 0
+        for t in tokens:  # character offsets of each token's own text (a split UTF-8 character counts once per piece)
+            offsets.append(at)
+            at += len(t)
+        return {"tokens": tokens,
+                "token_logprobs": [None if e is None else e[0] for e in entries],
+                "top_logprobs": [None if e is None else {self.tokenizer.decode([t]): v for t, v in e[1]} for e in entries],
+                "text_offset": offsets}
 
     async def _sse(self, req: CompletionRequest, cid: str, created: int):
         def chunk(text: str, finish: str | None, usage=None) -> str:

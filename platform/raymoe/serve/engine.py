@@ -52,6 +52,12 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     """Generation ends before the first occurrence of any of these strings."""
+    logprobs: int | None = None
+    """Record each generated token's log-probability and this many most likely alternatives
+    (0-20; None = none). Log-probabilities are of the model's distribution, before temperature
+    and filtering, as OpenAI's API reports them."""
+    prompt_logprobs: bool = False
+    """Also score the prompt: each prompt token after the first, with `logprobs` alternatives."""
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -62,6 +68,14 @@ class SamplingParams:
             raise RequestError(f"top_p={self.top_p} must be in (0, 1]")
         if self.top_k < 0:
             raise RequestError(f"top_k={self.top_k} must be >= 0")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise RequestError(f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]")
+
+
+MAX_LOGPROBS = 20
+
+TokenLogprob = tuple[float, list[tuple[int, float]]]
+"""(log-probability of the token, [(alternative id, its log-probability), ...] most likely first)."""
 
 
 @dataclass
@@ -79,6 +93,10 @@ class Request:
     """Why the request failed (finish_reason 'error')."""
     arrival: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per output id, when params.logprobs is set."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per prompt id after the first, when params.prompt_logprobs is set."""
 
     @property
     def length(self) -> int:
@@ -110,6 +128,17 @@ def sample_next(logits_V: torch.Tensor, params: SamplingParams, generator: torch
         sorted_p = sorted_p.masked_fill(drop, 0)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def _logprobs(logits_NV: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
+    """Per row: the log-probability of `chosen[row]` and the k most likely ids with theirs (one
+    copy to the host for all rows)."""
+    lp = logits_NV.float().log_softmax(-1)
+    picked = lp.gather(1, torch.tensor(chosen, device=lp.device)[:, None])[:, 0].tolist()
+    if k == 0:
+        return [(p, []) for p in picked]
+    top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+    return [(p, list(zip(ids, vals))) for p, ids, vals in zip(picked, top.indices.tolist(), top.values.tolist())]
 
 
 class Engine:
@@ -183,15 +212,21 @@ class Engine:
         # One prefill forward per prompt length among the admitted requests, not one per request:
         # in routed mode every forward costs a round of expert-group calls per MoE layer.
         for reqs in admitted.values():
-            logits = self._forward([r.slot for r in reqs], [r.prompt_ids for r in reqs], start=[0] * len(reqs))
+            scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
+            logits = self._forward([r.slot for r in reqs], [r.prompt_ids for r in reqs], start=[0] * len(reqs),
+                                   **({"all_positions": True} if scored else {}))
             self.stats["prefills"] += 1
-            for r, tok in zip(reqs, self._sample(reqs, logits)):
-                events.append(self._accept(r, tok))
+            if scored:
+                for i in scored:  # position j's logits predict prompt token j + 1
+                    reqs[i].prompt_logprobs = _logprobs(logits[i, :-1], reqs[i].prompt_ids[1:], reqs[i].params.logprobs or 0)
+                logits = logits[:, -1]
+            for r, (tok, lp) in zip(reqs, self._sample(reqs, logits)):
+                events.append(self._accept(r, tok, lp))
         if active:
             logits = self._decode(active)
             self.stats["decode_steps"] += 1
-            for r, tok in zip(active, self._sample(active, logits)):
-                events.append(self._accept(r, tok))
+            for r, (tok, lp) in zip(active, self._sample(active, logits)):
+                events.append(self._accept(r, tok, lp))
         for r, _, done in events:
             if done and self.running.get(r.slot) is r:
                 del self.running[r.slot]
@@ -215,8 +250,9 @@ class Engine:
         parts = [active[i : i + size] for i in range(0, len(active), size)]
         return torch.cat(list(self._pool.map(run, parts)))
 
-    def _forward(self, slots: list[int], tokens: list[list[int]], start: list[int]) -> torch.Tensor:
-        """Logits of the last position of each row. Rows here all have the same number of new tokens."""
+    def _forward(self, slots: list[int], tokens: list[list[int]], start: list[int], all_positions: bool = False) -> torch.Tensor:
+        """Logits of the last position of each row ([B, V]), or of every position ([B, S, V]).
+        Rows here all have the same number of new tokens."""
         S = len(tokens[0])
         x = torch.tensor(tokens, device=self.device)
         positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(S, device=self.device)
@@ -225,11 +261,12 @@ class Engine:
             counts = torch.stack([st.tokens_per_expert for st in out.moe_stats])
             with self._load_lock:
                 self._load += counts.to(self._load.device)
-        return out.logits[:, -1]
+        return out.logits if all_positions else out.logits[:, -1]
 
-    def _sample(self, reqs: list[Request], logits_BV: torch.Tensor) -> list[int]:
+    def _sample(self, reqs: list[Request], logits_BV: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """The next token of every row: greedy rows by one argmax over the batch and one copy to
-        the host (not a host sync per row); sampled rows each with their own request's generator."""
+        the host (not a host sync per row); sampled rows each with their own request's generator.
+        With each token its log-probability entry, for the rows that asked for one."""
         tokens: list[int | None] = [None] * len(reqs)
         greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
         if greedy:
@@ -239,9 +276,16 @@ class Engine:
         for i, r in enumerate(reqs):
             if tokens[i] is None:
                 tokens[i] = sample_next(logits_BV[i], r.params, r.generator)
-        return tokens
+        entries: list[TokenLogprob | None] = [None] * len(reqs)
+        scored = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if scored:
+            k = max(reqs[i].params.logprobs for i in scored)
+            rows = logits_BV[torch.tensor(scored, device=logits_BV.device)]
+            for i, entry in zip(scored, _logprobs(rows, [tokens[i] for i in scored], k)):
+                entries[i] = (entry[0], entry[1][: reqs[i].params.logprobs])
+        return list(zip(tokens, entries))
 
-    def _accept(self, req: Request, tok: int) -> tuple[Request, str, bool]:
+    def _accept(self, req: Request, tok: int, logprob: TokenLogprob | None = None) -> tuple[Request, str, bool]:
         if req.first_token_at is None:
             req.first_token_at = time.perf_counter()
         self.stats["tokens"] += 1
@@ -249,6 +293,8 @@ class Engine:
             req.finish_reason = "stop"
             return req, "", True
         req.output_ids.append(tok)
+        if logprob is not None:
+            req.logprobs.append(logprob)
         full = self.tokenizer.decode(req.output_ids)
         # Hold back a trailing partial UTF-8 character (decoded as U+FFFD) until it completes.
         visible = full.rstrip("\ufffd") if len(req.output_ids) < req.params.max_tokens else full
