@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,9 +13,11 @@ from starlette.testclient import TestClient
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
 from raymoe.serve.api import APILimits, CompletionsAPI, build_asgi_app
-from raymoe.serve.engine import Engine, ThreadedEngine
+from raymoe.serve.engine import Engine, SamplingParams, ThreadedEngine
 from raymoe.train.data import ByteTokenizer
 
+
+ROOT = Path(__file__).resolve().parents[2]
 
 def make_client(api_key=None):
     cfg = config_from_dict({"model": {"hidden_size": 32, "num_layers": 2, "max_seq_len": 64}, "train": {"seq_len": 32}}).model
@@ -148,3 +152,69 @@ def test_logprobs_requests_that_cannot_be_served_get_a_400_naming_the_field():
     for body, param in cases:
         r = c.post("/v1/completions", json={"max_tokens": 1, **body})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+
+
+def _chat_client(template=True):
+    from raymoe.train.sft import ChatTemplate
+
+    cfg = config_from_dict({"model": {"hidden_size": 32, "num_layers": 2, "max_seq_len": 128}, "train": {"seq_len": 32}}).model
+    model = MoETransformer(cfg)
+    model.init_weights(0)
+    tok = ByteTokenizer()
+    engine = Engine(model, tok, max_batch=4)
+    text = (ROOT / "jobs" / "data" / "chat_template.jinja").read_text()
+    chat = ChatTemplate(text, "shipped", tok.special_tokens) if template else None
+    api = CompletionsAPI(ThreadedEngine(engine), tok, model_name="tiny", limits=APILimits(max_prompt_tokens=100, max_tokens=24),
+                         chat_template=chat)
+    return TestClient(build_asgi_app(api)), engine, chat
+
+
+def test_chat_completions_render_the_template_and_answer_in_openais_shapes():
+    c, engine, chat = _chat_client()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 2 and 3."}]
+    r = c.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, "max_tokens": 6, "temperature": 0,
+                                             "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    prompt = [int(t) for t in ByteTokenizer().encode_text(chat.render(messages, add_generation_prompt=True))]
+    direct = engine.generate(prompt, SamplingParams(max_tokens=6, temperature=0))
+    (choice,) = body["choices"]
+    assert body["object"] == "chat.completion" and choice["message"] == {"role": "assistant", "content": direct.text}
+    assert body["usage"]["prompt_tokens"] == len(prompt) and body["usage"]["completion_tokens"] == direct.completion_tokens
+    content = choice["logprobs"]["content"]
+    assert len(content) == direct.completion_tokens and all(len(e["top_logprobs"]) == 2 for e in content)
+    assert all(e["logprob"] == pytest.approx(e["top_logprobs"][0]["logprob"]) for e in content)  # greedy
+    with c.stream("POST", "/v1/chat/completions", json={"messages": messages, "max_tokens": 6, "temperature": 0, "stream": True,
+                                                        "stream_options": {"include_usage": True}}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == direct.text
+    assert events[-2]["choices"][0]["finish_reason"] == direct.finish_reason and events[-1]["usage"] == body["usage"]
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+
+
+def test_chat_requests_that_cannot_be_served_get_a_400_naming_the_field():
+    c, _, _ = _chat_client()
+    for body, param in [({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": 3}]}, "messages"),
+                        ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+                        ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "stream": True}, "logprobs")]:
+        r = c.post("/v1/chat/completions", json={"max_tokens": 2, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (body, r.text)
+    bare, _, _ = _chat_client(template=False)
+    r = bare.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_chat_template"
+
+
+def test_the_router_serves_chat_with_the_template_its_fine_tuning_used():
+    import yaml
+
+    from raymoe.serve.deployments import chat_template_of
+
+    from raymoe.config import DataConfig
+
+    # The shipped config's data section, as the merged model's config carries it.
+    raw = yaml.safe_load((ROOT / "jobs" / "configs" / "finetune-demo.yaml").read_text())
+    cfg = SimpleNamespace(name="raymoe-demo-chat", data=DataConfig(**raw["data"]))
+    template = chat_template_of(cfg, ByteTokenizer())
+    assert template is not None and template.text == (ROOT / "jobs" / "data" / "chat_template.jinja").read_text()

@@ -390,7 +390,7 @@ class Router:
         limits = APILimits(max_prompt_tokens=max_len // 2, max_tokens=settings.max_tokens)
         self.api = CompletionsAPI(self.threaded, tok, model_name=cfg.name, limits=limits,
                                   api_key=settings.api_key or os.environ.get("RAYMOE_API_KEY"),
-                                  expert_load=self.expert_load)
+                                  expert_load=self.expert_load, chat_template=chat_template_of(cfg, tok))
         self.started = time.time()
         self.loop = None  # the replica's event loop, known from the first request on
         self.board, self._stop_reporting = None, threading.Event()
@@ -438,6 +438,20 @@ class Router:
     async def __call__(self, request):
         self.loop = self.loop or asyncio.get_running_loop()
         return await self.api.handle(request)
+
+
+def chat_template_of(cfg, tok):
+    """The template /v1/chat/completions renders with: the fine-tuning run's data.chat_template
+    when it set one (what the model learned), else the tokenizer's own; None when neither is
+    there or readable (the route then says so)."""
+    from raymoe.train.data import DataError
+    from raymoe.train.sft import load_chat_template
+
+    try:
+        return load_chat_template(cfg.data, tok)
+    except DataError as e:
+        print(f"raymoe: /v1/chat/completions is off for {cfg.name!r}: {e}", flush=True)
+        return None
 
 
 def build_app(settings: ServeSettings):
