@@ -12,6 +12,7 @@ import pytest
 # changes no behaviour under test (the workers' health-check timeout stays 10 minutes).
 # Set before any Ray process starts, so the local cluster and the subprocess clusters inherit them.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "2000")  # serving metrics reach the endpoint in seconds, not 10
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 

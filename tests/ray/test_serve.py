@@ -130,7 +130,7 @@ def _scrape() -> list[tuple[str, dict[str, str], float]]:
 
 def test_operator_metrics_reach_rays_prometheus_endpoint(served):
     """Request latency, TTFT, time per output token, finish reasons, tokens routed to each group
-    and replicas per group, as an operator's Prometheus scrapes them (Ray exports every ~10 s)."""
+    and replicas per group, as an operator's Prometheus scrapes them (exported every 2 s here, conftest.py)."""
     import time
 
     with httpx.Client(timeout=60) as http:

@@ -38,7 +38,7 @@ from raymoe.model.moe import GroupedExperts, Routing, permute, unpermute
 from raymoe.serve.autoscale import REPORT_EVERY_S, TokenRate, expert_group_autoscaling
 from raymoe.serve.channel import Call, ChannelCall, ChannelError, ExpertChannel, ExpertServer
 from raymoe.serve.directory import AppDirectory, Heartbeat, LoadBoard, Registry
-from raymoe.serve.metrics import RouterMetrics, expert_group_replica_gauge
+from raymoe.serve.metrics import ReplicaUp, RouterMetrics
 from raymoe.serve.placement import Placement, contiguous_placement
 
 
@@ -328,7 +328,7 @@ class ExpertGroup:
         cfg, model = load_model(settings.model, tracking_uri=settings.tracking_uri)
         self.compute = GroupExperts(model, resolve_placement(settings, model.cfg.num_experts).groups[group])
         self.group = group
-        self.replica_gauge = expert_group_replica_gauge(cfg.name, group)
+        self.up = ReplicaUp(cfg.name, group)
         self.server, self.heartbeat = None, None
         if settings.data_path == "direct":
             import ray
@@ -340,6 +340,9 @@ class ExpertGroup:
     def __del__(self):
         """Serve calls this when it stops the replica (scale-down, redeploy): leave the registry
         first so routers stop choosing this replica, then stop the channel."""
+        if getattr(self, "up", None) is not None:
+            self.up.stop()
+            self.up = None
         if getattr(self, "server", None) is not None:
             try:
                 self.heartbeat.stop()

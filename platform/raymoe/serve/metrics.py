@@ -20,6 +20,7 @@ docs/serving-metrics.md has the queries and the Grafana dashboard that plots the
 
 from __future__ import annotations
 
+import threading
 import time
 
 from ray.util.metrics import Counter, Gauge, Histogram
@@ -30,7 +31,8 @@ PER_TOKEN_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 
 class RouterMetrics:
     """One Router replica's metrics. `finished(req)` from the engine thread as each request ends;
-    `sample(...)` once a second from the replica's report thread."""
+    `sample(...)` once a second from the replica's report thread (which also keeps the gauges
+    exported: Ray drops a gauge soon after it was last set)."""
 
     def __init__(self, model: str, num_groups: int):
         self.tags = {"model": model}
@@ -79,9 +81,22 @@ class RouterMetrics:
                 self.routed_rate.set(routed_per_s[g], tags=tags)
 
 
-def expert_group_replica_gauge(model: str, group: int) -> Gauge:
-    """Set to 1 by each live ExpertGroup replica (its series goes when the replica does)."""
-    gauge = Gauge("raymoe_expert_group_replicas", "1 per live ExpertGroup replica: sum by (group).",
-                  tag_keys=("model", "group"))
-    gauge.set(1, tags={"model": model, "group": str(group)})
-    return gauge
+class ReplicaUp:
+    """`raymoe_expert_group_replicas` = 1 for this ExpertGroup replica, re-set every `every_s`: Ray
+    drops a gauge from its export soon after it was last set, so a value set once vanishes."""
+
+    def __init__(self, model: str, group: int, every_s: float = 1.0):
+        self.gauge = Gauge("raymoe_expert_group_replicas", "1 per live ExpertGroup replica: sum by (group).",
+                           tag_keys=("model", "group"))
+        self.tags = {"model": model, "group": str(group)}
+        self._stop = threading.Event()
+        self.gauge.set(1, tags=self.tags)
+        threading.Thread(target=self._run, args=(every_s,), name="raymoe-replica-up", daemon=True).start()
+
+    def _run(self, every_s: float) -> None:
+        while not self._stop.wait(every_s):
+            self.gauge.set(1, tags=self.tags)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.gauge.set(0, tags=self.tags)
