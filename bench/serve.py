@@ -133,20 +133,21 @@ def cpu_seconds_by_process() -> dict[str, float]:
     return out
 
 
-def round_trips_ms(app: str, hidden: int, token: str, n: int = 200) -> dict[str, float]:
+def round_trips_ms(app: str, hidden: int, token: str, app_key: str, n: int = 200) -> dict[str, float]:
     """Driver -> ExpertGroup0 replica -> driver with one token's activations, p50 over n calls,
     through a Serve handle and through the direct channel."""
     import torch
     from ray import serve
 
     from raymoe.serve.channel import ExpertChannel
+    from raymoe.serve.directory import AppDirectory, Registry
 
     handle = serve.get_deployment_handle("ExpertGroup0", app_name=app)
     x = torch.randn(1, hidden)
     e = len(handle.load.remote().result()["experts"])
     counts = torch.zeros(e, dtype=torch.long)
     counts[0] = 1
-    channel = ExpertChannel(token, num_groups=1)
+    channel = ExpertChannel(token, num_groups=1, registry=Registry(AppDirectory(app_key)))
     calls = {"handle": lambda: handle.forward.remote((0, x, counts)).result(),
              "direct": lambda: channel.send(0, 0, x, counts).result()}
     out = {}
@@ -234,11 +235,12 @@ def main() -> int:
     runs = [("monolithic", "direct", 1)] if "monolithic" in args.modes else []
     runs += [("routed", path, k) for path in args.data_paths for k in args.micro_batches if "routed" in args.modes]
     token = os.urandom(16).hex()
-    urls = {}
+    urls, app_keys = {}, {}
     for base, path, micro in runs:  # every app is up before the first measurement; idle ones cost ~nothing
         mode = base if base == "monolithic" else f"routed-{path}" + (f"-mb{micro}" if micro > 1 else "")
         settings = ServeSettings(model=model, mode=base, num_groups=args.groups, max_batch=args.max_batch, micro_batches=micro,
-                                 data_path=path, channel_token=token)
+                                 data_path=path, channel_token=token, app_key=os.urandom(8).hex())
+        app_keys[mode] = settings.app_key
         serve.run(build_app(settings), name=mode, route_prefix=f"/{mode}", logging_config=quiet)
         urls[mode] = f"http://127.0.0.1:{port}/{mode}"
         asyncio.run(closed_loop(urls[mode] + "/v1/completions", 1, 1.0, 4))  # warm up
@@ -268,7 +270,7 @@ def main() -> int:
             entry["hops_per_forward"] = sum(load["groups"]["calls"]) / max(forwards, 1)
             entry["retries"], entry["fallbacks"] = load["groups"]["retries"], load["groups"]["fallbacks"]
             if entry["path"] == "direct":
-                entry["round_trip_p50_ms"] = round_trips_ms(mode, cfg.model.hidden_size, token)
+                entry["round_trip_p50_ms"] = round_trips_ms(mode, cfg.model.hidden_size, token, app_keys[mode])
         serve.delete(mode)
     serve.shutdown()
 
