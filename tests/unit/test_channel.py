@@ -251,3 +251,16 @@ def test_a_failing_group_reports_the_error_and_keeps_serving():
         assert torch.equal(channel.send(0, 1, torch.ones(1, 2), torch.tensor([1])).result(), torch.ones(1, 2))
     finally:
         server.close()
+
+
+def test_an_unreadable_registry_keeps_the_known_replicas_serving():
+    """A directory call that fails (its actor restarting, a timeout) must not fail routed calls."""
+    server = ExpertServer(Recorder(), token="t")
+    reg = registry_of(server)
+    try:
+        channel = ExpertChannel("t", 1, registry=reg, refresh_s=0.0)
+        assert channel.send(0, 0, torch.ones(1, 2), torch.tensor([1])).result().shape == (1, 2)
+        reg.addresses = lambda group: (_ for _ in ()).throw(TimeoutError("directory busy"))
+        assert channel.send(0, 0, torch.ones(1, 2), torch.tensor([1])).result().shape == (1, 2)
+    finally:
+        server.close()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import itertools
+import logging
 import secrets
 import selectors
 import socket
@@ -262,7 +263,11 @@ class ExpertChannel:
 
     def _live(self, g: int) -> list[str]:
         if time.monotonic() - self._read_at[g] > self.refresh_s:
-            self._addresses[g] = self.registry.addresses(g)
+            try:
+                self._addresses[g] = self.registry.addresses(g)
+            except Exception as e:  # noqa: BLE001 - a registry hiccup: keep calling the replicas known so far
+                logging.getLogger("raymoe.serve").warning("expert group %d: registry unreadable (%s); using %d known replica(s)",
+                                                          g, e, len(self._addresses[g]))
             self._read_at[g] = time.monotonic()
         return self._addresses[g]
 
@@ -302,7 +307,10 @@ class ExpertChannel:
         if address in self._addresses[g]:
             self._addresses[g] = [a for a in self._addresses[g] if a != address]
         if isinstance(error, ConnectionRefusedError):
-            self.registry.drop_address(g, address)
+            try:
+                self.registry.drop_address(g, address)
+            except Exception:  # noqa: BLE001 - it expires from the registry by itself (directory.ENTRY_TTL_S)
+                pass
 
     def send(self, g: int, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> ChannelCall | None:
         """Send to a live replica of group g; None when the registry has none left."""
