@@ -164,19 +164,15 @@ def round_trips_ms(app: str, hidden: int, token: str, app_key: str, n: int = 200
 
 def random_model_dir(config: str) -> str:
     """The architecture of `config` with random weights, saved as a model directory."""
-    from safetensors.torch import save_file
-
     from raymoe.config import load_config
     from raymoe.model.transformer import MoETransformer
-    from raymoe.parallel.checkpoint import _unique
+    from raymoe.model_dir import save_model
 
     cfg = load_config(config)
     model = MoETransformer(cfg.model)
     model.init_weights(0)
     d = tempfile.mkdtemp(prefix="raymoe-bench-model-")
-    save_file(_unique(model.state_dict()), os.path.join(d, "model.safetensors"))
-    with open(os.path.join(d, "config.yaml"), "w") as f:
-        f.write(cfg.to_yaml())
+    save_model(model, cfg, d)
     return d
 
 
@@ -207,7 +203,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import ServeSettings
     from raymoe.serve.engine import load_model
 
     model = args.model or random_model_dir(args.config)
@@ -238,7 +235,7 @@ def main() -> int:
     urls, app_keys = {}, {}
     for base, path, micro in runs:  # every app is up before the first measurement; idle ones cost ~nothing
         mode = base if base == "monolithic" else f"routed-{path}" + (f"-mb{micro}" if micro > 1 else "")
-        settings = ServeSettings(model=model, mode=base, num_groups=args.groups, max_batch=args.max_batch, micro_batches=micro,
+        settings = ServeSettings.of(model, mode=base, num_groups=args.groups, max_batch=args.max_batch, micro_batches=micro,
                                  data_path=path, channel_token=token, app_key=os.urandom(8).hex())
         app_keys[mode] = settings.app_key
         serve.run(build_app(settings), name=mode, route_prefix=f"/{mode}", logging_config=quiet)

@@ -1,35 +1,37 @@
-"""Typed Serve application builder: `serve deploy serve_apps/config.yaml` passes `args:` here.
+"""The Serve application builder for `serve deploy serve_apps/config.yaml` and k8s/rayservice.yaml.
 
-    serve run serve_apps.app:app model=models:/raymoe-demo/latest mode=routed num_groups=2
+    serve run serve_apps.app:app model=models:/raymoe-demo/latest num_groups=2
+
+`args:` are keys of the run config's `serve:` section (config.ServeConfig), checked by the same
+loader and the same model checks as `raymoe serve`, so a bad setting fails the deploy in one line
+naming the key instead of crash-looping replicas. Two more keys: `config` (a run config YAML
+whose serve: section the other args override) and `check_model` (default true: read the
+model's config and tokenizer while building). host and port do not apply here: Serve's
+`http_options` in the deploy file set them.
 """
 
-from typing import Literal, Optional
-
-from pydantic import BaseModel
+from __future__ import annotations
 
 
-class AppArgs(BaseModel):
-    model: str
-    """A raymoe checkpoint dir, a model dir, or runs:/<id>/model, models:/<name>/<version|latest>."""
-    mode: Literal["routed", "monolithic"] = "routed"
-    num_groups: int = 2
-    max_batch: int = 16
-    max_tokens: int = 256
-    api_key: Optional[str] = None
-    tracking_uri: Optional[str] = None
-    router_min_replicas: int = 1
-    router_max_replicas: int = 1
-    group_min_replicas: int = 1
-    group_max_replicas: int = 1
-    data_path: Literal["direct", "handle"] = "direct"
+def app(args: dict):
+    import yaml
 
+    from raymoe.config import ConfigError, config_from_dict
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import settings_from_config
 
-def app(args: AppArgs):
-    from raymoe.serve.deployments import ServeSettings, build_app
-
-    return build_app(ServeSettings(
-        model=args.model, mode=args.mode, num_groups=args.num_groups, max_batch=args.max_batch,
-        max_tokens=args.max_tokens, api_key=args.api_key, tracking_uri=args.tracking_uri,
-        router_replicas=(args.router_min_replicas, args.router_max_replicas), group_replicas=(args.group_min_replicas, args.group_max_replicas),
-        data_path=args.data_path,
-    ))
+    args = dict(args)
+    path = args.pop("config", None)
+    check_model = args.pop("check_model", True)
+    tree: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                tree = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"serve_apps args: config={path!r} cannot be read ({e.strerror})") from None
+    if not isinstance(tree.get("serve", {}), dict):
+        raise ConfigError(f"{path}: serve must be a mapping of serve keys")
+    tree["serve"] = {**tree.get("serve", {}), **args}
+    cfg = config_from_dict(tree, source=path or "serve_apps args")
+    return build_app(settings_from_config(cfg, check_model=bool(check_model)))

@@ -64,7 +64,9 @@ def _cmd_placement(args) -> int:
 
     path = args.source
     if os.path.isdir(path):
-        path = os.path.join(path, "expert_load.json")
+        from raymoe.tracking import LOAD_HISTORY
+
+        path = os.path.join(path, LOAD_HISTORY)
     try:
         with open(path) as f:
             history = json.load(f)
@@ -78,7 +80,7 @@ def _cmd_placement(args) -> int:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(after.to_dict(), f, indent=1)
-        print(f"wrote {args.out}  (raymoe serve MODEL --groups {args.groups} --placement {args.out})")
+        print(f"wrote {args.out}  (raymoe serve MODEL --groups {args.groups} --set serve.placement={args.out})")
     return 0
 
 
@@ -259,50 +261,35 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def serve_config(target: str, overrides: list[str]):
+    """The RunConfig `raymoe serve TARGET --set serve.k=v` serves: TARGET is a YAML run config (its
+    serve: section; serve.model null serves what its training made) or a MODEL, which becomes
+    serve.model of the defaults."""
+    if target.endswith((".yaml", ".yml")) and os.path.isfile(target):
+        return load_config(target, overrides)
+    from raymoe.config import config_from_dict
+
+    return config_from_dict({"serve": {"model": target}}, overrides, source="raymoe serve")
+
+
 def _cmd_serve(args) -> int:
-    import time
+    from raymoe.serve.settings import settings_from_config
 
-    import ray
-    from ray import serve
+    overrides = list(args.overrides)
+    if args.monolithic:
+        overrides.append("serve.mode=monolithic")
+    for key in ("groups", "host", "port"):
+        if getattr(args, key) is not None:
+            overrides.append(f"serve.{'num_groups' if key == 'groups' else key}={getattr(args, key)}")
+    if args.tracking_uri:
+        overrides.append(f"tracking.uri={args.tracking_uri}")
+    cfg = serve_config(args.target, overrides)
+    # Everything that can be wrong with the settings or the model fails here, before Ray starts.
+    settings = settings_from_config(cfg, log=lambda line: print(line, file=sys.stderr))
+    from raymoe.serve.deployments import run_serving
 
-    from raymoe.model_dir import open_source
-    from raymoe.serve.deployments import ServeSettings, build_app
-
-    if args.tracking_uri is None and not os.environ.get("MLFLOW_TRACKING_URI") and os.path.exists(".raymoe/mlflow.db"):
-        args.tracking_uri = "sqlite:///" + os.path.abspath(".raymoe/mlflow.db")  # the default store of `raymoe train`
-    placement = None
-    if args.placement:
-        import json
-
-        with open(args.placement) as f:
-            placement = json.load(f)
-    settings = ServeSettings(model=args.model, mode="monolithic" if args.monolithic else "routed", num_groups=args.groups,
-                             max_batch=args.max_batch, api_key=args.api_key, tracking_uri=args.tracking_uri,
-                             placement=placement, group_replicas=(args.group_replicas[0], args.group_replicas[-1]),
-                             router_replicas=(args.router_replicas[0], args.router_replicas[-1]), data_path=args.data_path,
-                             max_len=args.max_len)
-    src = open_source(args.model, tracking_uri=args.tracking_uri)  # fail here, in one line, on a bad MODEL
-    cfg = src.cfg
-    for note in src.notes:
-        print(f"raymoe: note: {note}", file=sys.stderr)
-    src.tokenizer()  # and on a tokenizer that does not fit
-    ray.init(address=args.address) if args.address else ray.init()
-    quiet = {"enable_access_log": False, "log_level": "WARNING"}  # no line per request and per expert call
-    serve.start(http_options={"host": args.host, "port": args.port}, logging_config=quiet)
-    serve.run(build_app(settings), name="raymoe", route_prefix="/", logging_config=quiet)
-    url = f"http://{args.host}:{args.port}"
-    print(f"serving {cfg.name!r} ({settings.mode}, {settings.num_groups if settings.mode == 'routed' else 'no'} expert groups) at {url}")
-    print(f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d '{{\"prompt\": \"def \", \"max_tokens\": 32}}'")
-    if args.try_prompts:
-        _try_completions(url, args.try_prompts, api_key=settings.api_key)
-        serve.shutdown()
-        return 0
-    print("Ctrl-C stops it.")
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    until = (lambda url: _try_completions(url, args.try_prompts, api_key=settings.api_key)) if args.try_prompts else None
+    run_serving(settings, address=args.address, until=until)
     return 0
 
 
@@ -344,30 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.set_defaults(fn=_cmd_tune)
 
-    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API on Ray Serve")
-    p.add_argument("model", help="a Hugging Face model dir, a raymoe model dir, a training checkpoint dir, "
-                                 "runs:/<id>/model or models:/<name>/<version|latest>")
+    p = sub.add_parser("serve", help="serve a model behind an OpenAI-compatible API on Ray Serve",
+                       description="Serve CONFIG_OR_MODEL: a YAML run config (its serve: section) or a MODEL (a Hugging Face or "
+                                   "raymoe model dir, a training checkpoint or run dir, runs:/<id>/model, "
+                                   "models:/<name>/<version|latest>). Every serve.* key (config.ServeConfig) can be "
+                                   "set with --set, e.g. --set serve.group_replicas=[1,4] --set serve.max_len=2048.")
+    p.add_argument("target", metavar="CONFIG_OR_MODEL", help="a run config YAML or a MODEL")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set serve.num_groups=4 (repeatable)")
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--routed", action="store_true", default=True, help="experts in ExpertGroup deployments (default)")
-    mode.add_argument("--monolithic", action="store_true", help="every expert inside the router (the baseline)")
-    p.add_argument("--groups", type=int, default=2, help="expert groups in routed mode (default 2)")
-    p.add_argument("--max-batch", type=int, default=16, help="sequences decoded together (default 16)")
-    p.add_argument("--max-len", type=int, default=4096,
-                   help="longest prompt + completion served; the KV cache holds this many positions per sequence "
-                        "(default 4096, capped at the model's max_seq_len)")
-    p.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default $RAYMOE_API_KEY, else open)")
-    p.add_argument("--tracking-uri", default=None, help="where models:/ and runs:/ resolve (default $MLFLOW_TRACKING_URI)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray)")
-    p.add_argument("--placement", default=None, help="expert placement JSON from `raymoe placement` (default: contiguous groups)")
-    p.add_argument("--data-path", choices=["direct", "handle"], default="direct",
-                   help="router -> expert group calls: a direct TCP channel (default; Serve still owns and scales the "
-                        "replicas) or Serve handle calls")
-    p.add_argument("--group-replicas", type=int, nargs="+", default=[1], metavar="N",
-                   help="ExpertGroup replicas: N, or MIN MAX to autoscale each group on its routed tokens/s")
-    p.add_argument("--router-replicas", type=int, nargs="+", default=[1], metavar="N",
-                   help="Router replicas: N, or MIN MAX to autoscale on ongoing requests")
+    mode.add_argument("--routed", action="store_true", help="experts in ExpertGroup deployments (serve.mode=routed, the default)")
+    mode.add_argument("--monolithic", action="store_true", help="every expert inside the router (serve.mode=monolithic)")
+    p.add_argument("--groups", type=int, default=None, help="expert groups in routed mode (serve.num_groups, default 2)")
+    p.add_argument("--host", default=None, help="listen address (serve.host, default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (serve.port, default 8000)")
+    p.add_argument("--tracking-uri", default=None, help="where models:/ and runs:/ resolve (tracking.uri; default "
+                                                        "$MLFLOW_TRACKING_URI, else the store `raymoe train` writes)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--try", dest="try_prompts", action="append", default=[], metavar="PROMPT",
                    help="send this prompt over HTTP once serving, print the completion, then stop (repeatable)")
     p.set_defaults(fn=_cmd_serve)

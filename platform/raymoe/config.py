@@ -612,12 +612,104 @@ class TuneConfig:
                 if kind == "loguniform" and values[0] <= 0:
                     _fail(f"{where}.loguniform needs lo > 0")
             path = key.split(".")
-            if path[0] in ("name", "output_dir", "tune") or not _is_config_key(RunConfig, path):
+            if path[0] in ("name", "output_dir", "tune", "serve") or not _is_config_key(RunConfig, path):
                 _fail(f"{where}: {key!r} is not a config key a trial can vary (e.g. model.num_experts, train.lr)")
         if self.num_samples < 1 or self.grace_period < 1 or self.max_concurrent_trials < 1:
             _fail("tune.num_samples, tune.grace_period and tune.max_concurrent_trials must be >= 1")
         if self.reduction_factor <= 1:
             _fail(f"tune.reduction_factor={self.reduction_factor} must be > 1")
+
+
+def _replica_range(value: Union[int, tuple[int, int]]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeConfig:
+    """`raymoe serve`, `serve deploy serve_apps/config.yaml` and k8s/rayservice.yaml (serve/).
+    Settings that need the model (groups that hold its experts, a placement that fits it) are
+    checked by serve.settings before Ray starts."""
+
+    model: Optional[str] = None
+    """MODEL to serve: a Hugging Face or raymoe model directory, a training checkpoint or run
+    directory, runs:/<id>/model or models:/<name>/<version|latest> (null = what this config's
+    training made: models:/<tracking.registered_model>/latest if set, else its run directory)."""
+    mode: Literal["routed", "monolithic"] = "routed"
+    """'routed': the routed experts live in ExpertGroup deployments; 'monolithic': every expert
+    inside the router (the baseline)."""
+    num_groups: int = 2
+    """Expert groups in routed mode (without a placement each hosts num_experts / num_groups)."""
+    placement: Optional[str] = None
+    """Expert placement JSON from `raymoe placement` (null = contiguous groups)."""
+    router_replicas: Union[int, tuple[int, int]] = 1
+    """Router replicas: a number, or [min, max] to autoscale on ongoing requests."""
+    group_replicas: Union[int, tuple[int, int]] = 1
+    """Replicas of each ExpertGroup: a number, or [min, max] to autoscale each group on the tokens/s
+    the routers send it."""
+    target_tokens_per_s: float = 2000.0
+    """Routed tokens per second one ExpertGroup replica should handle (the autoscaling target)."""
+    downscale_delay_s: float = 30.0
+    """How long a group's load must stay below its replicas' capacity before one is removed."""
+    router_cpus: float = 1.0
+    """CPUs reserved per Router replica."""
+    group_cpus: float = 0.5
+    """CPUs reserved per ExpertGroup replica."""
+    max_batch: int = 16
+    """Sequences one Router replica decodes together (continuous batching)."""
+    max_tokens: int = 256
+    """Largest max_tokens a request may ask for."""
+    max_len: int = 4096
+    """Longest prompt + completion served: every KV-cache row holds this many positions (capped at
+    model.max_seq_len; imported models often allow 100K+)."""
+    micro_batches: int = 1
+    """Decode micro-batches run in parallel threads so expert calls overlap router compute."""
+    host: str = "127.0.0.1"
+    """HTTP listen address (0.0.0.0 for every interface)."""
+    port: int = 8000
+    """HTTP port."""
+    api_key_env: Optional[str] = "RAYMOE_API_KEY"
+    """Environment variable holding the API key clients must send as 'Authorization: Bearer KEY'
+    (unset or empty = an open server; null = never read one)."""
+    data_path: Literal["direct", "handle"] = "direct"
+    """Router -> expert group calls: 'direct' (a TCP channel; Serve still starts, scales and
+    replaces the replicas) or 'handle' (Serve handle calls)."""
+
+    def __post_init__(self) -> None:
+        if self.model is not None and not self.model.strip():
+            _fail("serve.model must be a MODEL source or null")
+        if self.num_groups < 1:
+            _fail(f"serve.num_groups={self.num_groups} must be >= 1")
+        for key in ("router_replicas", "group_replicas"):
+            lo, hi = _replica_range(getattr(self, key))
+            if lo < 1 or hi < lo:
+                shown = list(getattr(self, key)) if isinstance(getattr(self, key), tuple) else getattr(self, key)
+                _fail(f"serve.{key}={shown} must be >= 1 (or [min, max] with 1 <= min <= max)")
+        for key in ("target_tokens_per_s", "router_cpus", "group_cpus"):
+            if getattr(self, key) <= 0:
+                _fail(f"serve.{key}={getattr(self, key)} must be > 0")
+        if self.downscale_delay_s < 0:
+            _fail(f"serve.downscale_delay_s={self.downscale_delay_s} must be >= 0")
+        for key, lo in (("max_batch", 1), ("max_tokens", 1), ("max_len", 2), ("micro_batches", 1)):
+            if getattr(self, key) < lo:
+                _fail(f"serve.{key}={getattr(self, key)} must be >= {lo}")
+        if self.micro_batches > self.max_batch:
+            _fail(f"serve.micro_batches={self.micro_batches} must be <= serve.max_batch={self.max_batch}")
+        if self.max_tokens >= self.max_len:
+            _fail(f"serve.max_tokens={self.max_tokens} must be < serve.max_len={self.max_len} (prompt + completion)")
+        if not 1 <= self.port <= 65535:
+            _fail(f"serve.port={self.port} must be in [1, 65535]")
+        if not self.host.strip():
+            _fail("serve.host must be an address such as 127.0.0.1 or 0.0.0.0")
+        if self.api_key_env is not None and not self.api_key_env.strip():
+            _fail("serve.api_key_env must name an environment variable, or be null")
+
+    @property
+    def router_range(self) -> tuple[int, int]:
+        return _replica_range(self.router_replicas)
+
+    @property
+    def group_range(self) -> tuple[int, int]:
+        return _replica_range(self.group_replicas)
 
 
 def _maybe_number(v: Any) -> Any:
@@ -655,6 +747,7 @@ class RunConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:

@@ -11,6 +11,7 @@ A model directory (what `raymoe import` writes, what training logs to MLflow und
     model.safetensors                 every tensor under raymoe's names, or, above max_shard_bytes,
     model-00001-of-0000N.safetensors  shards with a model.safetensors.index.json, as Hugging Face shards
     tokenizer.json, ...               the tokenizer files, when the model does not use bytes
+    chat_template.jinja               the chat template, when the tokenizer or the fine-tuning data had one
     source.json                       where it came from: the Hugging Face directory, architecture and config.json
 
 What is notable:
@@ -47,6 +48,9 @@ CONFIG = "config.yaml"
 SOURCE = "source.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+CHAT_TEMPLATE = "chat_template.jinja"
+"""The chat template the model answers in: the tokenizer's, or the one its fine-tuning rendered
+with (data.chat_template), which wins, so serving on another machine needs no path from training."""
 DEFAULT_SHARD_BYTES = 4 << 30
 
 MODEL_SOURCES = (
@@ -164,6 +168,12 @@ def write_model_dir(out_dir: str, cfg: RunConfig, tensors: Iterable[tuple[str, t
             f.write(cfg.to_yaml())
         files.append(CONFIG)
         files += copy_tokenizer(tokenizer_dir, d)
+        template = _fine_tuning_template(cfg)
+        if template is not None:  # after the tokenizer's files: what the model learned wins
+            with open(os.path.join(d, CHAT_TEMPLATE), "w", encoding="utf-8") as f:
+                f.write(template)
+            if CHAT_TEMPLATE not in files:
+                files.append(CHAT_TEMPLATE)
         if source is not None:
             with open(os.path.join(d, SOURCE), "w") as f:
                 json.dump(source, f, indent=1)
@@ -175,6 +185,35 @@ def write_model_dir(out_dir: str, cfg: RunConfig, tensors: Iterable[tuple[str, t
         return write(out_dir)
     with _Staging(out_dir) as d:
         return write(d)
+
+
+def save_model(model: torch.nn.Module, cfg: RunConfig, out_dir: str, **kwargs) -> list[str]:
+    """A whole in-memory model (benchmarks, tests, small exports) as a model directory."""
+    from raymoe.parallel.checkpoint import _unique
+
+    return write_model_dir(out_dir, cfg, _unique(model.state_dict()).items(), **kwargs)
+
+
+def _fine_tuning_template(cfg: RunConfig) -> str | None:
+    """The text of data.chat_template, when the run set one and it can be read here."""
+    if cfg.data.chat_template is None:
+        return None
+    try:
+        with open(os.path.expanduser(cfg.data.chat_template), encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        print(f"raymoe: warning: data.chat_template={cfg.data.chat_template!r} cannot be read ({e.strerror}); "
+              f"the model directory is written without it", flush=True)
+        return None
+
+
+def read_chat_template(model_dir: str) -> tuple[str, str] | None:
+    """(path, text) of the chat template a model directory carries, or None."""
+    path = os.path.join(model_dir, CHAT_TEMPLATE)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return path, f.read()
 
 
 # ----------------------------------------------------------------------------- reading

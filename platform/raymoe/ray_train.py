@@ -213,7 +213,7 @@ def run_training(
     `callbacks`: Ray Train callbacks (Tune's report forwarding); `finalize`: log the final
     weights and heatmap, register the model and print a sample (off for search trials).
     """
-    from raymoe.tracking import log_final_artifacts, open_run, tracking_uri
+    from raymoe.tracking import ADAPTER_ARTIFACT, log_final_artifacts, open_run, tracking_uri
     from raymoe.train.data import prepare_run_data
     from raymoe.train.loop import read_recovery
 
@@ -259,7 +259,7 @@ def run_training(
                     log_final_artifacts(tracker, final.cfg, d, weights)
                     if cfg.lora.enabled and cfg.tracking.log_checkpoint:
                         # The adapters alone too (kilobytes to megabytes), with the manifest naming their base.
-                        tracker.log_artifact(d, "adapter")
+                        tracker.log_artifact(d, ADAPTER_ARTIFACT)
                 sample = sample_from_weights(final.cfg, weights)
     if tracker:
         tracker.finish("FINISHED")

@@ -21,6 +21,17 @@ from typing import Any
 
 from raymoe.config import RunConfig
 
+# What a run logs, by artifact path (each name defined here only).
+CONFIG_ARTIFACT = "config.yaml"
+"""The resolved run config."""
+MODEL_ARTIFACT = "model"
+"""The final model as a model directory (model_dir.py): runs:/<id>/model, what registration points at."""
+ADAPTER_ARTIFACT = "adapter"
+"""A LoRA run's adapters, beside the merged model."""
+LOAD_HISTORY = "expert_load.json"
+"""Per-expert routed-token counts over training (also kept in each checkpoint; `raymoe placement` reads it)."""
+LOAD_HEATMAP = "expert_load_heatmap.png"
+
 # Fail fast on an unreachable server instead of MLflow's default minutes of retries.
 _HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}
 
@@ -147,7 +158,7 @@ def open_run(cfg: RunConfig, config_yaml: str, log=print) -> MlflowTracker | Non
             run = client.create_run(exp_id, run_name=cfg.tracking.run_name or cfg.name, tags={"raymoe.run": cfg.name, "mlflow.source.name": "raymoe train"})
             run_id = run.info.run_id
             _log_params(client, run_id, cfg)
-            client.log_text(run_id, config_yaml, "config.yaml")
+            client.log_text(run_id, config_yaml, CONFIG_ARTIFACT)
             os.makedirs(os.path.dirname(id_file), exist_ok=True)
             with open(id_file, "w") as f:
                 json.dump({"run_id": run_id, "tracking_uri": uri}, f)
@@ -176,7 +187,7 @@ def open_parent_run(cfg: RunConfig, log=print) -> MlflowTracker | None:
         exp_id = _experiment_id(client, cfg.tracking.experiment, cfg.output_dir, uri)
         run = client.create_run(exp_id, run_name=f"{cfg.name} (search)", tags={"raymoe.search": cfg.name, "mlflow.source.name": "raymoe tune"})
         _log_params(client, run.info.run_id, cfg)
-        client.log_text(run.info.run_id, cfg.to_yaml(), "config.yaml")
+        client.log_text(run.info.run_id, cfg.to_yaml(), CONFIG_ARTIFACT)
         log(f"MLflow search run {run.info.run_id} in experiment {cfg.tracking.experiment!r} ({uri})")
         return MlflowTracker(uri, run.info.run_id)
     except Exception as e:  # noqa: BLE001
@@ -207,7 +218,9 @@ def open_child_run(uri: str, experiment: str, parent_run_id: str | None, name: s
 def _log_params(client, run_id: str, cfg: RunConfig) -> None:
     from mlflow.entities import Param
 
-    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()]
+    # The serve: section says how the model is served later, not how this run trained it.
+    params = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in cfg.flat().items()
+              if not k.startswith("serve.")]
     for i in range(0, len(params), 100):  # MLflow caps params per batch at 100
         client.log_batch(run_id, params=params[i : i + 100])
 
@@ -248,21 +261,21 @@ def log_final_artifacts(tracker: MlflowTracker, cfg: RunConfig, checkpoint_dir: 
             from raymoe.model_dir import tokenizer_dir_of, write_model_dir
             from raymoe.parallel.checkpoint import _unique, full_state_dict
 
-            mdir = os.path.join(d, "model")
+            mdir = os.path.join(d, MODEL_ARTIFACT)
             # The training checkpoint is sharded by expert; what we log is the whole model, as a
             # model directory (with the tokenizer the run used, so serving it needs nothing else).
             tensors = {k: v.detach().contiguous().cpu()
                        for k, v in _unique(weights if weights is not None else full_state_dict(checkpoint_dir)).items()}
             write_model_dir(mdir, cfg, tensors.items(), tokenizer_dir=tokenizer_dir_of(cfg), staged=False)
-            tracker.log_artifact(mdir, "model")
+            tracker.log_artifact(mdir, MODEL_ARTIFACT)
             if cfg.tracking.registered_model:
                 register_model(tracker, cfg.tracking.registered_model)
-        history_path = os.path.join(checkpoint_dir, "expert_load.json")
+        history_path = os.path.join(checkpoint_dir, LOAD_HISTORY)
         if os.path.exists(history_path):
             tracker.log_artifact(history_path)
             with open(history_path) as f:
                 history = json.load(f)
-            png = os.path.join(d, "expert_load_heatmap.png")
+            png = os.path.join(d, LOAD_HEATMAP)
             if expert_load_heatmap(history, png):
                 tracker.log_artifact(png)
 
@@ -278,7 +291,7 @@ def register_model(tracker: MlflowTracker, name: str) -> str | None:
         except MlflowException as e:
             if "RESOURCE_ALREADY_EXISTS" not in str(e.error_code):
                 raise
-        return c.create_model_version(name, source=f"runs:/{tracker.run_id}/model", run_id=tracker.run_id).version
+        return c.create_model_version(name, source=f"runs:/{tracker.run_id}/{MODEL_ARTIFACT}", run_id=tracker.run_id).version
 
     version = tracker._call("register_model", create)
     if version is None:
@@ -303,7 +316,7 @@ def register_model_dir(model_dir: str, name: str, *, tracking_uri: str | None = 
         warnings.warn(f"MLflow at {uri} is unavailable ({type(e).__name__}: {str(e)[:200]}); the model was not registered")
         return None
     tracker = MlflowTracker(uri, run.info.run_id)
-    tracker.log_artifact(model_dir, "model")
+    tracker.log_artifact(model_dir, MODEL_ARTIFACT)
     registered = register_model(tracker, name)
     tracker.finish("FINISHED" if registered else "FAILED")
     return registered

@@ -25,7 +25,8 @@ def test_imported_deepseek_trains_expert_parallel_then_serves_what_transformers_
     from ray import serve
     from transformers import AutoModelForCausalLM
 
-    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import ServeSettings
 
     hf_dir, _ = save("DeepseekV3ForCausalLM", tmp_path / "hf")
     imported = import_hf(hf_dir, str(tmp_path / "model"), log=lambda m: None)
@@ -52,7 +53,7 @@ def test_imported_deepseek_trains_expert_parallel_then_serves_what_transformers_
     assert not torch.equal(trained.tensor("layers.1.ffn.experts.w1"), imported.tensor("layers.1.ffn.experts.w1"))
 
     # Serve what MLflow registered (weights, config and tokenizer travel together), routed.
-    settings = ServeSettings(model=outcome.registered_model, tracking_uri=outcome.tracking_uri, mode="routed",
+    settings = ServeSettings.of(outcome.registered_model, tracking_uri=outcome.tracking_uri, mode="routed",
                              num_groups=2, router_cpus=0.5, group_cpus=0.25)
     serve.run(build_app(settings), name="hf", route_prefix="/hf")
     prompt = "def add(a, b):"

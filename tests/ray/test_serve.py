@@ -7,11 +7,10 @@ import socket
 
 import httpx
 import pytest
-from safetensors.torch import save_file
 
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
-from raymoe.parallel.checkpoint import _unique
+from raymoe.model_dir import save_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -23,8 +22,7 @@ def model_dir(tmp_path_factory):
     model = MoETransformer(cfg.model)
     model.init_weights(0)
     d = tmp_path_factory.mktemp("model")
-    save_file(_unique(model.state_dict()), str(d / "model.safetensors"))
-    (d / "config.yaml").write_text(cfg.to_yaml())
+    save_model(model, cfg, str(d))
     return str(d)
 
 
@@ -32,17 +30,18 @@ def model_dir(tmp_path_factory):
 def served(ray_cluster, model_dir):
     from ray import serve
 
-    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import ServeSettings
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(ServeSettings(model=model_dir, mode="monolithic")), name="mono", route_prefix="/mono")
+    serve.run(build_app(ServeSettings.of(model_dir, mode="monolithic")), name="mono", route_prefix="/mono")
     # CPU reservations fit all four apps of this file (with "placed" below) in the session's 4 CPUs.
-    serve.run(build_app(ServeSettings(model=model_dir, mode="routed", num_groups=2, router_cpus=0.5, group_cpus=0.25)),
+    serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, router_cpus=0.5, group_cpus=0.25)),
               name="routed", route_prefix="/routed")
-    serve.run(build_app(ServeSettings(model=model_dir, mode="routed", num_groups=2, data_path="handle", router_cpus=0.25,
+    serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, data_path="handle", router_cpus=0.25,
                                       group_cpus=0.125)), name="handle", route_prefix="/handle")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -88,13 +87,14 @@ def test_bad_request_is_a_4xx_and_streaming_works_through_serve(served):
 def test_a_planned_placement_with_a_replicated_hot_expert_serves_the_same_text(served, model_dir):
     from ray import serve
 
-    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import ServeSettings
     from raymoe.serve.placement import plan_placement
 
     # Expert 0 hot: 8 experts on 2 groups of 5 slots, so the two spare slots become copies.
     placement = plan_placement([100, 40, 5, 5, 5, 5, 5, 5], 2, slots_per_group=5)
     assert placement.replicas[0] == 2 and sorted(placement.groups[0] + placement.groups[1]) != list(range(8))
-    settings = ServeSettings(model=model_dir, mode="routed", num_groups=2, placement=placement.to_dict(), router_cpus=0.5, group_cpus=0.25)
+    settings = ServeSettings.of(model_dir, mode="routed", num_groups=2, placement=placement.to_dict(), router_cpus=0.5, group_cpus=0.25)
     serve.run(build_app(settings), name="placed", route_prefix="/placed")
     try:
         with httpx.Client(timeout=60) as http:

@@ -9,11 +9,10 @@ import time
 
 import httpx
 import pytest
-from safetensors.torch import save_file
 
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
-from raymoe.parallel.checkpoint import _unique
+from raymoe.model_dir import save_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -28,8 +27,7 @@ def hot_group_model(tmp_path_factory):
     for moe in model.moe_layers():
         moe.router.expert_bias[:4] = 10.0  # selection bias: group 0 wins every choice
     d = tmp_path_factory.mktemp("skewed")
-    save_file(_unique(model.state_dict()), str(d / "model.safetensors"))
-    (d / "config.yaml").write_text(cfg.to_yaml())
+    save_model(model, cfg, str(d))
     return str(d)
 
 
@@ -43,9 +41,10 @@ def _replicas(app: str, deployment: str) -> int:
 def test_hot_group_scales_up_then_down_and_cold_group_stays_at_minimum(serve_url, hot_group_model):
     from ray import serve
 
-    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import ServeSettings
 
-    settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(1, 2), target_tokens_per_s=20,
+    settings = ServeSettings.of(hot_group_model, mode="routed", num_groups=2, group_replicas=(1, 2), target_tokens_per_s=20,
                              downscale_delay_s=4.0)
     serve.run(build_app(settings), name="skew", route_prefix="/skew")
     assert _replicas("skew", "ExpertGroup0") == 1 and _replicas("skew", "ExpertGroup1") == 1
@@ -89,7 +88,7 @@ def test_hot_group_scales_up_then_down_and_cold_group_stays_at_minimum(serve_url
           f"{load['groups']['retries']} expert calls retried, {load['groups']['fallbacks']} through a Serve handle")
     assert scaled_up_after is not None and scaled_up_after < 30
     assert cold_during_load == 1  # the cold group stays at its minimum
-    assert reported[0] > settings.target_tokens_per_s and reported[1] == 0
+    assert reported[0] > settings.serve.target_tokens_per_s and reported[1] == 0
     assert scaled_down_after is not None
     assert len(statuses) > up_statuses  # requests were in flight during the scale-down
     assert statuses and set(statuses) == {200}  # no request failed while scaling up or down
@@ -110,9 +109,10 @@ def test_killing_an_expert_group_replica_mid_traffic_fails_no_request(serve_url,
     import ray
     from ray import serve
 
-    from raymoe.serve.deployments import ServeSettings, build_app
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import ServeSettings
 
-    settings = ServeSettings(model=hot_group_model, mode="routed", num_groups=2, group_replicas=(2, 2))
+    settings = ServeSettings.of(hot_group_model, mode="routed", num_groups=2, group_replicas=(2, 2))
     serve.run(build_app(settings), name="kill", route_prefix="/kill")
     url, stop, statuses = f"{serve_url}/kill/v1/completions", threading.Event(), []
 

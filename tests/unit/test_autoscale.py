@@ -7,7 +7,8 @@ from types import SimpleNamespace
 
 
 from raymoe.serve import autoscale
-from raymoe.serve.autoscale import REPORT_STALE_S, TokenRate, desired_replicas, expert_group_autoscaling, routed_load
+from raymoe.serve.autoscale import REPORT_STALE_S, desired_replicas, expert_group_autoscaling, routed_load
+from raymoe.serve.experts import TokenRate
 
 
 def test_desired_replicas_is_load_over_target_rounded_up_within_bounds():

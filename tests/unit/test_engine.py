@@ -161,16 +161,12 @@ def test_engine_counts_tokens_per_expert_per_layer():
 
 
 def test_load_model_reads_a_model_directory_and_refuses_anything_else(tmp_path):
-    from safetensors.torch import save_file
-
-    from raymoe.parallel.checkpoint import _unique
+    from raymoe.model_dir import save_model
 
     model = tiny_model()
     cfg = config_from_dict({"name": "tiny", "model": model.cfg.__dict__ | {"balance": {}}, "train": {"seq_len": 32}})
     d = tmp_path / "model"
-    d.mkdir()
-    save_file(_unique(model.state_dict()), str(d / "model.safetensors"))
-    (d / "config.yaml").write_text(cfg.to_yaml())
+    save_model(model, cfg, str(d))
     loaded_cfg, loaded = load_model(str(d))
     assert loaded_cfg.name == "tiny"
     x = torch.randint(0, 260, (1, 10))

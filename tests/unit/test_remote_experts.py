@@ -11,7 +11,8 @@ import torch
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
 from raymoe.serve.channel import ExpertChannel, ExpertServer
-from raymoe.serve.deployments import GroupExperts, RemoteExperts, RouterStats
+from raymoe.serve.experts import GroupExperts, RemoteExperts, RouterStats
+from raymoe.serve.transport import DirectTransport
 from raymoe.serve.placement import Placement, contiguous_placement
 
 TOKEN = "test-token"
@@ -54,7 +55,7 @@ def test_remote_layer_output_equals_the_local_moe_layer(model, placement):
     try:
         stats = RouterStats(placement.num_groups)
         channel = ExpertChannel(TOKEN, placement.num_groups, registry=Registry(servers))
-        moe.routed = RemoteExperts(0, placement, [], stats, channel=channel, shared=moe.shared)
+        moe.routed = RemoteExperts(0, placement, DirectTransport(channel), stats, shared=moe.shared)
         moe.shared = None
         with torch.no_grad():
             got, _, _ = moe(x)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import deque
 from typing import Any
 
 from raymoe.serve.directory import AppDirectory, LoadBoard
@@ -35,23 +34,6 @@ READ_EVERY_S = 0.5
 """The policy runs every control loop (0.1 s); it reads the board at most this often."""
 
 logger = logging.getLogger("ray.serve")
-
-
-class TokenRate:
-    """Tokens per second over a sliding window."""
-
-    def __init__(self, window_s: float = 5.0):
-        self.window_s = window_s
-        self.events: deque[tuple[float, int]] = deque()
-
-    def add(self, tokens: int, now: float | None = None) -> None:
-        self.events.append((time.monotonic() if now is None else now, tokens))
-
-    def rate(self, now: float | None = None) -> float:
-        now = time.monotonic() if now is None else now
-        while self.events and self.events[0][0] < now - self.window_s:
-            self.events.popleft()
-        return sum(t for _, t in self.events) / self.window_s
 
 
 def _board(app_key: str) -> LoadBoard:

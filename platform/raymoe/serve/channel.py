@@ -41,6 +41,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from raymoe.serve.transport import TransportError
+
 if TYPE_CHECKING:
     from raymoe.serve.directory import Registry
 
@@ -53,7 +55,7 @@ Call = tuple[int, torch.Tensor, torch.Tensor]
 """(layer, rows sorted by local expert [n, D], tokens per local expert [e])."""
 
 
-class ChannelError(ConnectionError):
+class ChannelError(TransportError):
     """The replica at the other end is gone or refused the call; send it elsewhere."""
 
 

@@ -32,6 +32,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from raymoe.config import RunConfig
+from raymoe.tracking import LOAD_HISTORY
 from raymoe.model.lora import apply_lora, cast_frozen_, count_parameters, init_adapters, set_trainable
 from raymoe.model.params import train_flops_per_token
 from raymoe.model.transformer import MoETransformer
@@ -42,7 +43,6 @@ from raymoe.train.data import BatchIterator, eval_batches, open_corpus
 from raymoe.train.metrics import Throughput, device_peak_flops, format_progress, moe_load_metrics
 
 
-LOAD_HISTORY = "expert_load.json"
 RUN_CONFIG = "run_config.json"  # what serving rebuilds the model from
 
 
