@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything a lent GPU's device time is for, in one call: tests/gpu/checks.py (NCCL train,
 # checkpoint, resume, export; grouped GEMM parity; no host syncs; raymoe plan against the CUDA
-# peak) and the three benchmarks against transformers at their GPU shapes. Every step has its own
+# peak), the three benchmarks against transformers at their GPU shapes, and the host-copy cost of a
+# routed-serving hop (bench/expert_hop.py). Every step has its own
 # time limit, so one that hangs cannot eat the others'; each writes JSON and a log under $OUT, and
 # $OUT/steps.jsonl says how each ended. About 8 minutes on an H100/H200.
 #
@@ -34,6 +35,7 @@ if [ $REHEARSE = 1 ]; then
     step moe_layer 120 $PY bench/moe_layer.py --tiny --device cpu --out "$OUT/moe_layer-tiny.json"
     step train_step 120 $PY bench/train_step.py --tiny --device cpu --out "$OUT/train_step-tiny.json"
     step decode 120 $PY bench/decode.py --tiny --device cpu --out "$OUT/decode-tiny.json"
+    step expert_hop 60 $PY bench/expert_hop.py --tiny --device cpu --out "$OUT/expert_hop-tiny.json"
     exit 0
 fi
 
@@ -46,3 +48,4 @@ step moe_layer-v3-rank 75 $PY bench/moe_layer.py --shape v3-rank --out "$OUT/moe
 step train_step-gpu 130 $PY bench/train_step.py --shape gpu --impls eager,grouped_mm --steps 6 --warmup 2 \
     --out "$OUT/train_step-gpu.json"
 step decode-gpu 130 $PY bench/decode.py --shape gpu --impls eager,grouped_mm --repeats 2 --out "$OUT/decode-gpu.json"
+step expert_hop 40 $PY bench/expert_hop.py --out "$OUT/expert_hop.json"

@@ -9,8 +9,10 @@ direct TCP channel (channel.py) and falls back to the handle while the group has
 replica. Either raises `TransportError` when a call was lost with its replica: expert groups are
 stateless, so the caller (experts.RemoteExperts) sends it again.
 
-A GPU transport (tensors moved device to device, not through host memory) would be a third
-implementation of the same two methods; none exists yet.
+Both move tensors through host memory: a router on a GPU pays a device-to-host copy of the rows
+and a host-to-device copy of the answer on every hop (`bench/expert_hop.py` measures it). A GPU
+transport (device to device: Ray Direct Transport over NCCL, or CUDA IPC within a node) would be
+a third implementation of the same two methods; none exists yet.
 """
 
 from __future__ import annotations
@@ -41,6 +43,24 @@ class ExpertTransport(Protocol):
 
     def send(self, group: int, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> PendingCall:
         """Start one call: `rows` sorted by the group's local expert, `counts` rows per local expert."""
+
+
+class _OnDevice:
+    """A call whose rows left `device` for the host: its answer goes back there."""
+
+    def __init__(self, pending: PendingCall, device: torch.device):
+        self.pending, self.device = pending, device
+
+    def result(self) -> torch.Tensor:
+        return self.pending.result().to(self.device)
+
+
+def host_call(send, group: int, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> PendingCall:
+    """`send(group, layer, rows, counts)` with the tensors in host memory, the answer brought back
+    to the rows' device (a no-op for CPU tensors)."""
+    if rows.device.type == "cpu":
+        return send(group, layer, rows, counts.cpu())
+    return _OnDevice(send(group, layer, rows.cpu(), counts.cpu()), rows.device)
 
 
 def throughput_optimized() -> bool:
@@ -76,6 +96,9 @@ class HandleTransport:
         self.handles, self.loop_of = handles, loop_of
 
     def send(self, group: int, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> PendingCall:
+        return host_call(self._send, group, layer, rows, counts)
+
+    def _send(self, group: int, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> PendingCall:
         handle = self.handles[group]
         loop = self.loop_of() if throughput_optimized() else None
         if loop is None:
@@ -100,10 +123,13 @@ class DirectTransport:
         """Calls that went through the fallback because no replica was registered."""
 
     def send(self, group: int, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> PendingCall:
+        return host_call(self._send, group, layer, rows, counts)
+
+    def _send(self, group: int, layer: int, rows: torch.Tensor, counts: torch.Tensor) -> PendingCall:
         call = self.channel.send(group, layer, rows, counts)
         if call is not None:
             return call
         if self.fallback is None:
             raise TransportError(f"expert group {group} has no registered replica")
         self.fallbacks += 1
-        return self.fallback.send(group, layer, rows, counts)
+        return self.fallback._send(group, layer, rows, counts)
