@@ -1,15 +1,14 @@
 """OpenAI-compatible HTTP API over a generation backend (a `ThreadedEngine`, or anything with its
-`stream` coroutine): POST /v1/completions (streaming as server-sent events; `logprobs` and `echo`
-for scoring, one choice per prompt of a batch), POST /v1/chat/completions (messages rendered with
-the model's chat template; streaming in OpenAI's chunk format), GET /v1/models, GET /healthz,
-GET /v1/expert_load.
+`stream` coroutine): POST /v1/completions (`logprobs` and `echo` for scoring, one choice per prompt
+of a batch), POST /v1/chat/completions (messages rendered with the model's chat template), both
+streamed as server-sent events in OpenAI's chunk format on request, logprobs included; GET
+/v1/models, GET /healthz, GET /v1/expert_load. No Ray in here: the Serve Router returns this app.
 
-Every bad request gets a 4xx with an error body in OpenAI's shape and the server keeps serving:
+FastAPI, so that Ray Serve serves the app as it is (behind a route prefix too); strict pydantic
+models, so that each request body is declared once with OpenAI's types and every bad request gets
+a 4xx in OpenAI's error shape while the server keeps serving:
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "max_tokens", "code": null}}
-
-`CompletionsAPI.handle(request)` takes a Starlette request and returns a Starlette response, so
-the same code runs under Ray Serve (a deployment's `__call__`) and in a plain ASGI app for tests.
 """
 
 from __future__ import annotations
@@ -19,13 +18,19 @@ import hmac
 import json
 import time
 import uuid
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Annotated, Any, AsyncIterator, Callable, Literal, TypeVar
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, WrapValidator, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+from starlette.exceptions import HTTPException
 
-from raymoe.serve.engine import MAX_LOGPROBS, EngineError, RequestError, SamplingParams
+from raymoe.serve.engine import MAX_LOGPROBS, EngineError, RequestError, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -36,7 +41,13 @@ class APILimits:
     max_body_bytes: int = 1 << 20
 
 
+MAX_PROMPTS = 64
+"""Prompts one /v1/completions request may carry (a batch, as lm-evaluation-harness sends)."""
+
+
 class APIError(Exception):
+    """A request refused: OpenAI's error body with this HTTP status."""
+
     def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
@@ -46,196 +57,151 @@ class APIError(Exception):
         return JSONResponse(body, status_code=self.status)
 
 
-def _number(body: dict, key: str, default: float, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        raise APIError(400, f"{key} must be a number", key)
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise APIError(400, f"{key}={v} must be in {'(' if lo_open else '['}{lo}, {hi}]", key)
-    return float(v)
+# -- request bodies
+
+def _one_error(message: str) -> WrapValidator:
+    """Report a union's failure as this one message, not one error per member of the union."""
+    def validate(value: Any, handler: Callable[[Any], Any]) -> Any:
+        try:
+            return handler(value)
+        except ValidationError:
+            raise PydanticCustomError("invalid_value", message) from None
+
+    return WrapValidator(validate)
 
 
-def _integer(body: dict, key: str, default: int | None, lo: int, hi: int | None) -> int | None:
-    v = body.get(key, default)
-    if v is None:
-        return default
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise APIError(400, f"{key} must be an integer", key)
-    if v < lo or (hi is not None and v > hi):
-        raise APIError(400, f"{key}={v} must be in [{lo}, {hi if hi is not None else 'inf'}]", key)
-    return v
+_NonEmptyStr = Annotated[str, Field(min_length=1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+_Prompt = Annotated[
+    _NonEmptyStr | _TokenIds | Annotated[list[_NonEmptyStr | _TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)],
+    _one_error(f"Input should be a non-empty string, a non-empty list of token ids or a list of up to {MAX_PROMPTS} of those"),
+]
+_Stop = Annotated[
+    _NonEmptyStr | Annotated[list[_NonEmptyStr], Field(max_length=4)],
+    _one_error("Input should be a non-empty string or a list of up to 4 non-empty strings"),
+]
 
 
-@dataclass
-class CompletionRequest:
-    prompts: list[list[int]]
-    """Token ids of each prompt: one choice per prompt, in order."""
-    params: SamplingParams
-    stream: bool
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False
+    """A last chunk with usage and no choices."""
+
+
+class _Body(BaseModel):
+    """The fields both endpoints share. Strict: "5" is not an integer, "yes" not a boolean."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")  # OpenAI's clients send fields we have no use for
+
+    model: str | None = None
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    """0 = no top-k filter."""
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: _Stop = Field(default_factory=list)
+    n: int = Field(1, ge=1, le=1)
+    """Choices per prompt: only 1."""
+    stream: bool = False
+    stream_options: StreamOptions = Field(default_factory=StreamOptions)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        # OpenAI's clients send null for what they leave unset.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    def stops(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+class CompletionBody(_Body):
+    prompt: _Prompt
+    max_tokens: int = Field(16, ge=1)
     echo: bool = False
     """Return each prompt before its completion (and, with logprobs, its tokens scored)."""
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """Log-probability of each token, with this many most likely alternatives."""
 
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.prompts[0]
-
-
-MAX_PROMPTS = 64
-"""Prompts one /v1/completions request may carry (a batch, as lm-evaluation-harness sends)."""
-
-
-def _prompt_list(prompt) -> list:
-    """OpenAI's prompt forms: a string, a list of strings, a list of token ids, a list of those."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [prompt]
-    if isinstance(prompt, list) and prompt:
-        return prompt
-    raise APIError(400, "prompt must be a string, a list of strings, a list of token ids or a list of those", "prompt")
+    def prompts(self) -> list[str | list[int]]:
+        """One per choice, in order."""
+        one = isinstance(self.prompt, str) or isinstance(self.prompt[0], int)
+        return [self.prompt] if one else self.prompt
 
 
-def _json_body(raw: bytes, limits: APILimits, model_name: str) -> dict:
-    """The request's JSON object, refused in OpenAI's shape when it is not one or names another model."""
-    if len(raw) > limits.max_body_bytes:
-        raise APIError(413, f"request body over {limits.max_body_bytes} bytes")
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatBody(_Body):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    """OpenAI's newer name for max_tokens; it wins when both are given."""
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError("needs_logprobs", "only allowed with logprobs: true")
+        return top
+
+
+_B = TypeVar("_B", bound=BaseModel)
+
+
+async def _read_body(request: Request, model: type[_B], max_bytes: int) -> _B:
+    """The body as `model`, whatever its Content-Type (as today's clients and `curl -d` send it).
+    Pydantic's JSON parser, not json.loads: it refuses invalid UTF-8, lone surrogates (which no
+    tokenizer can encode) and nesting over 200 deep as errors, where json.loads would let through or
+    overflow the stack."""
+    too_large = APIError(413, f"request body over {max_bytes} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    raw = bytearray()
+    async for part in request.stream():
+        raw += part
+        if len(raw) > max_bytes:
+            raise too_large
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise APIError(400, "request body is not valid UTF-8") from None
-    try:
-        body = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise APIError(400, f"request body is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    if not isinstance(body, dict):
-        raise APIError(400, "request body must be a JSON object")
-    model = body.get("model")
-    if model is not None and model != model_name:
-        raise APIError(404, f"model {model!r} does not exist; this server serves {model_name!r}", "model", code="model_not_found")
-    _integer(body, "n", 1, 1, 1)
-    return body
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        errors = e.errors(include_url=False, include_input=False)
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in errors]) from None
 
 
-def _flag(body: dict, key: str) -> bool:
-    v = body.get(key, False)
-    if v is None:
-        return False
-    if not isinstance(v, bool):
-        raise APIError(400, f"{key} must be true or false", key)
-    return v
+# -- the endpoints
+
+_bearer = HTTPBearer(auto_error=False)
 
 
-def _sampling(body: dict, limits: APILimits, logprobs: int | None = None, prompt_logprobs: bool = False,
-              max_tokens_key: str = "max_tokens") -> SamplingParams:
-    """The sampling fields both endpoints share."""
-    stop = body.get("stop")
-    if stop is None:
-        stop = []
-    elif isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
-        raise APIError(400, "stop must be a non-empty string or a list of up to 4 non-empty strings", "stop")
-    try:
-        return SamplingParams(
-            max_tokens=_integer(body, max_tokens_key, 16, 1, limits.max_tokens),
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-            top_k=_integer(body, "top_k", 0, 0, None),
-            seed=_integer(body, "seed", None, 0, 2**63 - 1),
-            stop=tuple(stop),
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
-    except RequestError as e:
-        raise APIError(400, str(e)) from None
+class _EventStream(StreamingResponse):
+    """Server-sent events whose generator is closed the moment the response ends, however it ends:
+    a client that went away ends its engine request (freeing its batch row) at once. Starlette
+    leaves the generator to the garbage collector when a send fails (ASGI 2.4 servers)."""
 
+    media_type = "text/event-stream"
 
-def _check_length(ids: list[int], limits: APILimits, param: str) -> None:
-    if len(ids) > limits.max_prompt_tokens:
-        raise APIError(400, f"{param} has {len(ids)} tokens; the limit is {limits.max_prompt_tokens}", param,
-                       code="context_length_exceeded")
+    def __init__(self, chunks: AsyncIterator[str]):
+        super().__init__(chunks, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # no proxy buffering
 
-
-def parse_completion_request(raw: bytes, tokenizer, limits: APILimits, model_name: str) -> CompletionRequest:
-    body = _json_body(raw, limits, model_name)
-    prompts = _prompt_list(body.get("prompt"))
-    if len(prompts) > MAX_PROMPTS:
-        raise APIError(400, f"{len(prompts)} prompts in one request; the limit is {MAX_PROMPTS}", "prompt")
-    all_ids = []
-    vocab = getattr(tokenizer, "vocab_size", None)
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            if not prompt:
-                raise APIError(400, "prompt must not be empty", "prompt")
-            ids = [int(t) for t in tokenizer.encode(prompt)]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
-            if bad:
-                raise APIError(400, f"token id {bad[0]} is outside this model's vocabulary [0, {vocab})", "prompt")
-            ids = list(prompt)
-        else:
-            raise APIError(400, "each prompt must be a non-empty string or a non-empty list of token ids", "prompt")
-        _check_length(ids, limits, "prompt")
-        all_ids.append(ids)
-    stream, echo = _flag(body, "stream"), _flag(body, "echo")
-    logprobs = _integer(body, "logprobs", None, 0, MAX_LOGPROBS)
-    if stream and (len(all_ids) > 1 or echo or logprobs is not None):
-        raise APIError(400, "stream takes one prompt, without echo or logprobs (send stream: false for those)", "stream")
-    params = _sampling(body, limits, logprobs, prompt_logprobs=echo and logprobs is not None)
-    return CompletionRequest(all_ids, params, stream, echo)
-
-
-@dataclass
-class ChatRequest:
-    prompt_ids: list[int]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool = False
-    """stream_options.include_usage: a last chunk with usage and no choices."""
-
-
-def parse_chat_request(raw: bytes, tokenizer, template, limits: APILimits, model_name: str) -> ChatRequest:
-    """`messages` rendered with the model's chat template (the one its fine-tuning used, else its
-    tokenizer's), with the assistant's generation prompt, and tokenized without added specials
-    (the template writes them), as transformers' apply_chat_template does."""
-    body = _json_body(raw, limits, model_name)
-    if template is None:
-        raise APIError(400, f"model {model_name!r} has no chat template (its tokenizer has none and its config sets no "
-                            "data.chat_template); use /v1/completions", "messages", code="no_chat_template")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise APIError(400, "messages must be a non-empty list of {role, content}", "messages")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") or not isinstance(m.get("content"), str):
-            raise APIError(400, f"messages[{i}] must be {{role: system|user|assistant, content: string}}", "messages")
-    try:
-        text = template.render([{"role": m["role"], "content": m["content"]} for m in messages], add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - a template may raise anything (raise_exception, undefined names)
-        raise APIError(400, f"the chat template refused these messages: {e}", "messages") from None
-    ids = [int(t) for t in tokenizer.encode_text(text)]
-    if not ids:
-        raise APIError(400, "the rendered conversation is empty", "messages")
-    _check_length(ids, limits, "messages")
-    logprobs = _flag(body, "logprobs")
-    top = _integer(body, "top_logprobs", None, 0, MAX_LOGPROBS)
-    if top is not None and not logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", "top_logprobs")
-    stream = _flag(body, "stream")
-    if stream and logprobs:
-        raise APIError(400, "stream with logprobs is not supported here (send stream: false)", "logprobs")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise APIError(400, "stream_options must be an object", "stream_options")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    params = _sampling(body, limits, (top or 0) if logprobs else None, max_tokens_key=key)
-    return ChatRequest(ids, params, stream, bool(options.get("include_usage", False)))
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
 
 
 class CompletionsAPI:
-    """Routes requests to `backend.stream(prompt_ids, params)`, an async generator of
-    (delta, finished, request) such as `ThreadedEngine.stream`."""
+    """What the endpoints do, over `backend.stream(prompt_ids, params)`, an async generator of
+    (delta, finished, request) such as `ThreadedEngine.stream`. `build_asgi_app` serves it."""
 
     def __init__(self, backend, tokenizer, *, model_name: str, limits: APILimits, api_key: str | None = None,
                  expert_load: Callable[[], dict[str, Any]] | None = None, chat_template=None):
@@ -247,144 +213,198 @@ class CompletionsAPI:
         self.expert_load = expert_load
         self.created = int(time.time())
 
-    async def handle(self, request: Request) -> Response:
-        try:
-            # Under Serve the app may sit behind a route prefix, which arrives as root_path.
-            path = request.url.path[len(request.scope.get("root_path", "")):] if request.scope.get("root_path") else request.url.path
-            path, method = path.rstrip("/") or "/", request.method
-            if path == "/healthz" and method == "GET":
-                return JSONResponse({"status": "ok"})
-            self._authorize(request)
-            if path == "/v1/completions":
-                if method != "POST":
-                    raise APIError(405, "use POST for /v1/completions")
-                return await self._completions(request)
-            if path == "/v1/chat/completions":
-                if method != "POST":
-                    raise APIError(405, "use POST for /v1/chat/completions")
-                return await self._chat(request)
-            if path == "/v1/models" and method == "GET":
-                return JSONResponse({"object": "list", "data": [
-                    {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "raymoe"}]})
-            if path == "/v1/expert_load" and method == "GET":
-                return JSONResponse(self.expert_load() if self.expert_load else {"layers": []})
-            raise APIError(404, f"no route {method} {path}", code="not_found")
-        except APIError as e:
-            return e.response()
+    async def authorize(self, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+        """`Authorization: Bearer <key>`, the scheme in any case (RFC 7235), the key compared in constant time."""
+        if self.api_key and (credentials is None or not hmac.compare_digest(credentials.credentials.encode(), self.api_key.encode())):
+            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", type="authentication_error",
+                           code="invalid_api_key")
 
-    def _authorize(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        # The scheme is case-insensitive (RFC 7235); the key is compared in constant time.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), self.api_key.encode()):
-            raise APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')", type="authentication_error", code="invalid_api_key")
-
-    async def _completions(self, request: Request) -> Response:
-        req = parse_completion_request(await request.body(), self.tokenizer, self.limits, self.model_name)
-        cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        if req.stream:
-            return StreamingResponse(self._sse(req, cid, created), media_type="text/event-stream")
-        async def one(ids: list[int]):
-            text, state = [], None
-            async for delta, _, state in self.backend.stream(ids, req.params):
-                text.append(delta)
-            return "".join(text), state
-
-        try:
-            done = await asyncio.gather(*(one(ids) for ids in req.prompts))
-        except RequestError as e:
-            raise APIError(400, str(e)) from None
-        except EngineError as e:
-            raise APIError(500, f"generation failed: {e}", type="server_error") from None
+    async def completions(self, body: CompletionBody) -> Response:
+        self._check_model(body.model)
+        prompts = [self._prompt_ids(p) for p in body.prompts()]
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "stream takes one prompt (send stream: false for a batch)", "stream")
+        params = self._sampling(body, body.max_tokens, "max_tokens", body.logprobs,
+                                prompt_logprobs=body.echo and body.logprobs is not None)
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": self.model_name}
+        if body.stream:
+            return _EventStream(self._completion_chunks(body, prompts[0], params, head))
+        done = await asyncio.gather(*(self._generate(ids, params) for ids in prompts))
         choices = []
         for i, (text, state) in enumerate(done):
-            prefix = self.tokenizer.decode(state.prompt_ids) if req.echo else ""
-            choices.append({"text": prefix + text, "index": i, "finish_reason": state.finish_reason,
-                            "logprobs": self._logprobs(state, req.echo) if req.params.logprobs is not None else None})
+            logprobs = None
+            if params.logprobs is not None:
+                ids, entries = state.output_ids, state.logprobs
+                if body.echo:  # the prompt's first token has no log-probability: nothing predicts it
+                    ids, entries = state.prompt_ids + ids, [None, *state.prompt_logprobs, *entries]
+                logprobs = self._completion_logprobs(ids, entries)
+            prefix = self.tokenizer.decode(state.prompt_ids) if body.echo else ""
+            choices.append({"text": prefix + text, "index": i, "finish_reason": state.finish_reason, "logprobs": logprobs})
         usage = [_usage(state) for _, state in done]
-        return JSONResponse({
-            "id": cid, "object": "text_completion", "created": created, "model": self.model_name, "choices": choices,
-            "usage": {k: sum(u[k] for u in usage) for k in usage[0]},
-        })
+        return JSONResponse({**head, "choices": choices, "usage": {k: sum(u[k] for u in usage) for k in usage[0]}})
 
-    async def _chat(self, request: Request) -> Response:
-        req = parse_chat_request(await request.body(), self.tokenizer, self.chat_template, self.limits, self.model_name)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        head = {"id": cid, "created": created, "model": self.model_name}
-        if req.stream:
-            return StreamingResponse(self._chat_sse(req, head), media_type="text/event-stream")
+    async def chat_completions(self, body: ChatBody) -> Response:
+        """`messages` rendered with the model's chat template (the one its fine-tuning used, else its
+        tokenizer's), with the assistant's generation prompt, and tokenized without added specials
+        (the template writes them), as transformers' apply_chat_template does."""
+        self._check_model(body.model)
+        if self.chat_template is None:
+            raise APIError(400, f"model {self.model_name!r} has no chat template (its tokenizer has none and its config "
+                                "sets no data.chat_template); use /v1/completions", "messages", code="no_chat_template")
+        try:
+            text = self.chat_template.render([m.model_dump() for m in body.messages], add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - a template may raise anything (raise_exception, undefined names)
+            raise APIError(400, f"the chat template refused these messages: {e}", "messages") from None
+        ids = [int(t) for t in self.tokenizer.encode_text(text)]
+        if not ids:
+            raise APIError(400, "the rendered conversation is empty", "messages")
+        self._check_length(ids, "messages")
+        key = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        max_tokens = body.max_completion_tokens or body.max_tokens or 16
+        params = self._sampling(body, max_tokens, key, (body.top_logprobs or 0) if body.logprobs else None)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": self.model_name}
+        if body.stream:
+            return _EventStream(self._chat_chunks(ids, params, head, body.stream_options.include_usage))
+        text, state = await self._generate(ids, params)
+        logprobs = {"content": self._chat_logprobs(state.output_ids, state.logprobs)} if body.logprobs else None
+        return JSONResponse({**head, "object": "chat.completion", "usage": _usage(state), "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+             "finish_reason": state.finish_reason}]})
+
+    # -- checks that need this server's model and limits
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}", "model",
+                           code="model_not_found")
+
+    def _check_length(self, ids: list[int], param: str) -> None:
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise APIError(400, f"{param} has {len(ids)} tokens; the limit is {self.limits.max_prompt_tokens}", param,
+                           code="context_length_exceeded")
+
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = [int(t) for t in self.tokenizer.encode(prompt)]
+        else:
+            vocab = getattr(self.tokenizer, "vocab_size", None)
+            bad = [t for t in prompt if vocab is not None and t >= vocab]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside this model's vocabulary [0, {vocab})", "prompt")
+            ids = prompt
+        self._check_length(ids, "prompt")
+        return ids
+
+    def _sampling(self, body: _Body, max_tokens: int, key: str, logprobs: int | None, prompt_logprobs: bool = False) -> SamplingParams:
+        if max_tokens > self.limits.max_tokens:
+            raise APIError(400, f"{key}={max_tokens} is over this server's limit of {self.limits.max_tokens}", key)
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, top_k=body.top_k,
+                              seed=body.seed, stop=body.stops(), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+
+    # -- generation
+    async def _generate(self, ids: list[int], params: SamplingParams) -> tuple[str, Any]:
+        """(the whole completion's text, the finished engine request)."""
         text, state = [], None
         try:
-            async for delta, _, state in self.backend.stream(req.prompt_ids, req.params):
+            async for delta, _, state in self.backend.stream(ids, params):
                 text.append(delta)
         except RequestError as e:
             raise APIError(400, str(e)) from None
         except EngineError as e:
             raise APIError(500, f"generation failed: {e}", type="server_error") from None
-        logprobs = None
-        if req.params.logprobs is not None:
-            def entry(t: int, lp: float) -> dict:
-                piece = self.tokenizer.decode([t])
-                return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
-            logprobs = {"content": [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in top]}
-                                    for t, (lp, top) in zip(state.output_ids, state.logprobs)]}
-        return JSONResponse({**head, "object": "chat.completion", "usage": _usage(state), "choices": [
-            {"index": 0, "message": {"role": "assistant", "content": "".join(text)}, "logprobs": logprobs,
-             "finish_reason": state.finish_reason}]})
+        return "".join(text), state
 
-    async def _chat_sse(self, req: ChatRequest, head: dict):
-        def chunk(delta: dict, finish: str | None) -> str:
-            body = {**head, "object": "chat.completion.chunk",
-                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
-            return f"data: {json.dumps(body)}\n\n"
+    async def _completion_chunks(self, body: CompletionBody, ids: list[int], params: SamplingParams, head: dict) -> AsyncIterator[str]:
+        """One prompt's completion as SSE chunks: with echo the prompt first; with logprobs each chunk
+        scores its own tokens, text_offset counting on across chunks as in one response."""
+        def chunk(text: str, logprobs: dict | None, finish: str | None = None, usage: dict | None = None) -> str:
+            out = {**head, "choices": [{"text": text, "index": 0, "logprobs": logprobs, "finish_reason": finish}]}
+            return _event({**out, "usage": usage} if usage else out)
 
-        yield chunk({"role": "assistant", "content": ""}, None)
-        state = None
+        scored, cursor, state = params.logprobs is not None, _TokenCursor(), None
+        echo, at = body.echo, 0  # the prompt still to send; text_offset of the next token
         try:
-            async for delta, done, state in self.backend.stream(req.prompt_ids, req.params):
-                if delta:
-                    yield chunk({"content": delta}, None)
-                if done:
-                    yield chunk({}, state.finish_reason)
-            if req.include_usage and state is not None:
-                yield f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [], 'usage': _usage(state)})}\n\n"
+            # aclosing: closing this generator (the client went away) ends the engine request at once.
+            async with aclosing(self.backend.stream(ids, params)) as events:
+                async for delta, done, state in events:
+                    if echo:  # the first event: the prefill has scored the prompt by now
+                        echo, logprobs = False, None
+                        if scored:
+                            logprobs = self._completion_logprobs(state.prompt_ids, [None, *state.prompt_logprobs])
+                            at = sum(map(len, logprobs["tokens"]))
+                        yield chunk(self.tokenizer.decode(state.prompt_ids), logprobs)
+                    if not (delta or done):
+                        continue  # text held back (a partial character, a stop string forming): its tokens go with the next chunk
+                    logprobs = None
+                    if scored:
+                        logprobs = self._completion_logprobs(*cursor.take(state), start=at)
+                        at += sum(map(len, logprobs["tokens"]))
+                    yield chunk(delta, logprobs, state.finish_reason if done else None, _usage(state) if done else None)
+            if body.stream_options.include_usage and state is not None:
+                yield _event({**head, "choices": [], "usage": _usage(state)})
         except (RequestError, EngineError) as e:
-            kind = "invalid_request_error" if isinstance(e, RequestError) else "server_error"
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind, 'param': None, 'code': None}})}\n\n"
+            yield _error_event(e)
         yield "data: [DONE]\n\n"
 
-    def _logprobs(self, state, echo: bool) -> dict:
-        """OpenAI's completions logprobs object: tokens, token_logprobs, top_logprobs, text_offset;
-        with echo the prompt's tokens first (the very first has no log-probability: null)."""
-        ids = (state.prompt_ids if echo else []) + state.output_ids
-        entries = ([None] + state.prompt_logprobs if echo else []) + state.logprobs
+    async def _chat_chunks(self, ids: list[int], params: SamplingParams, head: dict, include_usage: bool) -> AsyncIterator[str]:
+        """The reply as SSE chunks: the role, content deltas (each with its own tokens' logprobs when
+        asked), the finish reason, and with include_usage a last chunk of usage only."""
+        def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> str:
+            return _event({**head, "object": "chat.completion.chunk",
+                           "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]})
+
+        cursor, state = _TokenCursor(), None
+
+        def new_logprobs(state) -> dict | None:
+            return {"content": self._chat_logprobs(*cursor.take(state))} if params.logprobs is not None else None
+
+        yield chunk({"role": "assistant", "content": ""})
+        try:
+            async with aclosing(self.backend.stream(ids, params)) as events:
+                async for delta, done, state in events:
+                    if delta:
+                        yield chunk({"content": delta}, logprobs=new_logprobs(state))
+                    if done:
+                        yield chunk({}, state.finish_reason, new_logprobs(state))
+            if include_usage and state is not None:
+                yield _event({**head, "object": "chat.completion.chunk", "choices": [], "usage": _usage(state)})
+        except (RequestError, EngineError) as e:
+            yield _error_event(e)
+        yield "data: [DONE]\n\n"
+
+    def _completion_logprobs(self, ids: list[int], entries: list[TokenLogprob | None], start: int = 0) -> dict:
+        """OpenAI's completions logprobs object for these tokens: tokens, token_logprobs, top_logprobs,
+        text_offset (of each token's own text from `start`; a UTF-8 character split across tokens
+        counts once per piece). A None entry has no log-probability."""
         tokens = [self.tokenizer.decode([t]) for t in ids]
-        offsets, at = [], 0
-        for t in tokens:  # character offsets of each token's own text (a split UTF-8 character counts once per piece)
-            offsets.append(at)
-            at += len(t)
+        offsets = []
+        for t in tokens:
+            offsets.append(start)
+            start += len(t)
         return {"tokens": tokens,
                 "token_logprobs": [None if e is None else e[0] for e in entries],
                 "top_logprobs": [None if e is None else {self.tokenizer.decode([t]): v for t, v in e[1]} for e in entries],
                 "text_offset": offsets}
 
-    async def _sse(self, req: CompletionRequest, cid: str, created: int):
-        def chunk(text: str, finish: str | None, usage=None) -> str:
-            body = {"id": cid, "object": "text_completion", "created": created, "model": self.model_name,
-                    "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish}]}
-            if usage:
-                body["usage"] = usage
-            return f"data: {json.dumps(body)}\n\n"
+    def _chat_logprobs(self, ids: list[int], entries: list[TokenLogprob]) -> list[dict]:
+        """OpenAI's chat `logprobs.content` entries for these tokens."""
+        def entry(t: int, lp: float) -> dict:
+            piece = self.tokenizer.decode([t])
+            return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
 
-        try:
-            async for delta, done, state in self.backend.stream(req.prompt_ids, req.params):
-                if delta or done:
-                    yield chunk(delta, state.finish_reason if done else None, _usage(state) if done else None)
-        except (RequestError, EngineError) as e:
-            kind = "invalid_request_error" if isinstance(e, RequestError) else "server_error"
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': kind, 'param': None, 'code': None}})}\n\n"
-        yield "data: [DONE]\n\n"
+        return [{**entry(t, lp), "top_logprobs": [entry(a, v) for a, v in top]} for t, (lp, top) in zip(ids, entries)]
+
+
+class _TokenCursor:
+    """The output tokens of a streamed request that no chunk has reported yet."""
+
+    def __init__(self) -> None:
+        self.sent = 0
+
+    def take(self, state) -> tuple[list[int], list[TokenLogprob]]:
+        # Only up to streamed_tokens: the engine thread may already have appended later tokens.
+        start, self.sent = self.sent, state.streamed_tokens
+        return state.output_ids[start:self.sent], state.logprobs[start:self.sent]
 
 
 def _usage(req) -> dict[str, int]:
@@ -392,9 +412,74 @@ def _usage(req) -> dict[str, int]:
             "total_tokens": len(req.prompt_ids) + len(req.output_ids)}
 
 
-def build_asgi_app(api: CompletionsAPI):
-    """A plain Starlette app around the API (tests, or serving without Ray)."""
-    from starlette.applications import Starlette
-    from starlette.routing import Route
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
 
-    return Starlette(routes=[Route("/{path:path}", api.handle, methods=["GET", "POST", "PUT", "DELETE"])])
+
+def _error_event(e: Exception) -> str:
+    """A failure once the stream has begun (its status, 200, is sent): OpenAI's error shape as an event."""
+    kind = "invalid_request_error" if isinstance(e, RequestError) else "server_error"
+    return _event({"error": {"message": str(e), "type": kind, "param": None, "code": None}})
+
+
+# -- the app
+
+async def _on_api_error(request: Request, e: APIError) -> JSONResponse:
+    return e.response()
+
+
+async def _on_validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+    """A 400 about the first error, naming its top-level field ("max_tokens", "messages"), or None
+    when the body as a whole is wrong (not JSON, not an object)."""
+    err = e.errors()[0]
+    path = [str(p) for p in err["loc"][1:]]  # loc[0] is "body"
+    return APIError(400, f"{'.'.join(path) or 'request body'}: {err['msg']}", path[0] if path else None).response()
+
+
+async def _on_http_error(request: Request, e: HTTPException) -> JSONResponse:
+    """Routing's 404 and 405."""
+    response = APIError(e.status_code, f"{e.detail}: {request.method} {request.url.path}",
+                        code="not_found" if e.status_code == 404 else None).response()
+    response.headers.update(e.headers or {})
+    return response
+
+
+async def _on_server_error(request: Request, e: Exception) -> JSONResponse:
+    """A bug, still in OpenAI's shape (Starlette raises it on to the server, which logs it)."""
+    return APIError(500, f"internal error ({type(e).__name__})", type="server_error").response()
+
+
+def build_asgi_app(api: CompletionsAPI) -> FastAPI:
+    """The HTTP app (the Serve Router returns it from `__serve_build_asgi_app__`; tests run it in
+    process). Behind a Serve route prefix, which arrives as ASGI root_path, FastAPI routes past it."""
+    app = FastAPI(title="raymoe", docs_url=None, redoc_url=None, openapi_url=None)  # OpenAI's routes only
+    app.add_exception_handler(APIError, _on_api_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(HTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_server_error)
+    max_bytes = api.limits.max_body_bytes
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:  # no key: health checks carry none
+        return {"status": "ok"}
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(api.authorize)])
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await api.completions(await _read_body(request, CompletionBody, max_bytes))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await api.chat_completions(await _read_body(request, ChatBody, max_bytes))
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": api.model_name, "object": "model", "created": api.created, "owned_by": "raymoe"}]}
+
+    @v1.get("/expert_load")
+    async def expert_load() -> dict[str, Any]:
+        return api.expert_load() if api.expert_load else {"layers": []}
+
+    app.include_router(v1)
+    return app

@@ -97,6 +97,10 @@ class Request:
     """One per output id, when params.logprobs is set."""
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     """One per prompt id after the first, when params.prompt_logprobs is set."""
+    streamed_tokens: int = 0
+    """How many of output_ids the deltas `ThreadedEngine.stream` has yielded so far cover (set in
+    the consumer's event loop: the engine thread runs ahead, so output_ids may already hold tokens
+    whose deltas are still queued)."""
 
     @property
     def length(self) -> int:
@@ -358,7 +362,7 @@ class ThreadedEngine:
         if q is None:
             return
         try:
-            loop.call_soon_threadsafe(q.put_nowait, (delta, done, req))
+            loop.call_soon_threadsafe(q.put_nowait, (delta, done, len(req.output_ids)))
         except RuntimeError:  # the consumer's event loop is closed: nobody reads this request
             self._queues.pop(req.id, None)
             if not done and req.finish_reason is None:
@@ -418,7 +422,8 @@ class ThreadedEngine:
         """Yields (text delta, finished, request) until finished; the last delta may be ''.
 
         Read the request's finish_reason only once `finished`: the engine thread runs ahead of
-        the consumer, so the live object may already be finished while earlier deltas queue."""
+        the consumer, so the live object may already be finished while earlier deltas queue. For
+        the same reason read output tokens only up to `request.streamed_tokens`."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         box: list[Request] = []
@@ -430,9 +435,10 @@ class ThreadedEngine:
         req = first
         try:
             while True:
-                delta, done, _ = await q.get()
+                delta, done, num_tokens = await q.get()
                 if done and req.error:
                     raise EngineError(req.error)
+                req.streamed_tokens = num_tokens
                 yield delta, done, req
                 if done:
                     return
