@@ -10,7 +10,7 @@ import torch
 
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import KVCache, MoETransformer
-from raymoe.serve.engine import Engine, RequestError, SamplingParams, load_model, sample_next
+from raymoe.serve.engine import Engine, RequestError, SamplingParams, load_model, sample_batch
 from raymoe.train.data import ByteTokenizer
 
 LAYOUTS = {
@@ -105,10 +105,34 @@ def test_seed_makes_sampling_reproducible_and_top_k_1_is_greedy():
 
 
 def test_top_p_keeps_the_smallest_set_reaching_the_mass():
-    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    gen = torch.Generator().manual_seed(0)
-    seen = {sample_next(logits, SamplingParams(top_p=0.7), gen) for _ in range(300)}
-    assert seen == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are never drawn
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])).expand(3000, 4)
+    tokens = sample_batch(logits, [SamplingParams(top_p=0.7)] * 3000, torch.rand(3000, generator=torch.Generator().manual_seed(0)))
+    assert set(tokens.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; tokens 2 and 3 are never drawn
+    assert (tokens == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.03)  # renormalized over what stays
+
+
+def test_one_batched_draw_follows_each_rows_own_temperature_top_k_and_top_p():
+    """Rows with different sampling settings in one batch: each row's empirical distribution is
+    its own filtered softmax (3 sigma bounds), greedy rows are the argmax."""
+    g = torch.Generator().manual_seed(1)
+    logits_V = torch.randn(6, generator=g) * 2
+    settings = [SamplingParams(temperature=0), SamplingParams(temperature=1.0), SamplingParams(temperature=0.5, top_k=3),
+                SamplingParams(temperature=2.0, top_p=0.6)]
+    n = 4000
+    params = [p for p in settings for _ in range(n)]
+    tokens = sample_batch(logits_V.expand(len(params), 6), params, torch.rand(len(params), generator=g)).view(len(settings), n)
+    assert (tokens[0] == logits_V.argmax()).all()
+    for row, p in zip(tokens[1:], settings[1:]):
+        probs = (logits_V / p.temperature).softmax(-1)
+        if p.top_k:
+            probs[probs.argsort(descending=True)[p.top_k:]] = 0
+        if p.top_p < 1:
+            order = probs.argsort(descending=True)
+            drop = probs[order].cumsum(0) - probs[order] >= p.top_p
+            probs[order[drop]] = 0
+        probs = probs / probs.sum()
+        freq = torch.bincount(row, minlength=6).double() / n
+        assert ((freq - probs.double()).abs() <= 3 * (probs.double() * (1 - probs.double()) / n).sqrt() + 1e-9).all(), (p, freq, probs)
 
 
 def _forced_engine(text: str, **params):

@@ -115,23 +115,26 @@ class Completion:
     completion_tokens: int
 
 
-def sample_next(logits_V: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
-    """Temperature, then top-k, then nucleus (top-p) filtering; greedy at temperature 0."""
-    logits = logits_V.float()
-    if params.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / params.temperature
-    if params.top_k:
-        kth = logits.topk(min(params.top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if params.top_p < 1:
-        sorted_p, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop = sorted_p.cumsum(0) - sorted_p >= params.top_p
-        sorted_p = sorted_p.masked_fill(drop, 0)
-        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+def sample_batch(logits_BV: torch.Tensor, params: list[SamplingParams], uniform_B: torch.Tensor) -> torch.Tensor:
+    """The next token of every row, on the logits' device and without a host sync: greedy rows
+    (temperature 0) by argmax; the others from their distribution after temperature, top-k (the
+    k most likely) and top-p (the smallest most-likely prefix reaching that mass; the first token
+    always stays), drawn by inverting its CDF at the row's uniform number in [0, 1)."""
+    logits = logits_BV.float()
+    greedy = logits.argmax(-1)
+    if all(p.temperature == 0 for p in params):
+        return greedy
+    device, V = logits.device, logits.shape[-1]
+    temperature = torch.tensor([p.temperature for p in params], device=device)
+    top_k = torch.tensor([p.top_k if p.top_k else V for p in params], device=device)
+    top_p = torch.tensor([p.top_p for p in params], device=device)
+    sorted_BV, order_BV = (logits / temperature.clamp_min(1e-6)[:, None]).sort(dim=-1, descending=True)
+    rank = torch.arange(V, device=device)
+    probs = sorted_BV.masked_fill(rank[None, :] >= top_k[:, None], float("-inf")).softmax(-1)
+    probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p[:, None], 0.0)
+    cdf = probs.cumsum(-1)
+    at = torch.searchsorted(cdf, (uniform_B.to(device) * cdf[:, -1])[:, None]).clamp_max(V - 1)
+    return torch.where(temperature > 0, order_BV.gather(1, at)[:, 0], greedy)
 
 
 def _logprobs(logits_NV: torch.Tensor, chosen: list[int], k: int) -> list[TokenLogprob]:
@@ -268,18 +271,13 @@ class Engine:
         return out.logits if all_positions else out.logits[:, -1]
 
     def _sample(self, reqs: list[Request], logits_BV: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
-        """The next token of every row: greedy rows by one argmax over the batch and one copy to
-        the host (not a host sync per row); sampled rows each with their own request's generator.
-        With each token its log-probability entry, for the rows that asked for one."""
-        tokens: list[int | None] = [None] * len(reqs)
-        greedy = [i for i, r in enumerate(reqs) if r.params.temperature == 0]
-        if greedy:
-            rows = logits_BV if len(greedy) == len(reqs) else logits_BV[torch.tensor(greedy, device=logits_BV.device)]
-            for i, tok in zip(greedy, rows.float().argmax(-1).tolist()):
-                tokens[i] = tok
-        for i, r in enumerate(reqs):
-            if tokens[i] is None:
-                tokens[i] = sample_next(logits_BV[i], r.params, r.generator)
+        """The next token of every row in one pass over the batch and one copy to the host (not a
+        host sync per row). A sampled row draws its uniform number from its own request's
+        generator, so a seeded request repeats whatever else is in the batch. With each token its
+        log-probability entry, for the rows that asked for one."""
+        uniform = torch.tensor([float(torch.rand((), generator=r.generator)) if r.params.temperature > 0 else 0.0
+                                for r in reqs])
+        tokens = sample_batch(logits_BV, [r.params for r in reqs], uniform).tolist()
         entries: list[TokenLogprob | None] = [None] * len(reqs)
         scored = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if scored:
