@@ -203,6 +203,16 @@ def test_rayservice_serves_the_application_of_serve_apps_config_with_the_model_t
     overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
     trained = load_config(REPO / args[4].removeprefix("/home/ray/raymoe/"), overrides)
     assert trained.tracking.registered_model and app["args"]["model"] == f"models:/{trained.tracking.registered_model}/latest"
+    # Its args are serve: keys that the builder accepts (the model itself is checked at deploy time).
+    import importlib
+    import sys
+
+    sys.path.insert(0, str(REPO))
+    try:
+        built = importlib.import_module("serve_apps.app").app({**app["args"], "check_model": False})
+    finally:
+        sys.path.remove(str(REPO))
+    assert built._bound_deployment.init_args[0].model == app["args"]["model"]
     # KubeRay probes each worker's own Serve proxy (kuberay#4994): HeadOnly would leave every worker NotReady.
     assert serve["proxy_location"] == "EveryNode"
     assert serve["http_options"]["port"] == shipped["http_options"]["port"]

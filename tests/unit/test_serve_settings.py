@@ -123,3 +123,15 @@ def test_a_model_directory_carries_its_fine_tuning_chat_template(tmp_path):
     assert chat is not None and chat.text == text
     assert chat.render([{"role": "user", "content": "hi"}], add_generation_prompt=True) == "<|user|>\nhi\n<|assistant|>\n"
     assert chat_template_of(src.cfg, ByteTokenizer()) is None  # without the directory: the file is gone
+
+
+def test_docs_serving_lists_every_serve_key_with_its_default():
+    import dataclasses
+    from pathlib import Path
+
+    from raymoe.config import ServeConfig
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "serving.md").read_text()
+    for f in dataclasses.fields(ServeConfig):
+        shown = "null" if f.default is None else f.default
+        assert f"| `{f.name}` |" in text and f"| `{shown}` |" in text, f.name
