@@ -234,13 +234,20 @@ APP_NAME = "raymoe"
 """The Serve application `run_serving` deploys."""
 
 
-def run_serving(settings: ServeSettings, *, address: str | None = None, until=None, log=print) -> str:
-    """Bring up Ray (`address`, else $RAY_ADDRESS, else a local Ray), start Serve's HTTP proxy on
-    serve.host:serve.port, deploy the application and wait for it to be healthy. Then call
-    `until(url)` and stop the application when it returns; without `until`, serve until Ctrl-C.
-    Returns the URL it served at."""
+def run_serving(settings, *, address: str | None = None, until=None, log=print) -> str:
+    """Serve `settings` (a ServeSettings, or a RunConfig whose serve: section is resolved and
+    checked first, as `run_training(cfg)` takes one): bring up Ray (`address`, else $RAY_ADDRESS,
+    else a local Ray), start Serve's HTTP proxy on serve.host:serve.port, deploy the application
+    and wait for it to be healthy. Then call `until(url)` and stop the application when it
+    returns; without `until`, serve until Ctrl-C. Returns the URL it served at."""
     import ray
 
+    from raymoe.config import RunConfig
+
+    if isinstance(settings, RunConfig):
+        from raymoe.serve.settings import settings_from_config
+
+        settings = settings_from_config(settings, log=log)
     s = settings.serve
     if not ray.is_initialized():
         ray.init(address=address) if address else ray.init()
