@@ -136,3 +136,60 @@ def test_killing_an_expert_group_replica_mid_traffic_fails_no_request(serve_url,
     print(f"{len(statuses)} requests, {load['groups']['retries']} expert calls retried after the kill")
     assert statuses and set(statuses) == {200}
     assert load["groups"]["data_path"] == "direct" and load["groups"]["retries"] >= 1
+
+
+def test_killing_a_router_replica_fails_no_unstarted_request_and_ends_its_streams_with_an_error_event(serve_url, hot_group_model):
+    """Two Router replicas under streaming and non-streaming load; one is killed. A non-streamed
+    request has shown its client nothing, so it must succeed (sent again); a stream the dead
+    replica had started ends with an OpenAI-shaped error event and [DONE], never truncated."""
+    import json
+
+    import ray
+    from ray import serve
+
+    from raymoe.serve.deployments import build_app
+    from raymoe.serve.settings import ServeSettings
+
+    settings = ServeSettings.of(hot_group_model, mode="monolithic", router_replicas=2, router_cpus=0.5)
+    serve.run(build_app(settings), name="routers", route_prefix="/routers")
+    url, stop, statuses, streams, done_at = f"{serve_url}/routers/v1/completions", threading.Event(), [], [], []
+
+    def plain(i):
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                statuses.append(http.post(url, json={"prompt": f"x{i}", "max_tokens": 24, "seed": i}).status_code)
+                done_at.append(time.monotonic())
+
+    def streaming(i):
+        with httpx.Client(timeout=60) as http:
+            while not stop.is_set():
+                with http.stream("POST", url, json={"prompt": f"s{i}", "max_tokens": 48, "seed": i, "stream": True}) as r:
+                    events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+                streams.append((r.status_code, events))
+
+    threads = [threading.Thread(target=plain, args=(i,)) for i in range(3)]
+    threads += [threading.Thread(target=streaming, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    victims = [a for a in ray.util.list_named_actors(all_namespaces=True) if "routers" in a["name"] and "Router" in a["name"]]
+    assert len(victims) == 2, victims
+    killed_at = time.monotonic()
+    ray.kill(ray.get_actor(victims[0]["name"], namespace=victims[0]["namespace"]), no_restart=True)
+    time.sleep(6)
+    stop.set()
+    for t in threads:
+        t.join()
+    load = httpx.get(f"{serve_url}/routers/v1/expert_load").json()
+    errored = [events for _, events in streams if any('"error"' in e for e in events)]
+    after = sorted(t for t in done_at if t > killed_at)
+    gap = max(b - a for a, b in zip([killed_at] + after, after)) if after else None
+    print(f"{len(statuses)} plain requests, {len(streams)} streams, {len(errored)} streams ended by the kill, "
+          f"{load['ingress']['resent']} calls resent before and {load['ingress']['lost_mid_way']} cut after their first token, longest gap between completions after the kill {gap:.2f} s")
+    assert statuses and set(statuses) == {200}  # no request that had not started failed
+    assert all(code == 200 and events[-1] == "[DONE]" for code, events in streams)  # none truncated
+    for events in errored:  # an error event, in OpenAI's shape, right before [DONE]
+        assert json.loads(events[-2])["error"]["type"] == "server_error"
+    assert len(errored) <= 3  # at most the streams in flight on the killed replica
+    assert load["ingress"]["lost_mid_way"] >= len(errored)  # the cut streams, plus plain requests generated again
+    assert gap is not None and gap < 10

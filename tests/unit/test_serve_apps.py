@@ -27,6 +27,11 @@ def test_shipped_serve_config_validates_against_serves_schema():
     assert schema.http_options.host == "127.0.0.1"
 
 
+def _router(app):
+    """The Router deployment an application's Ingress is bound to."""
+    return app._bound_deployment.init_args[1]._bound_deployment
+
+
 def _shipped_args() -> dict:
     with open(os.path.join(ROOT, "serve_apps", "config.yaml")) as f:
         return yaml.safe_load(f)["applications"][0]["args"]
@@ -38,12 +43,13 @@ def test_typed_builder_builds_a_router_and_one_group_deployment_per_group():
     module = importlib.import_module("serve_apps.app")
     built = module.app({**_shipped_args(), "check_model": False})
     assert isinstance(built, Application)
-    bound = built._bound_deployment
+    assert built._bound_deployment.name == "Ingress"  # HTTP in front, the Router behind it
+    bound = _router(built)
     assert bound.name == "Router"
     groups = [a for a in bound.init_args if hasattr(a, "_bound_deployment")]
     assert [g._bound_deployment.name for g in groups] == ["ExpertGroup0", "ExpertGroup1"]
-    mono = module.app({"model": "m", "mode": "monolithic", "check_model": False})
-    assert not [a for a in mono._bound_deployment.init_args if hasattr(a, "_bound_deployment")]
+    mono = _router(module.app({"model": "m", "mode": "monolithic", "check_model": False}))
+    assert not [a for a in mono.init_args if hasattr(a, "_bound_deployment")]
 
 
 @pytest.mark.parametrize("args, key", [
@@ -74,7 +80,7 @@ def test_the_builder_reads_a_run_configs_serve_section_and_checks_the_model(tmp_
     built = module.app({"config": str(run), "max_tokens": 32})
     settings = built._bound_deployment.init_args[0]
     assert (settings.serve.num_groups, settings.serve.max_batch, settings.serve.max_tokens) == (4, 4, 32)
-    assert len([a for a in built._bound_deployment.init_args if hasattr(a, "_bound_deployment")]) == 4
+    assert len([a for a in _router(built).init_args if hasattr(a, "_bound_deployment")]) == 4
     with pytest.raises(ConfigError, match=r"serve\.num_groups=3 must divide the 8 routed experts"):
         module.app({"config": str(run), "num_groups": 3})
 
@@ -84,7 +90,7 @@ def test_router_and_groups_autoscale_when_given_a_replica_range():
     from raymoe.serve.settings import ServeSettings
 
     app = build_app(ServeSettings.of("m", router_replicas=(1, 3), group_replicas=(1, 4), max_batch=8))
-    router = app._bound_deployment
+    router = _router(app)
     assert router._deployment_config.autoscaling_config.max_replicas == 3
     assert router._deployment_config.autoscaling_config.target_ongoing_requests == 8
     group = [a for a in router.init_args if hasattr(a, "_bound_deployment")][0]._bound_deployment

@@ -2,7 +2,7 @@
 `stream` coroutine): POST /v1/completions (`logprobs` and `echo` for scoring, one choice per prompt
 of a batch), POST /v1/chat/completions (messages rendered with the model's chat template), both
 streamed as server-sent events in OpenAI's chunk format on request, logprobs included; GET
-/v1/models, GET /healthz, GET /v1/expert_load. No Ray in here: the Serve Router returns this app.
+/v1/models, GET /healthz, GET /v1/expert_load. No Ray in here: the Serve Ingress returns this app.
 
 FastAPI, so that Ray Serve serves the app as it is (behind a route prefix too); strict pydantic
 models, so that each request body is declared once with OpenAI's types and every bad request gets
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import time
 import uuid
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException
 
-from raymoe.serve.engine import MAX_LOGPROBS, EngineError, RequestError, SamplingParams, TokenLogprob
+from raymoe.serve.engine import MAX_LOGPROBS, EngineError, ReplicaLost, RequestError, SamplingParams, TokenLogprob
 
 
 @dataclass(frozen=True)
@@ -302,17 +303,23 @@ class CompletionsAPI:
                               seed=body.seed, stop=body.stops(), logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     # -- generation
-    async def _generate(self, ids: list[int], params: SamplingParams) -> tuple[str, Any]:
-        """(the whole completion's text, the finished engine request)."""
-        text, state = [], None
-        try:
-            async for delta, _, state in self.backend.stream(ids, params):
-                text.append(delta)
-        except RequestError as e:
-            raise APIError(400, str(e)) from None
-        except EngineError as e:
-            raise APIError(500, f"generation failed: {e}", type="server_error") from None
-        return "".join(text), state
+    async def _generate(self, ids: list[int], params: SamplingParams, attempts: int = 3) -> tuple[str, Any]:
+        """(the whole completion's text, the finished engine request). A request whose replica
+        died mid-way is generated again: its client has seen nothing of it yet."""
+        for attempt in range(attempts):
+            text, state = [], None
+            try:
+                async for delta, _, state in self.backend.stream(ids, params):
+                    text.append(delta)
+                return "".join(text), state
+            except RequestError as e:
+                raise APIError(400, str(e)) from None
+            except ReplicaLost as e:
+                if attempt == attempts - 1:
+                    raise APIError(503, f"generation failed: {e}", type="server_error") from None
+            except EngineError as e:
+                raise APIError(500, f"generation failed: {e}", type="server_error") from None
+        raise AssertionError("unreachable")
 
     async def _completion_chunks(self, body: CompletionBody, ids: list[int], params: SamplingParams, head: dict) -> AsyncIterator[str]:
         """One prompt's completion as SSE chunks: with echo the prompt first; with logprobs each chunk
@@ -479,7 +486,10 @@ def build_asgi_app(api: CompletionsAPI) -> FastAPI:
 
     @v1.get("/expert_load")
     async def expert_load() -> dict[str, Any]:
-        return api.expert_load() if api.expert_load else {"layers": []}
+        if not api.expert_load:
+            return {"layers": []}
+        load = api.expert_load()
+        return await load if inspect.isawaitable(load) else load
 
     app.include_router(v1)
     return app

@@ -1,20 +1,23 @@
-"""The Ray Serve side of serving, and the only module that imports `ray.serve`: the Router and
-ExpertGroup deployments, the application builder, and `run_serving`, which brings them up as
-`run_training` brings up Ray Train.
+"""The Ray Serve side of serving, and the only module that imports `ray.serve`: the Ingress,
+Router and ExpertGroup deployments, the application builder, and `run_serving`, which brings them
+up as `run_training` brings up Ray Train.
 
     run_serving(settings_from_config(cfg))            # what `raymoe serve` does
     serve.run(build_app(settings))                     # the application alone (serve_apps/ for `serve deploy`)
 
-Routed mode: the Router runs the model minus its routed experts with continuous batching behind
-the OpenAI API (api.py, a FastAPI app Serve mounts with `@serve.ingress`); each MoE layer's routed
-tokens go out in one call per expert group (experts.RemoteExperts) to ExpertGroup deployments,
-each hosting a slice of every layer's experts (experts.GroupExperts). Calls travel over the
-direct TCP channel by default (channel.py: about 0.3 ms a call against about 6 ms through a
-Serve handle on the 2-core machine, docs/PERFORMANCE.md) or through Serve handles
-(transport.py). Serve owns every replica either way: it starts them, scales each group on the load
-the routers report for it (autoscale.py), replaces dead ones and stops them.
+The Ingress serves the OpenAI API (api.py, a FastAPI app Serve mounts with `@serve.ingress`) and
+holds no model; each request becomes one streaming `generate` call to a Router replica
+(engine_link.py), so a Router's death ends only the streams it had started, with an error event,
+and what it had not started goes to another replica. The Router runs the model, minus its routed
+experts in routed mode, with continuous batching. Each MoE layer's routed tokens go out in one
+call per expert group (experts.RemoteExperts) to ExpertGroup deployments, each hosting a slice of
+every layer's experts (experts.GroupExperts). Calls travel over the direct TCP channel by default
+(channel.py: about 0.2 ms a call against about 6 ms through a Serve handle on the 2-core machine,
+docs/PERFORMANCE.md) or through Serve handles (transport.py). Serve owns every replica either way:
+it starts them, scales each group on the load the routers report for it (autoscale.py), replaces
+dead ones and stops them.
 
-Monolithic mode: the same router with every expert inside it. It is the baseline.
+Monolithic mode: the same Router with every expert inside it. It is the baseline.
 """
 
 from __future__ import annotations
@@ -82,15 +85,13 @@ class ExpertGroup:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256)
-@serve.ingress()
 class Router:
-    """The model minus (in routed mode) its routed experts, continuous batching, the HTTP API
-    (api.py's FastAPI app, mounted late: `__serve_build_asgi_app__` runs after `__init__`)."""
+    """The model minus (in routed mode) its routed experts, with continuous batching: the Ingress
+    calls `generate` (a stream of engine_link events) for every request."""
 
     def __init__(self, settings: ServeSettings, *groups):
         from raymoe.model.moe import GroupedExperts
         from raymoe.model_dir import open_model
-        from raymoe.serve.api import APILimits, CompletionsAPI
         from raymoe.serve.engine import Engine, ThreadedEngine
 
         cfg, model, tok, src = open_model(settings.model, tracking_uri=settings.tracking_uri)
@@ -112,39 +113,31 @@ class Router:
                 moe.routed = RemoteExperts(layer, self.placement, self.transport, self.stats, shared=moe.shared)
                 moe.shared = None  # RemoteExperts runs them while the groups compute
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
-        max_len = min(s.max_len, model.cfg.max_seq_len)
-        self.engine = Engine(model, tok, max_batch=s.max_batch, max_len=max_len, micro_batches=s.micro_batches)
+        self.max_len = min(s.max_len, model.cfg.max_seq_len)
+        self.engine = Engine(model, tok, max_batch=s.max_batch, max_len=self.max_len, micro_batches=s.micro_batches)
         self.metrics = RouterMetrics(cfg.name, s.num_groups if settings.routed else 0)
         self.threaded = ThreadedEngine(self.engine, on_finish=self.metrics.finished)
-        limits = APILimits(max_prompt_tokens=max_len // 2, max_tokens=s.max_tokens)
-        self.api = CompletionsAPI(self.threaded, tok, model_name=cfg.name, limits=limits, api_key=settings.api_key,
-                                  expert_load=self.expert_load, chat_template=chat_template_of(cfg, tok, src.path))
+        template = chat_template_of(cfg, tok, src.path)
+        self.description = {"name": cfg.name, "max_len": self.max_len, "tokenizer": tok,
+                            "chat_template": (template.text, template.name) if template else None}
         self.board, self._stop_reporting = None, threading.Event()
         if settings.routed and s.group_range[0] != s.group_range[1]:
             self.board = LoadBoard(AppDirectory(settings.app_key))
             self.replica = serve.get_replica_context().replica_id.unique_id
         threading.Thread(target=self._report, name="raymoe-router-report", daemon=True).start()
 
-    def __serve_build_asgi_app__(self):
-        from raymoe.serve.api import build_asgi_app
+    def describe(self) -> dict:
+        """What the Ingress needs to parse and render requests: the model's name, tokenizer, chat template, length."""
+        return self.description
 
-        router = self
+    async def generate(self, prompt_ids: list[int], params):
+        from raymoe.serve.engine_link import engine_events
 
-        class RememberLoop:
-            """Pure ASGI (streams and disconnects pass untouched): notes the replica's event loop,
-            which handle calls from the engine thread are submitted to in Serve's
-            throughput-optimized mode (transport.HandleTransport)."""
-
-            def __init__(self, app):
-                self.app = app
-
-            async def __call__(self, scope, receive, send):
-                router.loop = router.loop or asyncio.get_running_loop()
-                await self.app(scope, receive, send)
-
-        app = build_asgi_app(self.api)
-        app.add_middleware(RememberLoop)
-        return app
+        # Handle calls made from the engine thread are submitted to this loop in Serve's
+        # throughput-optimized mode (transport.HandleTransport).
+        self.loop = self.loop or asyncio.get_running_loop()
+        async for event in engine_events(self.threaded, prompt_ids, params):
+            yield event
 
     def _report(self) -> None:
         """Once a second: the operator's gauges and counters (metrics.py) and, when groups
@@ -183,6 +176,41 @@ class Router:
         return out
 
 
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.ingress()
+class Ingress:
+    """The OpenAI API (api.py's FastAPI app, mounted late: `__serve_build_asgi_app__` runs after
+    `__init__`) in front of the Router replicas. It holds no model, only the tokenizer, so it
+    outlives what can kill a Router (a bad batch, memory): a Router's death costs only the streams
+    it had started, each ended with an error event, and whatever it had not started goes to another
+    replica (engine_link.py). No CPU reserved: like Serve's HTTP proxy, it is light and I/O-bound."""
+
+    async def __init__(self, settings: ServeSettings, router):
+        from raymoe.serve.api import APILimits, CompletionsAPI
+        from raymoe.serve.engine_link import RemoteEngine
+        from raymoe.train.sft import ChatTemplate
+
+        self.router = router
+        info = await router.describe.remote()
+        tok, max_len = info["tokenizer"], info["max_len"]
+        template = ChatTemplate(*info["chat_template"], tok.special_tokens) if info["chat_template"] else None
+        limits = APILimits(max_prompt_tokens=max_len // 2, max_tokens=settings.serve.max_tokens)
+        self.backend = RemoteEngine(router)
+        self.api = CompletionsAPI(self.backend, tok, model_name=info["name"], limits=limits, api_key=settings.api_key,
+                                  expert_load=self.expert_load, chat_template=template)
+
+    async def expert_load(self) -> dict:
+        load = await self.router.expert_load.remote()
+        # Calls sent again before they produced anything, and calls cut after they had (a
+        # non-streamed one is then generated again by api.py; a stream ends with an error event).
+        return {**load, "ingress": {"resent": self.backend.resent, "lost_mid_way": self.backend.lost}}
+
+    def __serve_build_asgi_app__(self):
+        from raymoe.serve.api import build_asgi_app
+
+        return build_asgi_app(self.api)
+
+
 def chat_template_of(cfg, tok, model_dir: str | None = None):
     """The template /v1/chat/completions renders with: the one the model directory carries (the
     template its fine-tuning used, saved beside the weights; model_dir.CHAT_TEMPLATE), else the
@@ -203,7 +231,8 @@ def chat_template_of(cfg, tok, model_dir: str | None = None):
 
 
 def build_app(settings: ServeSettings):
-    """The Serve application: a Router, plus one ExpertGroup deployment per group in routed mode."""
+    """The Serve application: the Ingress (HTTP) in front of the Router, plus one ExpertGroup
+    deployment per group in routed mode."""
     s = settings.serve
     r_lo, r_hi = s.router_range
     # Routers scale on ongoing requests (Serve's default policy): a replica is "full" at max_batch.
@@ -212,7 +241,7 @@ def build_app(settings: ServeSettings):
                       if r_lo != r_hi else {"num_replicas": r_lo})
     router = Router.options(ray_actor_options={"num_cpus": s.router_cpus}, **router_scaling)
     if not settings.routed:
-        return router.bind(settings)
+        return Ingress.bind(settings, router.bind(settings))
     if s.data_path == "direct" and settings.channel_token is None:
         settings = dataclasses.replace(settings, channel_token=secrets.token_hex(16))
     if settings.app_key is None:
@@ -227,7 +256,7 @@ def build_app(settings: ServeSettings):
 
     groups = [ExpertGroup.options(name=f"ExpertGroup{g}", ray_actor_options={"num_cpus": s.group_cpus}, **scaling(g))
               .bind(settings, g) for g in range(s.num_groups)]
-    return router.bind(settings, *groups)
+    return Ingress.bind(settings, router.bind(settings, *groups))
 
 
 APP_NAME = "raymoe"

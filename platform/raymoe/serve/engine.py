@@ -41,6 +41,11 @@ class EngineError(RuntimeError):
     """The engine failed while serving a request (a server-side error, not the request's fault)."""
 
 
+class ReplicaLost(EngineError):
+    """The replica generating a request died mid-way (serve/engine_link.py); a request whose
+    client has seen nothing of it may be sent again."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 64
