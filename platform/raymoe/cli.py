@@ -17,7 +17,7 @@ import argparse
 import os
 import sys
 
-from raymoe.config import ConfigError, load_config
+from raymoe.config import ConfigError, check_writable, load_config
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -28,6 +28,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_writable(cfg)
     with open(args.config) as f:
         original = f.read()
     from raymoe.ray_train import run_training
@@ -86,6 +87,7 @@ def _cmd_placement(args) -> int:
 
 def _cmd_tune(args) -> int:
     cfg = load_config(args.config, args.overrides)
+    check_writable(cfg)
     from raymoe.tune import run_search
 
     out = run_search(cfg, address=args.address, resume=args.resume)
@@ -255,10 +257,20 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_check(args) -> int:
+    # Every file is checked, so one run over a glob lists every mistake, not just the first.
+    num_bad = 0
     for path in args.configs:
-        cfg = load_config(path)
+        try:
+            cfg = load_config(path)
+        except Exception as e:
+            line = _user_error_line(e)
+            if line is None:
+                raise
+            print(f"raymoe: {line}", file=sys.stderr)
+            num_bad += 1
+            continue
         print(f"ok: {path} ({cfg.name})")
-    return 0
+    return 2 if num_bad else 0
 
 
 def serve_config(target: str, overrides: list[str]):
@@ -441,32 +453,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_error_line(e: Exception) -> str | None:
+    """The one line (after "raymoe: ") a mistake the user can fix is reported in; None for a bug."""
+    if isinstance(e, ConfigError):
+        return f"config error: {e}"
+    # Imported only now: most of these modules import torch.
+    from raymoe.model.hf import HFError
+    from raymoe.model_dir import ModelSourceError
+    from raymoe.parallel.checkpoint import CheckpointError
+    from raymoe.serve.engine import RequestError
+    from raymoe.submit import SubmitError
+    from raymoe.tokenizer import TokenizerError
+    from raymoe.train.data import DataError
+
+    if isinstance(e, (SubmitError, ModelSourceError)):
+        return str(e)
+    if isinstance(e, (DataError, CheckpointError, RequestError, HFError, TokenizerError)):
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except ConfigError as e:
-        print(f"raymoe: config error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("raymoe: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        from raymoe.model.hf import HFError
-        from raymoe.model_dir import ModelSourceError
-        from raymoe.parallel.checkpoint import CheckpointError
-        from raymoe.serve.engine import RequestError
-        from raymoe.submit import SubmitError
-        from raymoe.tokenizer import TokenizerError
-        from raymoe.train.data import DataError
-
-        if isinstance(e, (SubmitError, ModelSourceError)):
-            print(f"raymoe: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, (DataError, CheckpointError, RequestError, HFError, TokenizerError)):
-            print(f"raymoe: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-        raise
+        line = _user_error_line(e)
+        if line is None:
+            raise
+        print(f"raymoe: {line}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

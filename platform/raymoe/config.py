@@ -18,6 +18,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 import types
 import typing
 from dataclasses import dataclass, field
@@ -930,7 +931,10 @@ def _apply_override(tree: dict, item: str) -> None:
         if not isinstance(child, dict):
             _fail(f"--set {key}: {p} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        _fail(f"--set {key.strip()}: {raw!r} is not a valid YAML value ({_yaml_problem(e)}); quote it or fix it")
 
 
 def _tracking_uri_of(tree: dict) -> str:
@@ -999,14 +1003,95 @@ def config_from_dict(data: dict, overrides: list[str] = (), source: str = "<dict
     return dataclasses.replace(cfg, output_dir=os.path.abspath(os.path.expanduser(cfg.output_dir)))
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What PyYAML found wrong, in one line. Its own first line often names only the construct it
+    was inside ("while parsing a block mapping"); the problem comes after, the context is kept
+    where it points elsewhere (the `[` an unclosed list opened at)."""
+    if not isinstance(e, yaml.MarkedYAMLError) or not e.problem:
+        return str(e).splitlines()[0]
+    problem = e.problem
+    if "'\\t'" in problem:
+        problem += " (YAML indents with spaces, not tabs)"
+    ctx = e.context_mark
+    if e.context and ctx is not None and (e.problem_mark is None or ctx.line != e.problem_mark.line):
+        problem += f" ({e.context} from line {ctx.line + 1}, column {ctx.column + 1})"
+    return problem
+
+
+def _yaml_error(path: str, text: str, e: yaml.YAMLError) -> ConfigError:
+    """`path:line:column: not valid YAML: problem` (1-based, as editors count)."""
+    mark = getattr(e, "problem_mark", None)
+    if mark is not None:
+        line, column = mark.line + 1, mark.column + 1
+    elif isinstance(e, yaml.reader.ReaderError):  # a character YAML forbids; position indexes `text`
+        line = text.count("\n", 0, e.position) + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+    else:
+        return ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}")
+    return ConfigError(f"{path}:{line}:{column}: not valid YAML: {_yaml_problem(e)}")
+
+
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> RunConfig:
     """Load a YAML config strictly, apply `key=value` overrides, validate, resolve paths."""
     path = os.fspath(path)
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file") from None
+    except OSError as e:  # a directory, no permission
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        line, column = raw.count(b"\n", 0, e.start) + 1, len(raw[line_start:e.start].decode("utf-8", "replace")) + 1
+        raise ConfigError(f"{path}:{line}:{column}: not valid YAML: byte 0x{raw[e.start]:02x} is not UTF-8; "
+                          "save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise _yaml_error(path, text, e) from None
     return config_from_dict(data or {}, overrides, source=path, base_dir=os.getcwd())
+
+
+def _unwritable_reason(directory: str) -> str | None:
+    """Why `directory` cannot be created and written in, or None when it can (tried, not guessed:
+    permission bits say nothing to root, and a read-only mount or a file on the path beats them)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".raymoe-write-check-"):
+            pass
+    except OSError as e:
+        existing = directory
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            return f"{existing} is a file, not a directory"
+        return e.strerror or type(e).__name__
+    return None
+
+
+def check_writable(cfg: RunConfig) -> None:
+    """Refuse, in one line naming the key, a directory the run writes but cannot: output_dir,
+    data.cache_dir, and the default sqlite MLflow store's directory. `raymoe train` and `raymoe tune`
+    call it before Ray starts; later the same mistake is a worker's traceback, or a warning that
+    MLflow is unavailable. Creates the directories it checks (the run would)."""
+    from raymoe.tracking import default_tracking_uri  # tracking.py imports no more than this module
+
+    checks = [(cfg.output_dir, f"output_dir={cfg.output_dir}", "set output_dir to a writable directory")]
+    if cfg.data.cache_dir:
+        checks.append((os.path.abspath(cfg.data.cache_dir), f"data.cache_dir={cfg.data.cache_dir}",
+                       "set data.cache_dir to a writable directory (null = <output_dir>/data)"))
+    if cfg.tracking.uri is None and not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = default_tracking_uri(None, cfg.output_dir)
+        checks.append((os.path.dirname(uri.removeprefix("sqlite:///")), f"the MLflow store {uri} (tracking.uri=null)",
+                       "set output_dir to a writable directory, or tracking.uri to another store"))
+    seen = set()
+    for directory, what, fix in checks:
+        if directory in seen:  # the default store lives in output_dir itself
+            continue
+        seen.add(directory)
+        reason = _unwritable_reason(directory)
+        if reason is not None:
+            _fail(f"{what} is not writable ({reason}); {fix}")

@@ -129,6 +129,63 @@ def test_check_rejects_a_bad_config_with_exit_2(tmp_path):
     assert f"{bad}: unknown key model.balance.foo" in r.stderr
 
 
+def test_check_reports_every_bad_file_and_exits_2(tmp_path):
+    files = {
+        "a.yaml": "name: a\n",
+        "bad1.yaml": "name: bad1\ntrain:\n  steps: 10\n   lr: 3.0e-4\n",
+        "b.yaml": "name: b\n",
+        "bad2.yaml": "name: bad2\nmodel:\n  top_k: 9\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    r = _raymoe("check", *files, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stdout.splitlines() == ["ok: a.yaml (a)", "ok: b.yaml (b)"]
+    assert r.stderr.splitlines() == [
+        "raymoe: config error: bad1.yaml:4:6: not valid YAML: mapping values are not allowed here",
+        "raymoe: config error: bad2.yaml: model.top_k=9 must be in [1, model.num_experts=8]",
+    ]
+
+
+def _read_only_dir() -> str:
+    """A directory that not even root can create: under /sys (sysfs refuses mkdir)."""
+    path = "/sys/raymoe-write-check"
+    try:
+        os.mkdir(path)
+    except OSError:
+        return path
+    os.rmdir(path)
+    pytest.skip("/sys accepts new directories here")
+
+
+@pytest.mark.parametrize("command", ["train", "tune"])
+@pytest.mark.parametrize("where", ["under_a_file", "read_only"])
+def test_unwritable_output_dir_exits_2_in_one_line_before_ray_starts(tmp_path, command, where):
+    if where == "under_a_file":
+        (tmp_path / "afile").write_text("")
+        out, reason = tmp_path / "afile" / "out", f"{tmp_path / 'afile'} is a file, not a directory"
+    else:
+        out, reason = _read_only_dir(), "Operation not permitted"
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"name: run\noutput_dir: {out}\ntune:\n  space:\n    train.lr: {{loguniform: [1.0e-4, 1.0e-3]}}\n")
+    r = _raymoe(command, str(cfg), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        f"raymoe: config error: output_dir={out} is not writable ({reason}); set output_dir to a writable directory"
+    ]
+    assert r.stdout == ""
+
+
+def test_unwritable_data_cache_dir_exits_2_naming_the_key(tmp_path):
+    cache = _read_only_dir()
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"name: run\noutput_dir: {tmp_path / 'out'}\ndata:\n  cache_dir: {cache}\n")
+    r = _raymoe("train", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"raymoe: config error: data.cache_dir={cache} is not writable (Operation not permitted); "
+                                     "set data.cache_dir to a writable directory (null = <output_dir>/data)"]
+
+
 @pytest.mark.parametrize("command", ["train", "params"])
 def test_override_without_equals_exits_2(command):
     r = _raymoe(command, "jobs/configs/demo.yaml", "--set", "train.lr")

@@ -166,6 +166,98 @@ def test_too_few_tokens_for_a_sequence_or_a_batch_says_how_many(tmp_path):
         BatchIterator(np.zeros(100, np.uint16), batch_size=4, seq_len=11, rank=0, world_size=3, seed=0)
 
 
+# ----------------------------------------------------------------------------- bytes that are not UTF-8
+
+CLEAN = "".join(f"line {i}: plain text, caf\u00e9\n" for i in range(40)).encode()  # ~1 KB of valid UTF-8
+
+
+def _corpus_dir(tmp_path, **files: bytes):
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    return src
+
+
+def test_clean_utf8_txt_gives_no_warning_and_an_empty_record(tmp_path):
+    src = _corpus_dir(tmp_path, **{"a.txt": CLEAN, "b.txt": "another document, na\u00efve\n".encode() * 20})
+    logs = []
+    corpus = prepare_corpus(DataConfig(source=str(src)), str(tmp_path / "cache"), seq_len=8, log=logs.append)
+    assert not [line for line in logs if line.startswith("warning")]
+    assert corpus.manifest["undecodable_bytes"] == {}
+
+
+def test_a_few_bytes_that_are_not_utf8_warn_with_the_count_and_file_on_every_run(tmp_path):
+    latin = CLEAN[:500] + b"na\xefve r\xe9sum\xe9\n" + CLEAN[500:]  # three Latin-1 bytes
+    src = _corpus_dir(tmp_path, **{"clean.txt": CLEAN, "latin.txt": latin})
+    cfg = DataConfig(source=str(src))
+    first_logs, second_logs = [], []
+    first = prepare_corpus(cfg, str(tmp_path / "cache"), seq_len=8, log=first_logs.append)
+    second = prepare_corpus(cfg, str(tmp_path / "cache"), seq_len=8, log=second_logs.append)
+
+    path = str(src / "latin.txt")
+    warning = (f"warning: {path}: 3 of {len(latin)} bytes are not valid UTF-8 and were read as U+FFFD; "
+               "convert the file to UTF-8 to train on its exact text")
+    assert [line for line in first_logs if line.startswith("warning")] == [warning]
+    assert second.reused and [line for line in second_logs if line.startswith("warning")] == [warning]
+    assert first.manifest["undecodable_bytes"] == {path: {"bytes": 3, "size": len(latin)}}
+    # The tokens are those of errors="replace", as caches written before the count hold.
+    assert sorted(_docs(first, "train") + _docs(first, "val")) == sorted([CLEAN.decode(), latin.decode("utf-8", "replace")])
+
+
+def test_a_mostly_binary_txt_file_is_refused_naming_file_and_count(tmp_path):
+    blob = bytes(range(128, 256)) * 8  # 1024 bytes, none of them valid UTF-8 on its own
+    src = _corpus_dir(tmp_path, **{"clean.txt": CLEAN, "model.bin.txt": blob})
+    with pytest.raises(DataError) as e:
+        prepare_corpus(DataConfig(source=str(src)), str(tmp_path / "cache"), seq_len=8)
+    assert str(e.value) == (
+        f"{src / 'model.bin.txt'}: 1024 of its 1024 bytes (100.0%) are not valid UTF-8, more than the 1% tolerated: "
+        "it is binary or in another encoding; convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8) or move it out of data.source"
+    )
+    assert os.listdir(tmp_path / "cache") == []  # no half-written cache left behind
+
+
+def test_more_than_one_percent_of_bytes_not_utf8_is_refused_and_one_percent_is_not(tmp_path):
+    text = b"x" * 197 + b"\n"
+    src = _corpus_dir(tmp_path, **{"a.txt": text + b"\xff\xfe", "b.txt": CLEAN})  # 2 of 200 bytes: tolerated
+    corpus = prepare_corpus(DataConfig(source=str(src)), str(tmp_path / "cache"), seq_len=8)
+    assert corpus.manifest["undecodable_bytes"] == {str(src / "a.txt"): {"bytes": 2, "size": 200}}
+    (src / "a.txt").write_bytes(text + b"\xff\xfe\xfd")  # 3 of 201
+    with pytest.raises(DataError, match=r"a\.txt: 3 of its 201 bytes \(1\.5%\) are not valid UTF-8, more than the 1% tolerated"):
+        prepare_corpus(DataConfig(source=str(src)), str(tmp_path / "cache"), seq_len=8)
+
+
+def test_a_cache_from_before_the_count_is_reused_and_gets_its_count_once(tmp_path):
+    latin = CLEAN + b"caf\xe9\n"
+    src = _corpus_dir(tmp_path, **{"clean.txt": CLEAN, "latin.txt": latin})
+    cfg = DataConfig(source=str(src))
+    built = prepare_corpus(cfg, str(tmp_path / "cache"), seq_len=8)
+    manifest_path = os.path.join(built.dir, "manifest.json")
+    legacy = {k: v for k, v in built.manifest.items() if k != "undecodable_bytes"}  # as written before the count
+    with open(manifest_path, "w") as f:
+        json.dump(legacy, f)
+    shards = {name: mtime for name, mtime in _cache_files(built.dir).items() if name.endswith(".parquet")}
+
+    logs = []
+    reused = prepare_corpus(cfg, str(tmp_path / "cache"), seq_len=8, log=logs.append)
+    assert reused.reused and reused.dir == built.dir  # same fingerprint: the old cache stays valid
+    assert {n: m for n, m in _cache_files(built.dir).items() if n.endswith(".parquet")} == shards
+    assert any(line.startswith("counting bytes that are not UTF-8") for line in logs)
+    assert [line for line in logs if line.startswith("warning")] == [
+        f"warning: {src / 'latin.txt'}: 1 of {len(latin)} bytes are not valid UTF-8 and were read as U+FFFD; "
+        "convert the file to UTF-8 to train on its exact text"
+    ]
+    with open(manifest_path) as f:
+        assert json.load(f) == {**legacy, "undecodable_bytes": {str(src / "latin.txt"): {"bytes": 1, "size": len(latin)}}}
+    assert sorted(os.listdir(built.dir)) == sorted([*shards, "manifest.json"])
+
+    # The next run warns from the manifest without counting again.
+    logs.clear()
+    prepare_corpus(cfg, str(tmp_path / "cache"), seq_len=8, log=logs.append)
+    assert not any(line.startswith("counting") for line in logs)
+    assert sum(line.startswith("warning") for line in logs) == 1
+
+
 # ----------------------------------------------------------------------------- cache
 
 

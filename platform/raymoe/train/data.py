@@ -16,6 +16,9 @@ What is notable:
   permutation, so a job resumed at a different world size continues the same global sequence.
 - Bad input (missing path, malformed .jsonl, wrong field, too little data) raises one `DataError`
   whose message says what to change.
+- A .txt file is decoded as UTF-8. A few bytes that are not (a stray Latin-1 character) become
+  U+FFFD, counted per file in the manifest, and every run that uses the shards warns with the
+  count, reused or not; a file more than 1% of whose bytes are not UTF-8 is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import sysconfig
 import time
@@ -46,6 +50,11 @@ SUPPORTED_SUFFIXES = (".txt", ".jsonl", ".parquet")
 _CACHE_FORMAT = 1
 # Token ids are stored as uint16 while the vocabulary fits (bytes, Mixtral, OLMoE), else uint32.
 _TOKEN_TYPES = {"uint16": (np.uint16, pa.uint16()), "uint32": (np.uint32, pa.uint32())}
+# More than this share of a .txt file's bytes not being UTF-8 means it is binary or in another
+# encoding, not UTF-8 text with a few stray bytes: refused rather than trained on as U+FFFDs.
+MAX_UNDECODABLE_FRACTION = 0.01
+# What surrogateescape decodes each undecodable byte to (valid UTF-8 never decodes to these).
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
 _DOCS_PER_BATCH = 256  # documents per encode_batch call: enough to keep every core busy
 # Directories of the stdlib that are not representative library code (or not stdlib at all).
 _STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"})
@@ -217,8 +226,27 @@ def _iter_lines(stream) -> Iterator[bytes]:
         yield rest
 
 
-def _read_documents(src: _Source, text_field: str) -> Iterator[tuple[str, str]]:
-    """Yield (document key, text) in listing order; the key is stable and names the document."""
+def _decode_text(f: _SourceFile, data: bytes, undecodable: dict[str, dict[str, int]]) -> str:
+    """A .txt file's text. Bytes that are not UTF-8 become U+FFFD (errors="replace", the tokens
+    earlier versions cached) and are counted into `undecodable`: path -> {"bytes", "size"}."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        pass
+    bad = len(_ESCAPED_BYTE.findall(data.decode("utf-8", errors="surrogateescape")))
+    if bad > MAX_UNDECODABLE_FRACTION * len(data):
+        raise DataError(
+            f"{f.path}: {bad} of its {len(data)} bytes ({bad / len(data):.1%}) are not valid UTF-8, more than "
+            f"the {MAX_UNDECODABLE_FRACTION:.0%} tolerated: it is binary or in another encoding; convert it to UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8) or move it out of data.source"
+        )
+    undecodable[f.path] = {"bytes": bad, "size": len(data)}
+    return data.decode("utf-8", errors="replace")
+
+
+def _read_documents(src: _Source, text_field: str, undecodable: dict[str, dict[str, int]]) -> Iterator[tuple[str, str]]:
+    """Yield (document key, text) in listing order; the key is stable and names the document.
+    Each .txt file holding bytes that are not UTF-8 is entered in `undecodable` (_decode_text)."""
     for f in src.files:
         if f.rel.endswith(".jsonl"):
             with _open_binary(src, f) as stream:
@@ -253,7 +281,7 @@ def _read_documents(src: _Source, text_field: str) -> Iterator[tuple[str, str]]:
                     handle.close()
         else:  # .txt and stdlib .py: the whole file is one document
             with _open_binary(src, f) as stream:
-                yield f.rel, stream.read().decode("utf-8", errors="replace")
+                yield f.rel, _decode_text(f, stream.read(), undecodable)
 
 
 def _read_parquet_column(f: _SourceFile, handle, text_field: str) -> Iterator[tuple[str, str]]:
@@ -275,10 +303,12 @@ def _read_parquet_column(f: _SourceFile, handle, text_field: str) -> Iterator[tu
             row += 1
 
 
-def _capped_documents(src: _Source, text_field: str, max_bytes: Optional[int]) -> Iterator[tuple[str, str]]:
+def _capped_documents(
+    src: _Source, text_field: str, max_bytes: Optional[int], undecodable: dict[str, dict[str, int]]
+) -> Iterator[tuple[str, str]]:
     """Non-empty documents, stopping (deterministically) once max_bytes of UTF-8 have been read."""
     total = 0
-    for key, text in _read_documents(src, text_field):
+    for key, text in _read_documents(src, text_field, undecodable):
         if not text:
             continue
         size = len(text.encode("utf-8")) if max_bytes is not None else 0
@@ -374,8 +404,9 @@ def _tokenize_into(out_dir: str, src: _Source, cfg: DataConfig, tok: Tokenizer, 
     # would otherwise be empty (both splits need at least one document).
     held: Optional[tuple[str, np.ndarray]] = None
     num_docs = num_tokens = 0
+    undecodable: dict[str, dict[str, int]] = {}
     t0 = last_note = time.perf_counter()
-    for batch in _batched(_capped_documents(src, cfg.text_field, cfg.max_bytes), _DOCS_PER_BATCH):
+    for batch in _batched(_capped_documents(src, cfg.text_field, cfg.max_bytes, undecodable), _DOCS_PER_BATCH):
         for (key, _), tokens in zip(batch, tok.encode_documents([text for _, text in batch])):
             tokens = tokens.astype(dtype, copy=False)
             if held is not None:
@@ -421,6 +452,7 @@ def _tokenize_into(out_dir: str, src: _Source, cfg: DataConfig, tok: Tokenizer, 
         "max_bytes": cfg.max_bytes,
         "splits": {s: writers[s].summary() for s in SPLITS},
         "token_sha256": combined,
+        "undecodable_bytes": undecodable,
     }
 
 
@@ -519,10 +551,16 @@ def prepare_corpus(
     if reused:
         manifest = _load_manifest(final_dir)
         log(f"reusing tokenized corpus {final_dir} ({_summary(manifest)})")
+        if "undecodable_bytes" not in manifest:
+            manifest = _record_undecodable(final_dir, manifest, src, cfg, log)
     else:
         t0 = time.perf_counter()
         manifest, reused = build_once(cache_dir, final_dir, lambda d: _tokenize_into(d, src, cfg, tok, log))
         log(f"tokenized {_summary(manifest)} in {time.perf_counter() - t0:.1f}s -> {final_dir}")
+    # From the manifest, so a run that reuses the shards warns as the one that wrote them did.
+    for path, n in manifest["undecodable_bytes"].items():
+        log(f"warning: {path}: {n['bytes']} of {n['size']} bytes are not valid UTF-8 and were read as U+FFFD; "
+            "convert the file to UTF-8 to train on its exact text")
     for split in SPLITS:
         n = manifest["splits"][split]["num_tokens"]
         if n < seq_len + 1:
@@ -532,6 +570,28 @@ def prepare_corpus(
                 f"{'raise data.val_fraction, ' if split == 'val' else ''}or lower train.seq_len"
             )
     return Corpus(dir=final_dir, manifest=manifest, reused=reused)
+
+
+def _record_undecodable(final_dir: str, manifest: dict[str, Any], src: _Source, cfg: DataConfig,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    """A cache written before undecodable bytes were counted: count them now, reading the corpus
+    once more (refusing a file as a build would), and add them to its manifest so later runs do not.
+    Its fingerprint and shards stay as they are: the tokens are the same."""
+    undecodable: dict[str, dict[str, int]] = {}
+    if any(not f.rel.endswith((".jsonl", ".parquet")) for f in src.files):
+        log(f"counting bytes that are not UTF-8 in the .txt files of {final_dir} (once: its manifest predates the count)")
+        for _ in _capped_documents(src, cfg.text_field, cfg.max_bytes, undecodable):
+            pass
+    manifest = {**manifest, "undecodable_bytes": undecodable}
+    tmp = os.path.join(final_dir, f".manifest-{os.getpid()}-{uuid.uuid4().hex[:8]}.json")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(manifest, f, indent=1)
+        os.replace(tmp, os.path.join(final_dir, "manifest.json"))  # atomic: a reader sees the old or the new one
+    except OSError:  # a read-only cache: the next run counts again
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return manifest
 
 
 def _summary(manifest: dict[str, Any]) -> str:
