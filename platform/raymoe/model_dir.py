@@ -360,6 +360,10 @@ def _open_local(path: str) -> ModelSource:
     from raymoe.parallel.checkpoint import (MANIFEST, CheckpointError, checkpoint_tensor, checkpoint_tensor_names,
                                             read_manifest)
 
+    if os.path.isfile(os.path.join(path, "MLmodel")):  # an MLflow model (mlflow_model.py): the model directory in it
+        from raymoe.mlflow_model import find_model_dir
+
+        path = find_model_dir(path)
     if not os.path.exists(os.path.join(path, MANIFEST)) and (latest := latest_checkpoint(path)):
         path = latest  # a training run's directory: its newest complete checkpoint
     if os.path.exists(os.path.join(path, MANIFEST)):
