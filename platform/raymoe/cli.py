@@ -256,6 +256,22 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _cmd_mlflow_replay(args) -> int:
+    from raymoe.tracking import replay_pending
+
+    if not os.path.isfile(args.path):
+        print(f"raymoe: {args.path} does not exist (nothing is pending, or it was replayed already)", file=sys.stderr)
+        return 2
+    try:
+        sent = replay_pending(args.path, uri=args.tracking_uri)
+    except Exception as e:  # noqa: BLE001 - unreachable again: the file keeps exactly what was not sent
+        print(f"raymoe: MLflow is unavailable ({type(e).__name__}: {str(e)[:200]}); "
+              f"{args.path} keeps what was not sent, run this again later", file=sys.stderr)
+        return 1
+    print(f"sent {sent} metric point(s) and the rest of {args.path} to MLflow")
+    return 0
+
+
 def _cmd_check(args) -> int:
     # Every file is checked, so one run over a glob lists every mistake, not just the first.
     num_bad = 0
@@ -446,6 +462,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", default="hf", choices=["hf", "raymoe"],
                    help="hf: a Hugging Face directory (default); raymoe: a raymoe model directory")
     p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("mlflow-replay", help="send the MLflow records a run could not deliver (the mlflow_pending.jsonl it named)")
+    p.add_argument("path", help="the pending file, e.g. .raymoe/runs/NAME/mlflow_pending.jsonl")
+    p.add_argument("--tracking-uri", default=None, help="send to this server or store instead of the one the file names")
+    p.set_defaults(fn=_cmd_mlflow_replay)
 
     p = sub.add_parser("check", help="validate config files without running anything")
     p.add_argument("configs", nargs="+")
