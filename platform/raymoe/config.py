@@ -332,6 +332,9 @@ class ScalingConfig:
     """CPUs reserved per worker."""
     max_failures: int = 0
     """Worker-group restarts allowed before the run fails (-1 = unlimited)."""
+    resource_wait_s: float = 900.0
+    """On an autoscaling cluster, how long to wait for the nodes the workers need before failing
+    (a cluster that cannot autoscale and lacks them fails at once)."""
 
     def __post_init__(self) -> None:
         lo, hi = self.worker_range
@@ -342,6 +345,8 @@ class ScalingConfig:
             _fail(f"scaling.cpus_per_worker={self.cpus_per_worker} must be > 0")
         if self.max_failures < -1:
             _fail(f"scaling.max_failures={self.max_failures} must be >= -1")
+        if self.resource_wait_s <= 0:
+            _fail(f"scaling.resource_wait_s={self.resource_wait_s} must be > 0")
 
     @property
     def worker_range(self) -> tuple[int, int]:
@@ -664,6 +669,9 @@ class ServeConfig:
     model.max_seq_len; imported models often allow 100K+)."""
     micro_batches: int = 1
     """Decode micro-batches run in parallel threads so expert calls overlap router compute."""
+    stream_interval_s: float = 0.05
+    """A stream's tokens after its first are sent from the Router to the Ingress at most this often,
+    merged (each message costs the Ingress CPU time; 0 = every token at once)."""
     host: str = "127.0.0.1"
     """HTTP listen address (0.0.0.0 for every interface)."""
     port: int = 8000
@@ -690,6 +698,8 @@ class ServeConfig:
                 _fail(f"serve.{key}={getattr(self, key)} must be > 0")
         if self.downscale_delay_s < 0:
             _fail(f"serve.downscale_delay_s={self.downscale_delay_s} must be >= 0")
+        if not 0 <= self.stream_interval_s <= 1:
+            _fail(f"serve.stream_interval_s={self.stream_interval_s} must be in [0, 1] seconds")
         for key, lo in (("max_batch", 1), ("max_tokens", 1), ("max_len", 2), ("micro_batches", 1)):
             if getattr(self, key) < lo:
                 _fail(f"serve.{key}={getattr(self, key)} must be >= {lo}")

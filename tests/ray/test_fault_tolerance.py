@@ -1,6 +1,9 @@
 """A worker of a 2-worker expert-parallel run is SIGKILLed mid-run: Ray Train restarts the group,
 every rank reloads the last checkpoint with its expert shard, and the run ends where an
-uninterrupted one does, in the same MLflow run."""
+uninterrupted one does, in the same MLflow run. What no restart can fix ends at once instead: a
+run whose only checkpoint is corrupt stops after one attempt despite max_failures, and a worker
+group larger than the session's fixed-size local Ray (tests/conftest.py) fails before any
+worker starts, both in one line."""
 
 from __future__ import annotations
 
@@ -42,6 +45,9 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninte
     faulted = run_training(cfg)
 
     assert faulted.step == reference.step == 12
+    assert reference.restarts == 0
+    assert faulted.restarts == 1 and faulted.restart_records[0]["cause"] == "fault_injection"
+    assert faulted.restart_records[0]["resumed_from_step"] == 4
     assert faulted.train_loss == pytest.approx(reference.train_loss, abs=1e-4)
     assert faulted.val_loss == pytest.approx(reference.val_loss, abs=1e-4)
 
@@ -61,3 +67,62 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninte
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6, 8, 10, 12]
     a2a = client.get_metric_history(run_id, "moe/a2a_bytes")
     assert a2a and all(m.value > 0 for m in a2a)
+
+
+def _write_corrupt_checkpoint(cfg) -> str:
+    """A real checkpoint of cfg's model (one rank) in the run's storage directory, where
+    `_resume_candidates` finds it, with one byte of its expert shard flipped."""
+    import torch
+
+    from raymoe.model.transformer import MoETransformer
+    from raymoe.parallel.apply import parallelize
+    from raymoe.parallel.checkpoint import TrainerState, save_checkpoint
+    from raymoe.parallel.mesh import build_mesh
+    from raymoe.train.loop import build_optimizer
+
+    model = MoETransformer(cfg.model)
+    model.init_weights(seed=0)
+    plan = parallelize(model, build_mesh(1, 0, 1, cfg.model.num_experts))
+    opt = build_optimizer(plan.dense + plan.experts, cfg.train, torch.device("cpu"))
+    path = os.path.join(cfg.storage_path, cfg.name, "checkpoint_2026-01-01_00-00-00.000000")
+    save_checkpoint(path, model, opt, plan, TrainerState(step=4, model_hash=cfg.model_hash()))
+    shard = os.path.join(path, f"experts-00000-{cfg.model.num_experts:05d}.safetensors")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0x01
+    open(shard, "wb").write(bytes(data))
+    return shard
+
+
+def test_a_run_whose_only_checkpoint_is_corrupt_ends_after_one_attempt_naming_the_file(ray_cluster, tmp_path):
+    import time
+
+    from raymoe.parallel.checkpoint import CheckpointError
+
+    cfg = config_from_dict({**ep_run(tmp_path, "corrupt").to_dict(), "scaling": {"num_workers": 2, "max_failures": 3}})
+    shard = _write_corrupt_checkpoint(cfg)
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError) as info:
+        run_training(cfg)
+    seconds = time.perf_counter() - t0
+    msg = str(info.value)
+    print(f"corrupt only checkpoint: failed in {seconds:.1f}s: {msg}")
+    # One attempt is one worker-group start (~10 s here); max_failures=3 used to make it four.
+    assert seconds < 45, seconds
+    assert "\n" not in msg
+    assert msg.startswith("none of the 1 checkpoints could be loaded")
+    assert f"ranks 0, 1: {shard}: sha256 does not match manifest.json" in msg
+
+
+def test_more_workers_than_the_cluster_has_cpus_fails_in_seconds_naming_the_keys(ray_cluster, tmp_path):
+    import time
+
+    from raymoe.config import ConfigError
+
+    cpus = int(ray_cluster.cluster_resources()["CPU"])
+    cfg = config_from_dict({**ep_run(tmp_path, "too-big").to_dict(), "scaling": {"num_workers": cpus + 4, "max_failures": 3}})
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError) as info:
+        run_training(cfg)
+    assert time.perf_counter() - t0 < 10
+    assert str(info.value) == (f"scaling.num_workers={cpus + 4} x scaling.cpus_per_worker=1.0 needs {cpus + 4} CPUs; "
+                               f"this Ray cluster has {cpus} and does not autoscale: lower scaling.num_workers or add nodes")

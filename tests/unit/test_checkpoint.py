@@ -24,6 +24,7 @@ from raymoe.model.transformer import MoETransformer
 from raymoe.parallel.apply import parallelize
 from raymoe.parallel.checkpoint import (
     MANIFEST,
+    BaseModelChanged,
     CheckpointError,
     TrainerState,
     full_state_dict,
@@ -420,6 +421,23 @@ def test_load_latest_good_raises_when_every_candidate_is_refused(tmp_path):
     _flip_byte(os.path.join(a, DENSE))
     os.remove(os.path.join(b, MANIFEST))
     fresh, lines = _Run(), []
-    with pytest.raises(CheckpointError, match=f"none of the 2 checkpoints could be loaded \\(newest: {a}\\)"):
+    with pytest.raises(CheckpointError) as info:
         load_latest_good([a, b], fresh.model, fresh.opt, fresh.plan, fresh.hash, log=lines.append)
+    # One line naming every refused file and why (one process: no rank numbers).
+    assert str(info.value) == (
+        f"none of the 2 checkpoints could be loaded: {os.path.join(a, DENSE)}: sha256 does not match manifest.json "
+        f"(truncated or corrupted); {b}: no manifest.json; the checkpoint was never completed; "
+        "fix or remove them, or start a new run name")
     assert [line.split(" refused")[0] for line in lines] == [f"checkpoint {a}", f"checkpoint {b}"]
+
+
+def test_a_changed_base_model_ends_the_search_at_once(tmp_path):
+    path, _ = _saved(tmp_path)
+    mpath = os.path.join(path, MANIFEST)
+    manifest = json.load(open(mpath))
+    manifest["state"]["extra"] = {"base": {"init_from": "models:/base/1", "fingerprint": "aaa"}}
+    json.dump(manifest, open(mpath, "w"))
+    fresh, lines = _Run(), []
+    with pytest.raises(BaseModelChanged, match="fingerprint aaa, but model.init_from now has bbb"):
+        load_latest_good([path, path], fresh.model, fresh.opt, fresh.plan, fresh.hash, log=lines.append, expect_base="bbb")
+    assert lines == []  # not "refused, trying the previous one": an older checkpoint has the same base

@@ -100,3 +100,64 @@ def test_resuming_a_finished_run_trains_nothing_but_reports_its_final_metrics_on
     metrics, ckpt = again.reports[0]
     assert metrics["train/step"] == 12 and ckpt is None
     assert metrics["val/loss"] == pytest.approx(done.val_loss, abs=1e-6)
+
+
+class Tracker:
+    run_id = None
+
+    def __init__(self):
+        self.logged = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((dict(metrics), step))
+
+    def log_artifact(self, *args, **kwargs):
+        pass
+
+
+def test_a_plain_run_reports_only_its_checkpoints_while_every_log_step_reaches_the_tracker(tmp_path, corpus_dir):
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path, log_every=1)
+    rep = KeepingReporter(tmp_path / "r")
+    rep.wants_metrics = False  # not a Tune trial: nothing reads the metrics between checkpoints
+    tracker = Tracker()
+    train(cfg, corpus_dir=corpus_dir, reporter=rep, tracker=tracker, info=DistInfo(0, 1, torch.device("cpu")))
+    assert [(m["train/step"], d is not None) for m, d in rep.reports] == [(6, True), (12, True)]
+    losses = {step: m["train/loss"] for m, step in tracker.logged if "train/loss" in m}
+    assert sorted(losses) == list(range(1, 13))
+    assert rep.reports[-1][0]["train/loss"] == losses[12] and rep.reports[-1][0]["val/loss"] > 0
+
+
+class SlowReporter(KeepingReporter):
+    """A Tune trial's reporter whose every report costs as much as a slow worker-group barrier."""
+
+    wants_metrics = True
+
+    def __init__(self, root, seconds):
+        super().__init__(root)
+        self.seconds = seconds
+
+    def report(self, metrics, checkpoint_dir):
+        import time
+
+        time.sleep(self.seconds)
+        super().report(metrics, checkpoint_dir)
+
+
+def test_the_printed_speed_counts_the_time_spent_reporting(tmp_path, corpus_dir, capsys):
+    import re
+
+    torch.set_num_threads(1)
+    cfg = tiny_cfg(tmp_path, steps=4, log_every=1, val_every=100, checkpoint_every=100)
+    rep = SlowReporter(tmp_path / "r", seconds=0.3)
+    train(cfg, corpus_dir=corpus_dir, reporter=rep, info=DistInfo(0, 1, torch.device("cpu")))
+    assert [m["train/step"] for m, _ in rep.reports] == [1, 2, 3, 4]  # a Tune trial gets every log step
+    speed = re.compile(r"tok/s ([\d,]+) \(([\d,]+) in steps\).* \| (\d+) ms/step \((\d+) in steps\)$")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
+    assert len(lines) == 4
+    tokens_per_step = 4 * 32
+    for line in lines[1:]:  # each window after the first holds one 0.3 s report
+        wall, in_steps, wall_ms, step_ms = (int(g.replace(",", "")) for g in speed.search(line).groups())
+        assert wall <= tokens_per_step / 0.3 and wall_ms >= 300, line
+        assert in_steps > 2 * wall and step_ms < wall_ms - 250, line
+    assert rep.reports[-1][0]["train/wall_tokens_per_s"] <= tokens_per_step / 0.3

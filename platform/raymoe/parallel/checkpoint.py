@@ -22,7 +22,8 @@ a process group, and the manifest names which files a rank needs, so a rank chec
 those files only. The manifest is written last, by rank 0
 after gathering every rank's checksums: a directory without one was never completed. A file whose
 sha256 differs from the manifest is refused; `load_latest_good` then falls back to the previous
-checkpoint, and every rank agrees on which one (one all-reduce).
+checkpoint, and every rank agrees on which one: the ranks gather each other's refusals (one
+all_gather_object), so the message names every bad file, the rank that read it and the reason.
 
 A fine-tuning run with LoRA saves only what trains (`only`: the adapters, the routers if they
 train, and the buffers such as the selection biases); the frozen base comes from model.init_from,
@@ -507,25 +508,49 @@ def load_latest_good(
     only: set[str] | None = None, expect_base: str | None = None,
 ) -> tuple[str, TrainerState, dict[str, Any]] | None:
     """Try checkpoints newest first; the first that every rank loads cleanly wins. A changed base
-    model is not a damaged file: it ends the search at once (an older checkpoint would not fit either)."""
+    model is not a damaged file: it ends the search at once (an older checkpoint would not fit either).
+
+    Every rank's refusal is gathered (one all_gather_object per candidate), so what rank 0 logs
+    and what every rank raises name each bad file, the rank that read it and why."""
+    refused: list[str] = []
     for path in candidates:
-        ok, err = 1, None
+        err = None
         try:
             result = load_checkpoint(path, model, optimizer, plan, expect_model_hash, only, expect_base)
-        except BaseModelChanged:
-            raise
-        except CheckpointError as e:
-            ok, err, result = 0, e, None
-        if _dist():
-            # On the model's device: NCCL takes no CPU tensors (gloo takes both).
-            flag = torch.tensor([ok], dtype=torch.int32, device=next(model.parameters()).device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-            ok = int(flag)
-        if ok:
+        except (CheckpointError, OSError) as e:  # OSError: a file the manifest names that cannot be opened
+            result = None
+            err = ("BaseModelChanged" if isinstance(e, BaseModelChanged) else None, str(e))
+        failures = _gather_failures(err)
+        changed = [msg for _, (kind, msg) in failures if kind == "BaseModelChanged"]
+        if changed:
+            raise BaseModelChanged(changed[0])
+        if not failures:
             return (path, *result)
-        log(f"checkpoint {path} refused: {err or 'another rank could not load its part'}; trying the previous one")
+        reasons = _by_rank(failures)
+        refused.append(reasons)
+        log(f"checkpoint {path} refused: {reasons}; trying the previous one")
     if candidates:
         # Some rank may hold a partial load of a refused checkpoint; never train on from that.
-        raise CheckpointError(f"none of the {len(candidates)} checkpoints could be loaded (newest: {candidates[0]}); "
+        raise CheckpointError(f"none of the {len(candidates)} checkpoints could be loaded: {'; '.join(refused)}; "
                               "fix or remove them, or start a new run name")
     return None
+
+
+def _gather_failures(err: tuple[str | None, str] | None) -> list[tuple[int, tuple[str | None, str]]]:
+    """(rank, (kind, message)) of every rank that refused, rank order; [] when all loaded."""
+    if not _dist():
+        return [] if err is None else [(0, err)]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, err)
+    return [(rank, e) for rank, e in enumerate(gathered) if e is not None]
+
+
+def _by_rank(failures: list[tuple[int, tuple[str | None, str]]]) -> str:
+    """'rank 1: <file>: <why>; ranks 0, 1: <file>: <why>': one entry per distinct message (a file
+    every rank reads fails the same way on each); no rank numbers in a single process."""
+    ranks: dict[str, list[int]] = {}
+    for rank, (_, msg) in failures:
+        ranks.setdefault(msg, []).append(rank)
+    if not _dist():
+        return "; ".join(ranks)
+    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {msg}" for msg, r in ranks.items())

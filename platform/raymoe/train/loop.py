@@ -1,31 +1,36 @@
 """The training loop. No Ray in here: it runs under Ray Train (ray_train.py) or plain `torchrun`.
 
-    result = train(cfg, corpus_dir=..., reporter=..., tracker=..., resume_dir=None)
+    result = train(cfg, corpus_dir=..., reporter=..., tracker=..., resume_dirs=[...])
+
+Three parts, as in torchtitan's Trainer: `build_run` builds a run (the model cut to this rank's
+experts on its mesh, the optimizer, the newest loadable checkpoint, the data iterators);
+`train_step` runs one optimizer step; `train` is the loop around them: step callbacks (fault
+injection and restart tracking, train/faults.py), the metric windows (train/metrics.py) flushed
+at log steps, validation, checkpoints.
 
 Each optimizer step: `grad_accum` micro-batches of `batch_size` sequences per rank, cross-entropy
 plus the routers' balance losses, backward; gradients averaged over ranks (data parallel); the
 per-expert loads summed over every micro-batch of every rank, so the auxiliary-loss-free bias
 moves identically on all replicas; global-norm clipping; AdamW with linear warmup and cosine
-decay. Every `log_every` steps the metrics go to the tracker (rank 0) and the reporter (all ranks,
-with a checkpoint directory on checkpoint steps), and rank 0 prints one progress line.
+decay. Every `log_every` steps rank 0 logs the metrics to the tracker and prints one progress line.
 
-The reporter is called the same number of times on every rank: under Ray Train it is
-`ray.train.report`, a barrier across the worker group.
+The reporter is called at the same steps on every rank: under Ray Train it is `ray.train.report`,
+a barrier across the worker group. So it is called at checkpoint steps, and at the other log
+steps only when it says it `wants_metrics` (a Tune trial, whose scheduler reads them); a
+reporter without that attribute gets every log step.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import signal
 import shutil
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
@@ -36,17 +41,23 @@ from raymoe.tracking import LOAD_HISTORY
 from raymoe.model.lora import apply_lora, cast_frozen_, count_parameters, init_adapters, set_trainable
 from raymoe.model.params import train_flops_per_token
 from raymoe.model.transformer import MoETransformer
-from raymoe.parallel.apply import assign_, materialize, parallelize
+from raymoe.parallel.apply import ParallelPlan, assign_, materialize, parallelize
 from raymoe.parallel.checkpoint import TrainerState, load_latest_good, save_checkpoint
-from raymoe.parallel.mesh import build_mesh, resolve_expert_degree
+from raymoe.parallel.mesh import Mesh, build_mesh, resolve_expert_degree
 from raymoe.train.data import BatchIterator, eval_batches, open_corpus
-from raymoe.train.metrics import Throughput, device_peak_flops, format_progress, moe_load_metrics
+from raymoe.train.faults import FaultInjector, RestartWatch
+from raymoe.train.metrics import MetricWindows, device_peak_flops, format_progress
 
 
 RUN_CONFIG = "run_config.json"  # what serving rebuilds the model from
 
 
 class Reporter(Protocol):
+    wants_metrics: bool
+    """True: report at every log step (a Tune trial: its scheduler reads the metrics). False: only
+    at checkpoint steps, so a plain run does not stop at a worker-group barrier every log step;
+    MLflow gets every log step from rank 0 either way. Absent: True."""
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None: ...
 
 
@@ -64,6 +75,48 @@ class NullTracker:
         pass
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        pass
+
+
+@dataclass
+class TrainStart:
+    """What the loop tells its callbacks once the run is built, before the first step."""
+
+    step: int
+    """Where training continues: the loaded checkpoint's step, 0 = from scratch."""
+    checkpoint: str | None
+    """The checkpoint loaded, if any."""
+    resumes: int
+    """The checkpoint's own count of resumes (TrainerState.restarts), this one included."""
+    world_size: int
+    expert_degree: int
+
+
+class StepCallback(Protocol):
+    """Hooks the loop calls on every rank, in the order given (faults.py has two)."""
+
+    def on_train_start(self, start: TrainStart) -> None: ...
+    def on_step_begin(self, step: int) -> None: ...
+    def on_step_end(self, step: int) -> None: ...
+    def on_train_end(self, step: int) -> None: ...
+
+
+class _OnStep:
+    """`train(on_step=fn)`: fn(step) after every optimizer step."""
+
+    def __init__(self, fn: Callable[[int], None]):
+        self.fn = fn
+
+    def on_train_start(self, start: TrainStart) -> None:
+        pass
+
+    def on_step_begin(self, step: int) -> None:
+        pass
+
+    def on_step_end(self, step: int) -> None:
+        self.fn(step)
+
+    def on_train_end(self, step: int) -> None:
         pass
 
 
@@ -194,30 +247,46 @@ def evaluate(model, batches, cfg: RunConfig, info: DistInfo) -> float:
     return float(total[0] / total[1])
 
 
-def train(
-    cfg: RunConfig,
-    *,
-    corpus_dir: str,
-    reporter: Reporter,
-    tracker: Tracker | None = None,
-    resume_dirs: list[str] = (),
-    info: DistInfo | None = None,
-    fault_marker: str | None = None,
-    on_step: Callable[[int], None] | None = None,
-) -> TrainResult:
-    """Train from scratch, or from the newest loadable checkpoint in `resume_dirs` (newest first).
+@dataclass
+class TrainingRun:
+    """Everything `build_run` makes: what `train_step` and the loop work on."""
 
-    `fault_marker`: a file path on storage every rank sees; train.fault_injection writes the kill
-    time there (so it fires once per run) and the first step after the restart reads it back.
-    """
-    info = info or DistInfo.current()
-    if info.device.type == "cuda":
-        # NCCL's object collectives and barriers (checkpoint manifests) run on the current device.
-        torch.cuda.set_device(info.device)
-    tracker = tracker if (tracker is not None and info.rank == 0) else NullTracker()
-    log = print0(info.rank)
+    cfg: RunConfig
+    info: DistInfo
+    model: MoETransformer
+    optimizer: torch.optim.Optimizer
+    plan: ParallelPlan
+    mesh: Mesh
+    state: TrainerState
+    """Step, data position, resume count: what every checkpoint saves."""
+    checkpoint: str | None
+    """The checkpoint this run resumed from (None: from scratch)."""
+    records: dict[str, Any]
+    """The checkpoint's JSON records (the expert-load history)."""
+    only: set[str] | None
+    """State-dict keys a checkpoint holds (a LoRA run's: what trains), None = all."""
+    batches: Any
+    """BatchIterator or SFTBatches: this rank's training batches, at the resumed position."""
+    val: list
+    """This rank's fixed validation batches."""
+    moe_layers: list
+    trainable: int
+    total: int
+
+    @property
+    def sft(self) -> bool:
+        return self.cfg.data.format == "sft"
+
+    @property
+    def tokens_per_step(self) -> int:
+        tc = self.cfg.train
+        return tc.batch_size * tc.seq_len * tc.grad_accum * self.info.world_size
+
+
+def build_run(cfg: RunConfig, *, corpus_dir: str, resume_dirs: Sequence[str], info: DistInfo, log: Callable[[str], None]) -> TrainingRun:
+    """The model on this rank's part of the mesh, its optimizer, the newest loadable checkpoint of
+    `resume_dirs` (newest first) if any, and this rank's data iterators at the resumed position."""
     tc = cfg.train
-
     # Built on the meta device and cut to this rank's experts before anything is allocated: a rank
     # never holds the other ranks' experts. Initialization is per tensor and per expert (seeded by
     # name and global expert id), so every layout starts from the same global weights.
@@ -255,11 +324,12 @@ def train(
     trainable, total = count_parameters(model)
     resumed = load_latest_good(list(resume_dirs), model, optimizer, plan, cfg.model_hash(), log=log,
                                only=only, expect_base=base_fingerprint)
+    checkpoint = None
     if resumed is not None:
-        path, state, records = resumed
+        checkpoint, state, records = resumed
         state.restarts += 1
-        log(f"resumed from step {state.step} of {path} (saved at world size {state.world_size}, expert degree "
-            f"{state.expert_degree}; now {info.world_size} and {ep}; restart #{state.restarts})")
+        log(f"resumed from step {state.step} of {checkpoint} (saved at world size {state.world_size}, expert degree "
+            f"{state.expert_degree}; now {info.world_size} and {ep}; resume #{state.restarts})")
         state.world_size, state.expert_degree = info.world_size, ep
     else:
         log(f"world size {info.world_size}: expert degree {ep} x data degree {mesh.data_degree}, "
@@ -272,8 +342,7 @@ def train(
         log(f"{what}: {trainable:,} of {total:,} parameters train on this rank ({100 * trainable / total:.2f}%)")
     model.train()
 
-    sft = cfg.data.format == "sft"
-    if sft:
+    if cfg.data.format == "sft":
         from raymoe.train.sft import SFTBatches, open_sft, sft_eval_batches
 
         examples = open_sft(corpus_dir)
@@ -288,107 +357,181 @@ def train(
             world_size=info.world_size, seed=tc.seed, position=state.data_position,
         )
         val = eval_batches(corpus.tokens("val"), tc.batch_size, tc.seq_len, tc.val_batches, info.rank, info.world_size)
+    return TrainingRun(cfg=cfg, info=info, model=model, optimizer=optimizer, plan=plan, mesh=mesh, state=state,
+                       checkpoint=checkpoint, records=records, only=only, batches=batches, val=val,
+                       moe_layers=model.moe_layers(), trainable=trainable, total=total)
 
-    moe_layers = model.moe_layers()
-    num_experts = cfg.model.num_experts
-    flops_per_token = train_flops_per_token(cfg.model, tc.seq_len)
-    peak = device_peak_flops(info.device)
-    tokens_per_step = tc.batch_size * tc.seq_len * tc.grad_accum * info.world_size
-    throughput = Throughput()
-    # Loads summed since the last log, for metrics and the heatmap (the bias uses each step's).
-    window_load = torch.zeros(len(moe_layers), max(num_experts, 1), dtype=torch.long, device=info.device)
-    window_dropped = window_slots = 0
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=info.device)
-    # Carried in every checkpoint, so the run's heatmap survives restarts.
-    load_history: list[dict[str, Any]] = list(records.get(LOAD_HISTORY, []))
-    a2a_bytes = 0
-    window_loss_tokens = 0.0
-    recovery = _recovery_from_marker(fault_marker, state.step) if resumed is not None and info.rank == 0 else None
+
+@dataclass
+class StepOutput:
+    """One optimizer step's measurements, for the metric windows."""
+
+    lr: float
+    ce_sum: torch.Tensor
+    """Cross-entropy summed over the micro-batches (SFT: over loss tokens), float64, on the device."""
+    ce_count: float
+    """What ce_sum is a sum over: micro-batches (pre-training), loss tokens (SFT)."""
+    load_LE: torch.Tensor
+    """Tokens per expert per MoE layer, summed over every rank (the bias update's input)."""
+    dropped: torch.Tensor | int
+    slots: int
+    loss_tokens: float
+    """Loss-carrying tokens of the global batch (SFT; 0 for pre-training)."""
+    grad_norm: torch.Tensor
+    grad_bytes: int
+
+
+def train_step(run: TrainingRun) -> StepOutput:
+    """One optimizer step: forward/backward over grad_accum micro-batches, gradient sync and
+    clipping, AdamW, the routers' bias update. Advances run.state (step, data position)."""
+    cfg, tc, info, model = run.cfg, run.cfg.train, run.info, run.model
+    lr = lr_at(run.state.step, tc)
+    for g in run.optimizer.param_groups:
+        g["lr"] = lr
+    moe_layers = run.moe_layers
+    step_load = torch.zeros(len(moe_layers), max(cfg.model.num_experts, 1), dtype=torch.long, device=info.device)
+    ce_sum = torch.zeros((), dtype=torch.float64, device=info.device)
+    ce_count, dropped, slots, loss_tokens = 0.0, 0, 0, 0.0
+    micro = [_to_device(run.batches.next_batch(), info.device) for _ in range(tc.grad_accum)]
+    if run.sft:
+        # Every loss token of the global batch weighs the same, whatever rank or micro-batch
+        # it fell in: normalize by the step's global count (the gradient sync averages ranks).
+        step_loss_tokens = _all_reduce_(sum(m[2].sum() for m in micro).to(torch.float64).reshape(1), info.world_size)
+        loss_tokens = float(step_loss_tokens)
+        denom = float(step_loss_tokens.clamp(min=1)) / info.world_size
+    for x, y, mask, pos, seg in micro:
+        with autocast_for(tc, info.device):
+            out = model(x, positions=pos, segments=seg)
+            if mask is None:
+                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                loss = (ce + out.aux_loss) / tc.grad_accum
+            else:
+                ce = (F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
+                loss = ce / denom + out.aux_loss / tc.grad_accum
+        loss.backward()
+        ce_sum += ce.detach().double()
+        ce_count += 1 if mask is None else float(mask.sum())
+        for i, st in enumerate(out.moe_stats):
+            step_load[i] += st.tokens_per_expert
+            dropped = dropped + st.num_dropped  # a tensor: int() here would be a host sync per layer
+            slots += st.num_slots
+
+    run.plan.sync_gradients()
+    grad_norm = run.plan.clip_grad_norm_(tc.grad_clip)
+    run.optimizer.step()
+    grad_bytes = _held_bytes(p.grad for p in model.parameters())
+    run.optimizer.zero_grad(set_to_none=True)
+    # Every replica sees the same global load, so every replica's bias moves the same way.
+    _all_reduce_(step_load, info.world_size)
+    for layer, moe in enumerate(moe_layers):
+        moe.router.update_bias(step_load[layer])
+    if info.device.type == "cuda":
+        torch.cuda.synchronize(info.device)
+    run.state.step += 1
+    run.state.data_position = run.batches.position
+    return StepOutput(lr=lr, ce_sum=ce_sum, ce_count=ce_count, load_LE=step_load, dropped=dropped, slots=slots,
+                      loss_tokens=loss_tokens, grad_norm=grad_norm, grad_bytes=grad_bytes)
+
+
+def validate(run: TrainingRun) -> float:
+    """Validation loss (every rank calls it), without its all-to-all traffic in moe/a2a_bytes."""
+    loss = evaluate(run.model, run.val, run.cfg, run.info)
+    # Evaluation's forward passes dispatch tokens too; counted, they would land in the next
+    # training step's window (a spike after every validation).
+    run.plan.take_a2a_bytes()
+    return loss
+
+
+def save_run_checkpoint(run: TrainingRun, load_history: list[dict[str, Any]]) -> str:
+    """This rank's part of a checkpoint of the run, in a fresh temporary directory (the caller
+    reports it, then deletes it)."""
+    # Every rank writes its own part (dense on rank 0, expert shards on data index 0);
+    # Ray Train merges the ranks' directories.
+    info = run.info
+    ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{run.state.step:07d}-r{info.rank}-")
+    records = {LOAD_HISTORY: load_history, RUN_CONFIG: run.cfg.to_dict()} if info.rank == 0 else None
+    save_checkpoint(ckpt_dir, run.model, run.optimizer, run.plan, run.state, records=records, only=run.only)
+    return ckpt_dir
+
+
+def train(
+    cfg: RunConfig,
+    *,
+    corpus_dir: str,
+    reporter: Reporter,
+    tracker: Tracker | None = None,
+    resume_dirs: Sequence[str] = (),
+    info: DistInfo | None = None,
+    fault_marker: str | None = None,
+    on_step: Callable[[int], None] | None = None,
+    callbacks: Sequence[StepCallback] = (),
+) -> TrainResult:
+    """Train from scratch, or from the newest loadable checkpoint in `resume_dirs` (newest first).
+
+    `fault_marker`: a file path on storage every rank sees; train.fault_injection writes the kill
+    time there (so it fires once per run) and the first step after the restart reads it back.
+    `on_step(step)` runs after every step; `callbacks` get every hook of StepCallback.
+    """
+    info = info or DistInfo.current()
+    if info.device.type == "cuda":
+        # NCCL's object collectives and barriers (checkpoint manifests) run on the current device.
+        torch.cuda.set_device(info.device)
+    tracker = tracker if (tracker is not None and info.rank == 0) else NullTracker()
+    log = print0(info.rank)
+    tc = cfg.train
+
+    # Before anything that can fail: a start that finds the previous one unfinished is a restart.
+    watch = RestartWatch(os.path.join(cfg.storage_path, cfg.name), cfg.name, rank=info.rank, world_size=info.world_size,
+                         fault_marker=fault_marker, tracker=tracker, log=log)
+    run = build_run(cfg, corpus_dir=corpus_dir, resume_dirs=resume_dirs, info=info, log=log)
+    state = run.state
+    # The watch first (its record of the last finished step must not wait for others), the kill last.
+    hooks: list[StepCallback] = [watch, *callbacks, *([_OnStep(on_step)] if on_step is not None else [])]
+    if tc.fault_injection is not None:
+        hooks.append(FaultInjector(tc.fault_injection, rank=info.rank, world_size=info.world_size, marker=fault_marker, log=log))
+
     last_train = last_val = None
-
-    if resumed is not None:
-        tracker.log_metrics({"elastic/restarts": state.restarts, "elastic/world_size": info.world_size,
-                             "elastic/expert_degree": ep}, step=state.step)
-    else:
-        start = {"params/trainable_per_rank": trainable, "params/total_per_rank": total}
-        if sft:
-            start.update({"data/padding_fraction": batches.padding_fraction, "data/loss_fraction": batches.loss_fraction})
-            log(f"sft data: {batches.num_rows} rows of {tc.seq_len} tokens, {100 * batches.loss_fraction:.1f}% of "
-                f"slots carry loss, {100 * batches.padding_fraction:.1f}% padding")
+    if run.checkpoint is None:
+        start = {"params/trainable_per_rank": run.trainable, "params/total_per_rank": run.total}
+        if run.sft:
+            start.update({"data/padding_fraction": run.batches.padding_fraction, "data/loss_fraction": run.batches.loss_fraction})
+            log(f"sft data: {run.batches.num_rows} rows of {tc.seq_len} tokens, {100 * run.batches.loss_fraction:.1f}% of "
+                f"slots carry loss, {100 * run.batches.padding_fraction:.1f}% padding")
         if cfg.model.init_from:
             # Where fine-tuning starts from, on the same held-out data: the baseline of every later val/loss.
-            start["val/loss"] = last_val = evaluate(model, val, cfg, info)
+            start["val/loss"] = last_val = validate(run)
             log(f"validation loss of model.init_from before training: {last_val:.4f}")
         tracker.log_metrics(start, step=0)
+    begin = TrainStart(step=state.step, checkpoint=run.checkpoint, resumes=state.restarts, world_size=info.world_size,
+                       expert_degree=run.mesh.expert_degree)
+    for h in hooks:
+        h.on_train_start(begin)
     if state.step >= tc.steps:
         log(f"already at step {state.step} of train.steps={tc.steps}; nothing to train")
         # Still report once: whoever drives this run (a Tune trial resumed after finishing its
         # steps, say) needs the final metrics, not an empty result.
-        last_val = evaluate(model, val, cfg, info)
+        last_val = validate(run)
         reporter.report({"train/step": state.step, "val/loss": last_val}, None)
 
+    windows = MetricWindows(
+        num_moe_layers=len(run.moe_layers), num_experts=cfg.model.num_experts, device=info.device,
+        world_size=info.world_size, tokens_per_step=run.tokens_per_step,
+        flops_per_token=train_flops_per_token(cfg.model, tc.seq_len), peak_flops=device_peak_flops(info.device),
+        expert_parallel=run.mesh.expert_degree > 1, sft=run.sft,
+        # Carried in every checkpoint, so the run's heatmap survives restarts.
+        load_history=list(run.records.get(LOAD_HISTORY, [])),
+    )
+    wants_metrics = getattr(reporter, "wants_metrics", True)
     while state.step < tc.steps:
         step = state.step + 1
+        for h in hooks:
+            h.on_step_begin(step)
         t0 = time.perf_counter()
-        lr = lr_at(state.step, tc)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-
-        step_load = torch.zeros_like(window_load)
-        micro = [_to_device(batches.next_batch(), info.device) for _ in range(tc.grad_accum)]
-        if sft:
-            # Every loss token of the global batch weighs the same, whatever rank or micro-batch
-            # it fell in: normalize by the step's global count (the gradient sync averages ranks).
-            step_loss_tokens = _all_reduce_(sum(m[2].sum() for m in micro).to(torch.float64).reshape(1), info.world_size)
-            window_loss_tokens += float(step_loss_tokens)
-            denom = float(step_loss_tokens.clamp(min=1)) / info.world_size
-        for x, y, mask, pos, seg in micro:
-            with autocast_for(tc, info.device):
-                out = model(x, positions=pos, segments=seg)
-                if mask is None:
-                    ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
-                    loss = (ce + out.aux_loss) / tc.grad_accum
-                else:
-                    ce = (F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
-                    loss = ce / denom + out.aux_loss / tc.grad_accum
-            loss.backward()
-            loss_sum[0] += ce.detach().double()
-            loss_sum[1] += 1 if mask is None else float(mask.sum())
-            for i, st in enumerate(out.moe_stats):
-                step_load[i] += st.tokens_per_expert
-                window_dropped += st.num_dropped  # a tensor: int() here would be a host sync per layer
-                window_slots += st.num_slots
-
-        plan.sync_gradients()
-        grad_norm = plan.clip_grad_norm_(tc.grad_clip)
-        optimizer.step()
-        grad_bytes = _held_bytes(p.grad for p in model.parameters())
-        optimizer.zero_grad(set_to_none=True)
-        # Every replica sees the same global load, so every replica's bias moves the same way.
-        _all_reduce_(step_load, info.world_size)
-        for layer, moe in enumerate(moe_layers):
-            moe.router.update_bias(step_load[layer])
-        window_load += step_load
-        if info.device.type == "cuda":
-            torch.cuda.synchronize(info.device)
-        throughput.add(tokens_per_step)
-        state.step = step
-        state.data_position = batches.position
-        a2a_bytes += plan.take_a2a_bytes()
-        if on_step is not None:
-            on_step(step)
-        elapsed_train = time.perf_counter() - t0
-        if recovery is not None:
-            recovery["recovery_s"] = time.time() - recovery["killed_at"]
-            log(f"recovered: first step after the restart finished {recovery['recovery_s']:.1f}s after the kill; "
-                f"{recovery['steps_lost']} step(s) lost (killed after step {recovery['killed_after_step']}, "
-                f"resumed from the checkpoint of step {recovery['resumed_from_step']})")
-            tracker.log_metrics({"elastic/recovery_s": recovery["recovery_s"], "elastic/steps_lost": recovery["steps_lost"]}, step=step)
-            with open(fault_marker, "w") as f:  # for the driver's summary
-                json.dump(recovery, f)
-            recovery = None
-        if tc.fault_injection is not None:
-            _maybe_inject_fault(tc.fault_injection, info.rank, step, fault_marker)
+        out = train_step(run)
+        windows.add_step(ce_sum=out.ce_sum, ce_count=out.ce_count, load_LE=out.load_LE, dropped=out.dropped, slots=out.slots,
+                         seconds=time.perf_counter() - t0, a2a_bytes=run.plan.take_a2a_bytes(), loss_tokens=out.loss_tokens)
+        for h in hooks:
+            h.on_step_end(step)
 
         last = step == tc.steps
         do_log = step % tc.log_every == 0 or last
@@ -398,84 +541,27 @@ def train(
             continue
 
         metrics: dict[str, float] = {"train/step": step}
-        if do_log:
-            _all_reduce_(loss_sum, info.world_size)
-            last_train = float(loss_sum[0] / loss_sum[1])
-            loss_sum.zero_()
-            tok_s = throughput.rate()
-            metrics.update({"train/loss": last_train, "train/lr": lr, "train/grad_norm": float(grad_norm), "train/tokens_per_s": tok_s})
-            metrics["train/tokens_seen"] = float(step * tokens_per_step)
-            # What this rank holds (raymoe plan's figures; checked in tests/distributed/test_fsdp.py).
-            metrics["memory/optimizer_state_bytes"] = float(_optimizer_state_bytes(optimizer))
-            metrics["memory/param_bytes"] = float(_held_bytes(model.parameters()))
-            metrics["memory/grad_bytes"] = float(grad_bytes)
-            if sft:
-                metrics["train/loss_tokens_per_s"] = tok_s * window_loss_tokens / (tokens_per_step * tc.log_every)
-                window_loss_tokens = 0.0
-            if mesh.expert_degree > 1:
-                metrics["moe/a2a_bytes"] = a2a_bytes / tc.log_every  # per step, this rank
-            a2a_bytes = 0
-            if peak:
-                metrics["perf/mfu"] = flops_per_token * tok_s / (peak * info.world_size)
-            # Counters summed on each rank; the global picture needs the other ranks' too.
-            counts = torch.tensor([int(window_dropped), window_slots], dtype=torch.long, device=info.device)
-            _all_reduce_(counts, info.world_size)
-            if moe_layers:
-                metrics.update(moe_load_metrics(window_load, int(counts[0]), int(counts[1])))
-                load_history.append({"step": step, "load": window_load.cpu().tolist()})
-            window_load.zero_()
-            window_dropped = window_slots = 0
         if do_val:
-            last_val = evaluate(model, val, cfg, info)
-            metrics["val/loss"] = last_val
+            last_val = metrics["val/loss"] = validate(run)
         if do_log:
-            log(format_progress(step, tc.steps, metrics) + f" | {elapsed_train * 1e3:.0f} ms/step")
+            # After validation, so the progress line's wall-clock speed includes it.
+            metrics.update(windows.flush(step, lr=out.lr, grad_norm=out.grad_norm))
+            last_train = metrics["train/loss"]
+            # What this rank holds (raymoe plan's figures; checked in tests/distributed/test_fsdp.py).
+            metrics["memory/optimizer_state_bytes"] = float(_optimizer_state_bytes(run.optimizer))
+            metrics["memory/param_bytes"] = float(_held_bytes(run.model.parameters()))
+            metrics["memory/grad_bytes"] = float(out.grad_bytes)
+            log(format_progress(step, tc.steps, metrics, windows.ms_per_step))
         tracker.log_metrics(metrics, step=step)
 
-        ckpt_dir = None
-        if do_ckpt:
-            # Every rank writes its own part (dense on rank 0, expert shards on data index 0);
-            # Ray Train merges the ranks' directories.
-            ckpt_dir = tempfile.mkdtemp(prefix=f"raymoe-ckpt-{step:07d}-r{info.rank}-")
-            save_checkpoint(ckpt_dir, model, optimizer, plan, state, records={LOAD_HISTORY: load_history, RUN_CONFIG: cfg.to_dict()} if info.rank == 0 else None,
-                            only=only)
-        # The reporter (Ray Train, and through it Tune's schedulers) sees the latest validation
-        # loss in every report; MLflow above gets it only at the steps where it was measured.
-        reporter.report({**metrics, "val/loss": last_val} if last_val is not None else metrics, ckpt_dir)
+        ckpt_dir = save_run_checkpoint(run, windows.load_history) if do_ckpt else None
+        if ckpt_dir is not None or wants_metrics:
+            # The reporter (Ray Train, and through it Tune's schedulers) sees the latest validation
+            # loss in every report; MLflow above gets it only at the steps where it was measured.
+            reporter.report({**metrics, "val/loss": last_val} if last_val is not None else metrics, ckpt_dir)
         if ckpt_dir is not None:
             shutil.rmtree(ckpt_dir, ignore_errors=True)
-        throughput.rate()  # validation and checkpoint time is not training throughput
 
-    return TrainResult(state.step, last_train, last_val, load_history)
-
-
-def _maybe_inject_fault(fi, rank: int, step: int, marker: str | None) -> None:
-    """train.fault_injection: SIGKILL this worker once per run (the marker makes it once)."""
-    if rank != fi.kill_rank or step != fi.at_step or marker is None or os.path.exists(marker):
-        return
-    os.makedirs(os.path.dirname(marker), exist_ok=True)
-    with open(marker, "w") as f:
-        json.dump({"killed_at": time.time(), "killed_after_step": step, "rank": rank}, f)
-    _write_line(f"fault injection: rank {rank} kills itself (SIGKILL) after step {step}")
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _recovery_from_marker(marker: str | None, resumed_step: int) -> dict[str, Any] | None:
-    """After a restart caused by fault injection: when was the kill, and how many steps were lost."""
-    if marker is None or not os.path.exists(marker):
-        return None
-    with open(marker) as f:
-        info = json.load(f)
-    if "recovery_s" in info:  # measured once, not again on later restarts
-        return None
-    return {**info, "resumed_from_step": resumed_step, "steps_lost": info["killed_after_step"] - resumed_step}
-
-
-def read_recovery(marker: str) -> dict[str, Any] | None:
-    """What fault injection recorded for a run: kill step, rank, recovery_s, steps_lost (or None)."""
-    try:
-        with open(marker) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return info if "recovery_s" in info else None
+    for h in hooks:
+        h.on_train_end(state.step)
+    return TrainResult(state.step, last_train, last_val, windows.load_history)
