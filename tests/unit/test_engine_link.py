@@ -35,23 +35,27 @@ class _Handle:
     """A Serve handle's shape: handle.options(stream=True).generate.remote(...); `fail` decides,
     per call, after how many events the replica dies (None: it does not)."""
 
-    def __init__(self, threaded, fail=()):
-        self.threaded, self.fail, self.calls = threaded, list(fail), 0
+    def __init__(self, threaded, fail=(), interval_s=0.0):
+        self.threaded, self.fail, self.calls, self.interval_s = threaded, list(fail), 0, interval_s
         self.generate = self
+        self.items = 0
 
     def options(self, stream: bool):
         return self
 
-    def remote(self, prompt_ids, params):
+    def remote(self, prompt_ids, params, whole=False):
         die_after = self.fail[self.calls] if self.calls < len(self.fail) else None
         self.calls += 1
+        handle = self
 
         async def events():
             n = 0
-            async with aclosing(engine_events(self.threaded, prompt_ids, params)) as stream:  # a dead replica's engine stops
+            events = engine_events(self.threaded, prompt_ids, params, self.interval_s, whole)
+            async with aclosing(events) as stream:  # a dead replica's engine stops
                 async for event in stream:
                     if die_after is not None and n == die_after:
                         raise ActorDiedError()
+                    handle.items += 1
                     yield event
                     n += 1
             if die_after is not None and die_after >= n:
@@ -99,3 +103,21 @@ def test_a_call_lost_before_its_first_event_is_sent_again_and_one_lost_after_is_
     while threaded.engine.running and time.monotonic() < deadline:  # the engine thread takes the abort between steps
         time.sleep(0.01)
     assert not threaded.engine.running
+
+
+def test_merged_events_and_one_shot_completions_carry_the_same_request(threaded):
+    """The Router merges a stream's events after the first (fewer Serve items, less Ingress CPU)
+    and sends a non-streamed request as one event: what the API reads is unchanged, and a
+    one-shot request whose replica dies mid-way is simply generated again."""
+    ids = [int(t) for t in ByteTokenizer().encode("class ")]
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=1)
+    want_text, want = asyncio.run(_collect(threaded, ids, params))
+    merged = _Handle(threaded, interval_s=60.0)
+    text, got = asyncio.run(_collect(RemoteEngine(merged), ids, params))
+    assert merged.items == 2  # the first token at once, the rest in one message at the end
+    assert (text, got.output_ids, got.logprobs) == (want_text, want.output_ids, want.logprobs)
+    once = _Handle(threaded, fail=[0])  # the first replica dies before its one event
+    backend = RemoteEngine(once)
+    text, got = asyncio.run(backend.generate_all(ids, params))
+    assert once.items == 1 and backend.resent == 1
+    assert (text, got.output_ids, got.finish_reason) == (want_text, want.output_ids, want.finish_reason)

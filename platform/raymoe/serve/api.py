@@ -309,6 +309,8 @@ class CompletionsAPI:
         for attempt in range(attempts):
             text, state = [], None
             try:
+                if hasattr(self.backend, "generate_all"):  # a remote engine: the whole completion in one message
+                    return await self.backend.generate_all(ids, params)
                 async for delta, _, state in self.backend.stream(ids, params):
                     text.append(delta)
                 return "".join(text), state

@@ -120,6 +120,7 @@ class Router:
         template = chat_template_of(cfg, tok, src.path)
         self.description = {"name": cfg.name, "max_len": self.max_len, "tokenizer": tok,
                             "chat_template": (template.text, template.name) if template else None}
+        self.stream_interval_s = s.stream_interval_s
         self.board, self._stop_reporting = None, threading.Event()
         if settings.routed and s.group_range[0] != s.group_range[1]:
             self.board = LoadBoard(AppDirectory(settings.app_key))
@@ -130,13 +131,13 @@ class Router:
         """What the Ingress needs to parse and render requests: the model's name, tokenizer, chat template, length."""
         return self.description
 
-    async def generate(self, prompt_ids: list[int], params):
+    async def generate(self, prompt_ids: list[int], params, whole: bool = False):
         from raymoe.serve.engine_link import engine_events
 
         # Handle calls made from the engine thread are submitted to this loop in Serve's
         # throughput-optimized mode (transport.HandleTransport).
         self.loop = self.loop or asyncio.get_running_loop()
-        async for event in engine_events(self.threaded, prompt_ids, params):
+        async for event in engine_events(self.threaded, prompt_ids, params, self.stream_interval_s, whole):
             yield event
 
     def _report(self) -> None:

@@ -12,9 +12,9 @@ them into a `RemoteRequest` with the fields api.py reads from an engine request.
 
 When the Router replica serving a call dies (Serve's handle raises an actor error), a call that
 has not yet produced anything is sent again: Serve routes it to another replica, and once the
-dead one is noticed, only to live ones. A call that had already streamed tokens ends with
-`ReplicaLost`; api.py turns that into an error event for a stream and into a fresh attempt for a
-non-streamed request (its client has seen nothing yet).
+dead one is noticed, only to live ones. So is a non-streamed request (`generate_all`: one event at
+the end, its client has seen nothing). A stream that had already sent tokens ends with
+`ReplicaLost`, which api.py turns into an error event.
 """
 
 from __future__ import annotations
@@ -30,11 +30,28 @@ RETRY_FOR_S = 30.0
 """How long a call that has produced nothing keeps being sent again while Router replicas die or restart."""
 
 
-async def engine_events(threaded, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[dict]:
+def _merge(into: dict | None, event: dict) -> dict:
+    if into is None:
+        return event
+    into["delta"] += event["delta"]
+    into["ids"] = into["ids"] + event["ids"]
+    into["logprobs"] = into["logprobs"] + event["logprobs"]
+    into["done"] = event["done"]
+    if "finish" in event:
+        into["finish"] = event["finish"]
+    return into
+
+
+async def engine_events(threaded, prompt_ids: list[int], params: SamplingParams, interval_s: float = 0.0,
+                        whole: bool = False) -> AsyncIterator[dict]:
     """A ThreadedEngine stream as picklable events: {"delta", "done", "ids", "logprobs"} and, on
-    the first, {"prompt_logprobs"}; "finish" on the last. Closing this generator (the Ingress's
-    client went away) aborts the engine request, as closing the engine stream does."""
-    sent, first = 0, True
+    the first, {"prompt_logprobs"}; "finish" on the last. The first event goes out at once (time
+    to first token); later ones are merged until `interval_s` has passed since the last one sent,
+    since every event is one item of a Serve streaming call and costs the Ingress CPU time. With
+    `whole`, one event for the whole completion. Closing this generator (the Ingress's client went
+    away) aborts the engine request, as closing the engine stream does."""
+    loop = asyncio.get_running_loop()
+    sent, first, held, last = 0, True, None, 0.0
     stream = threaded.stream(prompt_ids, params)
     try:
         async for delta, done, req in stream:
@@ -42,10 +59,14 @@ async def engine_events(threaded, prompt_ids: list[int], params: SamplingParams)
             event = {"delta": delta, "done": done, "ids": req.output_ids[sent:upto], "logprobs": req.logprobs[sent:upto]}
             sent = upto
             if first:
-                event["prompt_logprobs"], first = req.prompt_logprobs, False
+                event["prompt_logprobs"] = req.prompt_logprobs
             if done:
                 event["finish"] = req.finish_reason
-            yield event
+            held = _merge(held, event)
+            now = loop.time()
+            if done or (not whole and (first or now - last >= interval_s)):
+                yield held
+                held, last, first = None, now, False
     finally:
         await stream.aclose()
 
@@ -88,11 +109,19 @@ class RemoteEngine:
         self.lost = 0
         """Calls whose Router replica died after they had produced tokens (ReplicaLost)."""
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams):
+    async def generate_all(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, RemoteRequest]:
+        """A non-streamed request: one event from the Router for the whole completion (its client
+        sees nothing before the end, so a replica lost mid-way costs a fresh attempt, not an error)."""
+        text = []
+        async for delta, _, req in self.stream(prompt_ids, params, whole=True):
+            text.append(delta)
+        return "".join(text), req
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams, whole: bool = False):
         deadline, pause = time.monotonic() + self.retry_for_s, 0.1
         while True:
             req, started = RemoteRequest(prompt_ids=list(prompt_ids)), False
-            response = self.handle.generate.remote(list(prompt_ids), params)
+            response = self.handle.generate.remote(list(prompt_ids), params, whole)
             try:
                 async for event in response:
                     req.apply(event)
