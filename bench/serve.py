@@ -197,6 +197,8 @@ def main() -> int:
     p.add_argument("--client-nice", type=int, default=0,
                    help="niceness of this process (the load generator) once Ray is up; Ray's workers run at 15, so 0 "
                         "(default) leaves it ahead of the server processes and 15 puts it level with them")
+    p.add_argument("--stream-interval", type=float, default=None,
+                   help="serve.stream_interval_s: how often a stream's tokens cross from the Router to the Ingress (default: the serve default)")
     p.add_argument("--out", default=None, help="JSON output (default bench/results/serve-<time>.json)")
     args = p.parse_args()
 
@@ -228,14 +230,15 @@ def main() -> int:
     results = {"model": args.model or f"random weights, {os.path.basename(args.config)} architecture", "device": "cpu",
                "throughput_optimized": args.throughput_optimized,
                "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "max_tokens": args.max_tokens,
-               "seconds_per_point": args.seconds, "modes": {}}
+               "seconds_per_point": args.seconds, "stream_interval_s": args.stream_interval, "modes": {}}
     runs = [("monolithic", "direct", 1)] if "monolithic" in args.modes else []
     runs += [("routed", path, k) for path in args.data_paths for k in args.micro_batches if "routed" in args.modes]
     token = os.urandom(16).hex()
     urls, app_keys = {}, {}
     for base, path, micro in runs:  # every app is up before the first measurement; idle ones cost ~nothing
         mode = base if base == "monolithic" else f"routed-{path}" + (f"-mb{micro}" if micro > 1 else "")
-        settings = ServeSettings.of(model, mode=base, num_groups=args.groups, max_batch=args.max_batch, micro_batches=micro,
+        extra = {} if args.stream_interval is None else {"stream_interval_s": args.stream_interval}
+        settings = ServeSettings.of(model, mode=base, num_groups=args.groups, max_batch=args.max_batch, micro_batches=micro, **extra,
                                  data_path=path, channel_token=token, app_key=os.urandom(8).hex())
         app_keys[mode] = settings.app_key
         serve.run(build_app(settings), name=mode, route_prefix=f"/{mode}", logging_config=quiet)

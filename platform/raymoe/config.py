@@ -669,7 +669,7 @@ class ServeConfig:
     model.max_seq_len; imported models often allow 100K+)."""
     micro_batches: int = 1
     """Decode micro-batches run in parallel threads so expert calls overlap router compute."""
-    stream_interval_s: float = 0.05
+    stream_interval_s: float = 0.2
     """A stream's tokens after its first are sent from the Router to the Ingress at most this often,
     merged (each message costs the Ingress CPU time; 0 = every token at once)."""
     host: str = "127.0.0.1"
