@@ -198,12 +198,13 @@ def register_logged_model(client, name: str, logged) -> str:
     mlflow.modelVersions tag."""
     import json
 
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    from raymoe.tracking import process_tracking_uri
 
     # A local (sqlite) registry looks models:/<model id> up through the process's tracking URI,
     # not the client's; a tracking server looks it up itself.
-    with _use_tracking_uri(client.tracking_uri):
+    with process_tracking_uri(client.tracking_uri):
         version = client.create_model_version(name, source=f"models:/{logged.model_id}", run_id=logged.source_run_id,
                                               model_id=logged.model_id).version
     listed = json.loads(client.get_logged_model(logged.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))

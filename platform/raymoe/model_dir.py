@@ -460,12 +460,14 @@ def resolve_local(source: str, tracking_uri: str | None = None) -> str:
     if key not in _DOWNLOADS:
         import mlflow
 
-        if tracking_uri:
-            mlflow.set_tracking_uri(tracking_uri)
+        from raymoe.tracking import process_tracking_uri
+
         # One progress bar per worker per download clutters a training run's log; our lines say it.
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         try:
-            _DOWNLOADS[key] = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tempfile.mkdtemp(prefix="raymoe-model-"))
+            with process_tracking_uri(tracking_uri):
+                _DOWNLOADS[key] = mlflow.artifacts.download_artifacts(artifact_uri=source,
+                                                                      dst_path=tempfile.mkdtemp(prefix="raymoe-model-"))
         except Exception as e:  # noqa: BLE001 - MLflow raises many kinds; say what to fix
             hint = ""
             if source.startswith("models:/") and "not found" in str(e):

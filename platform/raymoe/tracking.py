@@ -22,6 +22,7 @@ stays RUNNING on the server rather than reading FINISHED with holes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -73,6 +74,32 @@ def default_tracking_uri(uri: str | None, output_dir: str) -> str:
     if uri:
         return uri
     return "sqlite:///" + os.path.join(os.path.abspath(os.path.expanduser(output_dir)), "mlflow.db")
+
+
+@contextlib.contextmanager
+def process_tracking_uri(uri: str | None):
+    """MLflow's process-wide tracking URI set to `uri` for the block, then put back as it was.
+
+    Some MLflow 3 calls read only that URI (downloading runs:/<id>/model, which resolves to a
+    logged model; registering a version from models:/<model id> in a local store), and
+    mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to the environment, where every later
+    run of this process would find it: both are restored on the way out."""
+    if not uri:
+        yield
+        return
+    import mlflow
+    from mlflow.tracking._tracking_service import utils  # the process-wide value, read back as it was
+
+    before, env = utils._tracking_uri, os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+        if env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = env
 
 
 def tracking_uri(cfg: RunConfig) -> str:

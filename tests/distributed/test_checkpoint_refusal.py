@@ -67,6 +67,7 @@ def _worker(rank, world, port, root, stage):
             outcome = {"error": str(e)}
         with open(os.path.join(root, f"{stage}-rank{rank}.json"), "w") as f:
             json.dump({"lines": lines, **outcome}, f)
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (an abort at exit otherwise)
     dist.destroy_process_group()
 
 

@@ -425,8 +425,10 @@ def test_log_final_artifacts_logs_weights_config_load_history_and_heatmap(tmp_pa
     # The model is the run's MLflow model (a logged model, mlflow_model.py) around the model directory.
     from raymoe.model_dir import open_source, resolve_local
 
+    env = os.environ.get("MLFLOW_TRACKING_URI")
     root = resolve_local(f"runs:/{tracker.run_id}/model", tracking_uri=store)
     assert os.path.isfile(os.path.join(root, "MLmodel"))
+    assert os.environ.get("MLFLOW_TRACKING_URI") == env  # the download left no tracking URI behind for later runs
     src = open_source(f"runs:/{tracker.run_id}/model", tracking_uri=store)
     assert sorted(os.listdir(src.path)) == ["config.yaml", "model.safetensors"]
 
