@@ -42,11 +42,7 @@ def _cmd_train(args) -> int:
           + (f", val loss {outcome.val_loss:.4f}" if outcome.val_loss is not None else ""))
     if outcome.checkpoint_path:
         print(f"checkpoint: {outcome.checkpoint_path}")
-    if outcome.recovery:
-        r = outcome.recovery
-        print(f"recovery:   rank {r['rank']} was killed after step {r['killed_after_step']}; the group restarted from the "
-              f"step-{r['resumed_from_step']} checkpoint and finished its first step {r['recovery_s']:.1f}s after the kill "
-              f"({r['steps_lost']} steps recomputed)")
+    # Restarts, injected or not, were listed by run_training ("restarts in this invocation").
     print_where_to_look(outcome.tracking_uri, outcome.mlflow_run_id)
     if outcome.registered_model:
         print(f"registered: {outcome.registered_model}  (serve it: raymoe serve {outcome.registered_model})")
