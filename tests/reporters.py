@@ -1,4 +1,5 @@
-"""A training-loop reporter for tests that run the loop without Ray (tests/unit, tests/gpu)."""
+"""Stand-ins for what Ray Train and MLflow do, for tests that run the training loop without them
+(tests/unit, tests/gpu)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,22 @@ class MergingReporter:
         if checkpoint_dir and self.keep:
             shutil.copytree(checkpoint_dir, f"{self.keep}/step{step}", dirs_exist_ok=True)
         self._dist.barrier()  # nobody deletes its part before every rank has copied
+
+
+class RecordingTracker:
+    """The loop's MLflow tracker, keeping what it was given."""
+
+    run_id = None
+
+    def __init__(self):
+        self.logged: list[tuple[dict, int]] = []
+
+    def log_metrics(self, metrics, step):
+        self.logged.append((dict(metrics), step))
+
+    def log_artifact(self, *args, **kwargs):
+        pass
+
+    def elastic(self) -> dict:
+        """elastic/* key -> (value, step) of its last logging."""
+        return {k: (v, step) for m, step in self.logged for k, v in m.items() if k.startswith("elastic/")}

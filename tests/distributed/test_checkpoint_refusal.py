@@ -15,8 +15,8 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo import spawn
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
 from raymoe.parallel.apply import parallelize
@@ -78,7 +78,7 @@ def _results(root, stage):
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("refusal"))
-    mp.spawn(_worker, args=(2, _port(), root, "save"), nprocs=2)
+    spawn(_worker, (2, _port(), root, "save"), 2)
     return root
 
 
@@ -86,7 +86,7 @@ def test_rank0_names_the_file_rank1_refused_and_falls_back(saved):
     bad = os.path.join(saved, "step-2", RANK1_SHARD)
     _flip_byte(bad)
     try:
-        mp.spawn(_worker, args=(2, _port(), saved, "fallback"), nprocs=2)
+        spawn(_worker, (2, _port(), saved, "fallback"), 2)
     finally:
         _flip_byte(bad)  # restore it for the next test
     rank0, rank1 = _results(saved, "fallback")
@@ -102,7 +102,7 @@ def test_when_no_checkpoint_loads_the_error_lists_every_ranks_bad_files(saved):
     _flip_byte(newest_bad)
     _flip_byte(dense_bad)
     try:
-        mp.spawn(_worker, args=(2, _port(), saved, "none"), nprocs=2)
+        spawn(_worker, (2, _port(), saved, "none"), 2)
     finally:
         _flip_byte(newest_bad)
         _flip_byte(dense_bad)

@@ -12,9 +12,9 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors import safe_open
 
+from gloo import spawn
 from raymoe.config import config_from_dict
 from raymoe.parallel.checkpoint import full_state_dict, read_manifest
 
@@ -75,7 +75,7 @@ def _free_port():
 def run(world, out_dir, corpus_dir, steps, checkpoint_every, resume_dir=None):
     os.makedirs(out_dir, exist_ok=True)
     cfg = make_cfg(out_dir, world, steps, checkpoint_every)
-    mp.spawn(_worker, args=(world, _free_port(), cfg.to_dict(), corpus_dir, str(out_dir), resume_dir), nprocs=world)
+    spawn(_worker, (world, _free_port(), cfg.to_dict(), corpus_dir, str(out_dir), resume_dir), world)
     with open(os.path.join(out_dir, "losses.json")) as f:
         return {int(k): v for k, v in json.load(f).items()}
 
@@ -192,4 +192,4 @@ def _reload_worker(rank, world, port, cfg_dict, src, dst):
 
 def _reload_and_save(world, src, dst, corpus_dir):
     cfg = make_cfg(dst, world, 6, 3)
-    mp.spawn(_reload_worker, args=(world, _free_port(), cfg.to_dict(), str(src), str(dst)), nprocs=world)
+    spawn(_reload_worker, (world, _free_port(), cfg.to_dict(), str(src), str(dst)), world)

@@ -14,8 +14,8 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo import spawn
 from raymoe.config import config_from_dict
 from raymoe.model_dir import export_model_dir, open_model
 from raymoe.parallel.checkpoint import CheckpointError, full_state_dict
@@ -79,7 +79,7 @@ def _run(tmp_path, tag, world, dense, ep="auto", resume=None, keep=None, **train
     """Rank 0's losses and bytes; the bytes it holds must be raymoe plan's (parallel/memory.py)."""
     out = tmp_path / f"{tag}.json"
     cfg = _cfg(tmp_path, world, dense, ep, **train)
-    mp.spawn(_worker, args=(world, _port(), cfg.to_dict(), CORPUS[0], str(out), resume, keep), nprocs=world)
+    spawn(_worker, (world, _port(), cfg.to_dict(), CORPUS[0], str(out), resume, keep), world)
     result = json.loads(out.read_text())
     planned = rank_memory(cfg, world, Layout(2 if ep == "auto" else ep, dense, 0), device_type="cpu")
     held = result["memory"]

@@ -11,8 +11,8 @@ import socket
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo import spawn
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
 from raymoe.parallel.apply import assign_, materialize, parallelize
@@ -110,9 +110,9 @@ def test_fully_sharded_checkpoint_reloads_bit_identically_at_other_layouts_and_e
     from raymoe.model_dir import export_hf
 
     root = str(tmp_path)
-    mp.spawn(_save_worker, args=(4, _port(), root), nprocs=4)
+    spawn(_save_worker, (4, _port(), root), 4)
     assert len([f for f in os.listdir(tmp_path / "ckpt" / "dense") if f.endswith(".distcp")]) == 4
-    mp.spawn(_load_worker, args=(2, _port(), root), nprocs=2)  # expert degree 2, no replicas
+    spawn(_load_worker, (2, _port(), root), 2)  # expert degree 2, no replicas
     _check_load(1, 0, root, "replicate")  # one plain process, no process group
     whole = full_state_dict(str(tmp_path / "ckpt"))
     assert whole["layers.1.ffn.experts.w1"].shape[0] == 4  # every expert, from both expert files

@@ -6,14 +6,11 @@ tests/unit/test_hf.py, for every architecture.)"""
 from __future__ import annotations
 
 import json
-import os
-import socket
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from gloo import free_port, spawn, train_and_record
 from raymoe.config import config_from_dict
 from raymoe.tokenizer import tokenizer_for
 from raymoe.train.data import BatchIterator, prepare_corpus
@@ -31,34 +28,6 @@ def _cfg(out_dir, hf_dir, corpus, world):
                   "log_every": 1, "val_every": 1000, "val_batches": 1, "checkpoint_every": 1000, "sample_tokens": 0},
         "data": {"source": corpus, "val_fraction": 0.2},
     })
-
-
-class Losses:
-    def __init__(self):
-        self.losses = {}
-
-    def report(self, metrics, checkpoint_dir):
-        self.losses[int(metrics["train/step"])] = metrics["train/loss"]
-
-
-def _worker(rank, world, port, cfg_dict, corpus_dir, out_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from raymoe.train.loop import DistInfo, train
-
-    reporter = Losses()
-    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=reporter, info=DistInfo(rank, world, torch.device("cpu")))
-    if rank == 0:
-        with open(out_file, "w") as f:
-            json.dump(reporter.losses, f)
-    dist.destroy_process_group()
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_an_imported_model_starts_from_transformers_loss_at_expert_degree_2(tmp_path):
@@ -79,6 +48,6 @@ def test_an_imported_model_starts_from_transformers_loss_at_expert_degree_2(tmp_
     out = tmp_path / "losses.json"
     cfg = _cfg(tmp_path / "out", hf_dir, str(tmp_path / "corpus"), 2)
     assert cfg.parallel.expert_degree == "auto"  # 2 ranks, 8 experts: 4 each
-    mp.spawn(_worker, args=(2, _port(), cfg.to_dict(), corpus.dir, str(out)), nprocs=2)
+    spawn(train_and_record, (2, free_port(), cfg.to_dict(), corpus.dir, str(out), "train/loss"), 2)
     loss = json.loads(out.read_text())["1"]
     assert abs(loss - expected) / expected < 1e-5, (loss, expected)

@@ -13,8 +13,8 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo import spawn
 from raymoe.config import config_from_dict
 from raymoe.model.transformer import MoETransformer
 from raymoe.model_dir import write_model_dir
@@ -75,7 +75,7 @@ def test_expert_parallel_lora_on_two_ranks_gives_the_losses_of_one(tmp_path):
     for world in (1, 2):
         out = tmp_path / f"losses-{world}.json"
         keep = str(tmp_path / "ckpts") if world == 1 else None
-        mp.spawn(_worker, args=(world, _port(), _cfg(tmp_path, world).to_dict(), corpus, str(out), None, keep), nprocs=world)
+        spawn(_worker, (world, _port(), _cfg(tmp_path, world).to_dict(), corpus, str(out), None, keep), world)
         runs[world] = json.loads(out.read_text())
     assert list(runs[1]) == ["1", "2", "3", "4"]
     for step in runs[1]:
@@ -86,8 +86,7 @@ def test_expert_parallel_lora_on_two_ranks_gives_the_losses_of_one(tmp_path):
     assert runs[1]["4"][0] < runs[1]["1"][0]  # it trains
 
     out = tmp_path / "losses-resumed.json"
-    mp.spawn(_worker, args=(2, _port(), _cfg(tmp_path, 2).to_dict(), corpus, str(out), str(tmp_path / "ckpts" / "step2"), None),
-             nprocs=2)
+    spawn(_worker, (2, _port(), _cfg(tmp_path, 2).to_dict(), corpus, str(out), str(tmp_path / "ckpts" / "step2"), None), 2)
     resumed = json.loads(out.read_text())
     assert list(resumed) == ["3", "4"]
     for step in resumed:

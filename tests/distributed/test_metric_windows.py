@@ -4,14 +4,10 @@ all-to-all traffic stays out of the next step's `moe/a2a_bytes`."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import statistics
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from gloo import free_port, spawn, train_and_record
 from raymoe.config import config_from_dict
 from raymoe.train.data import prepare_corpus
 
@@ -31,41 +27,11 @@ def make_cfg(out_dir):
     })
 
 
-class Bytes:
-    wants_metrics = True
-
-    def __init__(self):
-        self.by_step = {}
-
-    def report(self, metrics, checkpoint_dir):
-        self.by_step[int(metrics["train/step"])] = metrics["moe/a2a_bytes"]
-
-
-def _worker(rank, world, port, cfg_dict, corpus_dir, out_file):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    from raymoe.train.loop import DistInfo, train
-
-    reporter = Bytes()
-    train(config_from_dict(cfg_dict), corpus_dir=corpus_dir, reporter=reporter, info=DistInfo(rank, world, torch.device("cpu")))
-    if rank == 0:
-        with open(out_file, "w") as f:
-            json.dump(reporter.by_step, f)
-    dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a2a_bytes_show_no_spike_after_validation(tmp_path):
     cfg = make_cfg(tmp_path)
     corpus = prepare_corpus(cfg.data, cfg.data_cache_dir, cfg.train.seq_len)
     out = tmp_path / "bytes.json"
-    mp.spawn(_worker, args=(2, _free_port(), cfg.to_dict(), corpus.dir, str(out)), nprocs=2)
+    spawn(train_and_record, (2, free_port(), cfg.to_dict(), corpus.dir, str(out), "moe/a2a_bytes"), 2)
     by_step = {int(k): v for k, v in json.loads(out.read_text()).items()}
     assert sorted(by_step) == list(range(1, 13))
     median = statistics.median(by_step.values())

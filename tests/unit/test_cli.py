@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from readonly import read_only_dir
 from raymoe.config import load_config
 from raymoe.model.params import format_report
 from tiny_hf import save
@@ -147,15 +148,6 @@ def test_check_reports_every_bad_file_and_exits_2(tmp_path):
     ]
 
 
-def _read_only_dir() -> str:
-    """A directory that not even root can create: under /sys (sysfs refuses mkdir)."""
-    path = "/sys/raymoe-write-check"
-    try:
-        os.mkdir(path)
-    except OSError:
-        return path
-    os.rmdir(path)
-    pytest.skip("/sys accepts new directories here")
 
 
 @pytest.mark.parametrize("command", ["train", "tune"])
@@ -165,7 +157,7 @@ def test_unwritable_output_dir_exits_2_in_one_line_before_ray_starts(tmp_path, c
         (tmp_path / "afile").write_text("")
         out, reason = tmp_path / "afile" / "out", f"{tmp_path / 'afile'} is a file, not a directory"
     else:
-        out, reason = _read_only_dir(), "Operation not permitted"
+        out, reason = read_only_dir(), "Operation not permitted"
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"name: run\noutput_dir: {out}\ntune:\n  space:\n    train.lr: {{loguniform: [1.0e-4, 1.0e-3]}}\n")
     r = _raymoe(command, str(cfg), cwd=tmp_path)
@@ -177,7 +169,7 @@ def test_unwritable_output_dir_exits_2_in_one_line_before_ray_starts(tmp_path, c
 
 
 def test_unwritable_data_cache_dir_exits_2_naming_the_key(tmp_path):
-    cache = _read_only_dir()
+    cache = read_only_dir()
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"name: run\noutput_dir: {tmp_path / 'out'}\ndata:\n  cache_dir: {cache}\n")
     r = _raymoe("train", str(cfg), cwd=tmp_path)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from readonly import read_only_dir
 from raymoe.config import ConfigError, RunConfig, check_writable, config_from_dict, load_config
 
 # A pinned miniature of jobs/configs/demo.yaml (the shipped file's values may be tuned at any time).
@@ -435,15 +436,6 @@ def test_every_shipped_config_round_trips_through_to_yaml(tmp_path, path):
 # ----------------------------------------------------------------------------- writable directories
 
 
-def _read_only_dir() -> str:
-    """A directory that not even root can create: under /sys (sysfs refuses mkdir)."""
-    path = "/sys/raymoe-write-check"
-    try:
-        os.mkdir(path)
-    except OSError:
-        return path
-    os.rmdir(path)
-    pytest.skip("/sys accepts new directories here")
 
 
 def test_writable_output_dir_is_created_and_left_without_a_probe_file(tmp_path, monkeypatch):
@@ -469,14 +461,14 @@ def test_output_dir_that_is_a_file_is_an_error(tmp_path):
 
 
 def test_read_only_output_dir_is_an_error_even_for_root():
-    path = _read_only_dir()
+    path = read_only_dir()
     with pytest.raises(ConfigError) as info:
         check_writable(config_from_dict({"output_dir": path}))
     assert str(info.value) == f"output_dir={path} is not writable (Operation not permitted); set output_dir to a writable directory"
 
 
 def test_unwritable_data_cache_dir_is_an_error_naming_data_cache_dir(tmp_path):
-    path = _read_only_dir()
+    path = read_only_dir()
     cfg = config_from_dict({"output_dir": str(tmp_path / "out"), "data": {"cache_dir": path}})
     with pytest.raises(ConfigError) as info:
         check_writable(cfg)
@@ -487,7 +479,7 @@ def test_unwritable_data_cache_dir_is_an_error_naming_data_cache_dir(tmp_path):
 def test_default_mlflow_store_directory_is_checked_wherever_tracking_puts_it(tmp_path, monkeypatch):
     import raymoe.tracking
 
-    store = _read_only_dir()
+    store = read_only_dir()
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(raymoe.tracking, "default_tracking_uri", lambda uri, output_dir: uri or f"sqlite:///{store}/mlflow.db")
     cfg = config_from_dict({"output_dir": str(tmp_path / "out")})

@@ -10,7 +10,7 @@ from raymoe.config import config_from_dict
 from raymoe.parallel.checkpoint import full_state_dict, read_manifest
 from raymoe.train.data import prepare_corpus
 from raymoe.train.loop import DistInfo, lr_at, train
-from reporters import KeepingReporter
+from reporters import KeepingReporter, RecordingTracker
 
 
 def tiny_cfg(tmp_path, **train):
@@ -102,17 +102,6 @@ def test_resuming_a_finished_run_trains_nothing_but_reports_its_final_metrics_on
     assert metrics["val/loss"] == pytest.approx(done.val_loss, abs=1e-6)
 
 
-class Tracker:
-    run_id = None
-
-    def __init__(self):
-        self.logged = []
-
-    def log_metrics(self, metrics, step):
-        self.logged.append((dict(metrics), step))
-
-    def log_artifact(self, *args, **kwargs):
-        pass
 
 
 def test_a_plain_run_reports_only_its_checkpoints_while_every_log_step_reaches_the_tracker(tmp_path, corpus_dir):
@@ -120,7 +109,7 @@ def test_a_plain_run_reports_only_its_checkpoints_while_every_log_step_reaches_t
     cfg = tiny_cfg(tmp_path, log_every=1)
     rep = KeepingReporter(tmp_path / "r")
     rep.wants_metrics = False  # not a Tune trial: nothing reads the metrics between checkpoints
-    tracker = Tracker()
+    tracker = RecordingTracker()
     train(cfg, corpus_dir=corpus_dir, reporter=rep, tracker=tracker, info=DistInfo(0, 1, torch.device("cpu")))
     assert [(m["train/step"], d is not None) for m, d in rep.reports] == [(6, True), (12, True)]
     losses = {step: m["train/loss"] for m, step in tracker.logged if "train/loss" in m}

@@ -19,7 +19,7 @@ from raymoe.config import config_from_dict
 from raymoe.train.data import prepare_corpus
 from raymoe.train.faults import RESTARTS_FILE, read_recovery, read_restarts
 from raymoe.train.loop import DistInfo, train
-from reporters import KeepingReporter
+from reporters import KeepingReporter, RecordingTracker
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 KEYS = {"restart", "at", "resumed_from_step", "steps_lost", "recovery_s", "world_size", "cause"}
@@ -68,20 +68,6 @@ class CrashAfter:
         pass
 
 
-class Tracker:
-    run_id = None
-
-    def __init__(self):
-        self.logged = []
-
-    def log_metrics(self, metrics, step):
-        self.logged.append((dict(metrics), step))
-
-    def log_artifact(self, *args, **kwargs):
-        pass
-
-    def elastic(self):
-        return {k: (v, step) for m, step in self.logged for k, v in m.items() if k.startswith("elastic/")}
 
 
 def restart_lines(out: str) -> list[str]:
@@ -95,7 +81,7 @@ def test_a_worker_lost_before_the_first_checkpoint_restarts_from_scratch_and_say
         train(cfg, corpus_dir=corpus_dir, reporter=KeepingReporter(tmp_path / "a"), info=CPU, callbacks=[CrashAfter(3)])
     assert restart_lines(capsys.readouterr().out) == []  # a first start is not a restart
 
-    tracker = Tracker()
+    tracker = RecordingTracker()
     result = train(cfg, corpus_dir=corpus_dir, reporter=KeepingReporter(tmp_path / "b"), tracker=tracker, info=CPU)
     assert result.step == 10
     (line,) = restart_lines(capsys.readouterr().out)
@@ -125,7 +111,7 @@ def test_restarts_resume_from_the_last_checkpoint_are_numbered_and_a_finished_ru
     with pytest.raises(Crash):
         train(cfg, corpus_dir=corpus_dir, reporter=KeepingReporter(tmp_path / "b"), resume_dirs=[ckpt5], info=CPU,
               callbacks=[CrashAfter(9)])
-    tracker = Tracker()
+    tracker = RecordingTracker()
     last = KeepingReporter(tmp_path / "c")
     train(cfg, corpus_dir=corpus_dir, reporter=last, tracker=tracker, resume_dirs=[ckpt5], info=CPU)
 
@@ -139,7 +125,7 @@ def test_restarts_resume_from_the_last_checkpoint_are_numbered_and_a_finished_ru
 
     # Finished, then continued on purpose (more steps, or a resumed search): not a restart.
     more = config_from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "steps": 12}})
-    tracker = Tracker()
+    tracker = RecordingTracker()
     train(more, corpus_dir=corpus_dir, reporter=KeepingReporter(tmp_path / "d"), tracker=tracker,
           resume_dirs=[last.checkpoint(10)], info=CPU)
     assert restart_lines(capsys.readouterr().out) == []
@@ -180,7 +166,7 @@ def test_fault_injection_announces_the_kill_really_kills_and_the_restart_names_i
 
     # The restarted worker (same config): the marker says the kill happened, so it does not fire again.
     torch.set_num_threads(1)
-    tracker = Tracker()
+    tracker = RecordingTracker()
     train(cfg, corpus_dir=corpus_dir, reporter=KeepingReporter(tmp_path / "b"), tracker=tracker, info=CPU, fault_marker=marker)
     out = capsys.readouterr().out
     (line,) = restart_lines(out)
