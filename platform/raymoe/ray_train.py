@@ -60,10 +60,7 @@ from dataclasses import dataclass, field
 from ray.train import UserCallback
 
 from raymoe.config import ConfigError, RunConfig, config_from_dict
-from raymoe.train.faults import read_recovery
-
-RESTARTS = "restarts.jsonl"
-"""One JSON line per restart, appended by rank 0 (train/loop.py) beside the checkpoints."""
+from raymoe.train.faults import RESTARTS_FILE, read_recovery, read_restarts_since
 
 @dataclass
 class TrainingOutcome:
@@ -448,28 +445,7 @@ def ensure_cluster_fits(cfg: RunConfig, log=print, *, nodes_fn=_cluster_nodes, r
 
 
 def _restarts_path(cfg: RunConfig) -> str:
-    return os.path.join(cfg.storage_path, cfg.name, RESTARTS)
-
-
-def read_restarts_since(path: str, offset: int = 0) -> list[dict]:
-    """The restart records appended to `path` after byte `offset` (all if the file was replaced
-    by a shorter one); a line being written, or not JSON, is skipped."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(offset if offset <= f.tell() else 0)
-            data = f.read()
-    except OSError:
-        return []
-    out = []
-    for line in data.decode("utf-8", "replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            out.append(record)
-    return out
+    return os.path.join(cfg.storage_path, cfg.name, RESTARTS_FILE)
 
 
 def _size(path: str) -> int:

@@ -201,8 +201,10 @@ class _EventStream(StreamingResponse):
 
 
 class CompletionsAPI:
-    """What the endpoints do, over `backend.stream(prompt_ids, params)`, an async generator of
-    (delta, finished, request) such as `ThreadedEngine.stream`. `build_asgi_app` serves it."""
+    """What the endpoints do, over a backend with `stream(prompt_ids, params)`, an async generator
+    of (delta, finished, request), and `generate_all(prompt_ids, params)` -> (text, request), for
+    streamed and non-streamed requests: `ThreadedEngine`, or `engine_link.RemoteEngine` under
+    Serve. `build_asgi_app` serves it."""
 
     def __init__(self, backend, tokenizer, *, model_name: str, limits: APILimits, api_key: str | None = None,
                  expert_load: Callable[[], dict[str, Any]] | None = None, chat_template=None):
@@ -307,13 +309,8 @@ class CompletionsAPI:
         """(the whole completion's text, the finished engine request). A request whose replica
         died mid-way is generated again: its client has seen nothing of it yet."""
         for attempt in range(attempts):
-            text, state = [], None
             try:
-                if hasattr(self.backend, "generate_all"):  # a remote engine: the whole completion in one message
-                    return await self.backend.generate_all(ids, params)
-                async for delta, _, state in self.backend.stream(ids, params):
-                    text.append(delta)
-                return "".join(text), state
+                return await self.backend.generate_all(ids, params)
             except RequestError as e:
                 raise APIError(400, str(e)) from None
             except ReplicaLost as e:

@@ -450,11 +450,16 @@ class ThreadedEngine:
                 self._inbox.put(("abort", req))
                 self._wake.set()
 
+    async def generate_all(self, prompt: str | list[int], params: SamplingParams) -> tuple[str, Request]:
+        """(the whole completion's text, the finished request), as engine_link.RemoteEngine gives it."""
+        text, req = [], None
+        async for delta, _, req in self.stream(prompt, params):
+            text.append(delta)
+        return "".join(text), req
+
     async def complete(self, prompt: str | list[int], params: SamplingParams) -> Completion:
-        req = None
-        async for _, _, req in self.stream(prompt, params):
-            pass
-        return Completion(req.text, req.finish_reason, len(req.prompt_ids), len(req.output_ids))
+        text, req = await self.generate_all(prompt, params)
+        return Completion(text, req.finish_reason, len(req.prompt_ids), len(req.output_ids))
 
 
 def load_model(source: str, *, tracking_uri: str | None = None, device: str = "cpu"):

@@ -54,19 +54,28 @@ PARK_TIMEOUT_S = 300.0
 
 
 def read_restarts(run_dir: str) -> list[dict[str, Any]]:
-    """Every restart of the run in `run_dir` (storage_path/name), oldest first; [] if none.
-    A line cut short (a worker killed while appending) is skipped."""
+    """Every restart of the run in `run_dir` (storage_path/name), oldest first; [] if none."""
+    return read_restarts_since(os.path.join(run_dir, RESTARTS_FILE))
+
+
+def read_restarts_since(path: str, offset: int = 0) -> list[dict[str, Any]]:
+    """The restart records appended to `path` after byte `offset` (all if the file was replaced
+    by a shorter one); a line cut short (a worker killed while appending), or not JSON, is skipped."""
     try:
-        with open(os.path.join(run_dir, RESTARTS_FILE)) as f:
-            lines = f.read().splitlines()
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(offset if offset <= f.tell() else 0)
+            data = f.read()
     except OSError:
         return []
     out = []
-    for line in lines:
+    for line in data.decode("utf-8", "replace").splitlines():
         try:
-            out.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict):
+            out.append(record)
     return out
 
 
