@@ -7,13 +7,13 @@ import os
 import socket
 
 
-PRELOAD = ["torch", "torch.distributed", "raymoe.train.loop", "raymoe.parallel.apply", "raymoe.parallel.checkpoint"]
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch.distributed.fsdp", "torch.distributed.checkpoint", "pyarrow.dataset", "raymoe.train.loop", "raymoe.parallel.apply", "raymoe.parallel.checkpoint"]
 """What the fork server imports once, so that each rank starts without importing torch again."""
 
 
 def spawn(fn, args: tuple, nprocs: int) -> None:
     """torch.multiprocessing.spawn, but every rank forked from a server process that has already
-    imported torch and the training code (multiprocessing's forkserver with a preload): about two
+    imported torch (with torch._dynamo, which the first parameter init under a device context imports: 2 s a rank) and the training code (multiprocessing's forkserver with a preload): about two
     seconds less per rank group on the 2-core machine, and, unlike a plain fork of the test process,
     nothing of the parent's threads or torch state is inherited."""
     import multiprocessing
