@@ -51,14 +51,20 @@ def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
 def rope_tables(dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [max_seq_len, dim], in the rotate-half layout (Llama / Mixtral); with YaRN
     scaling, its frequencies and both tables multiplied by its attention factor."""
-    if scaling is None:
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-        scale = 1.0
-    else:
-        inv_freq, scale = _yarn_inv_freq(dim, theta, scaling), scaling.cos_sin_scale
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
-    return (angles.cos() * scale).float(), (angles.sin() * scale).float()
+    # Computed on the CPU and moved to the default device: under torch.device("meta") (how training
+    # and import build a model) torch's meta arange is a Python reference whose first call imports
+    # torch._dynamo, 1.5-2 s of every worker and replica start.
+    with torch.device("cpu"):
+        if scaling is None:
+            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            scale = 1.0
+        else:
+            inv_freq, scale = _yarn_inv_freq(dim, theta, scaling), scaling.cos_sin_scale
+        angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        cos, sin = (angles.cos() * scale).float(), (angles.sin() * scale).float()
+    device = torch.get_default_device()
+    return cos.to(device), sin.to(device)
 
 
 def apply_rope(x_BHSr: torch.Tensor, cos_Sr: torch.Tensor, sin_Sr: torch.Tensor) -> torch.Tensor:
