@@ -2,12 +2,14 @@
 
 `ray start --head` and a second `ray start --address=...` (each its own process tree, temp dir and
 CPU), token authentication on with a private token, and an `mlflow server` (SQLite backend,
-proxied artifact store), all on free ports. `raymoe submit train` sends a small expert-parallel
-training job through the Ray Jobs SDK; the test checks that the job succeeded, that its two Ray
-Train workers ran one on each node with the submitted runtime env (uploaded raymoe, tracking URI),
-and that the run's metrics, artifacts and model version reached the MLflow server. Everything it
-started is killed by process session at the end, even on failure; it never runs `ray stop`, which
-would take down every other Ray instance on the machine.
+proxied artifact store), all on free ports. `raymoe submit train` sends a small elastic
+expert-parallel training job (1 to 2 workers) through the Ray Jobs SDK; its two Ray Train workers
+start one on each node with the submitted runtime env (uploaded raymoe, tracking URI). After the
+first checkpoint the worker node is killed outright (its whole process tree, SIGKILL): the group
+restarts smaller (2 -> 1 workers, expert degree 2 -> 1) from that checkpoint on the head and the
+job still succeeds, with the run's metrics, artifacts and model version on the MLflow server.
+Everything it started is killed by process session at the end, even on failure; it never runs
+`ray stop`, which would take down every other Ray instance on the machine.
 
     .venv/bin/python -m pytest tests/ray/test_cluster.py -q
 """
@@ -23,11 +25,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -51,6 +55,8 @@ class LoopbackCluster:
     token: str
     node_ids: list[str]
     """Alive nodes, head first."""
+    kill_worker_node: Callable[[], None]
+    """SIGKILL the worker node's whole process tree (raylet and the workers on it)."""
 
 
 def _free_port() -> int:
@@ -136,6 +142,13 @@ def loopback_cluster(tmp_path):
         # the cluster (the state API in Train's placement-group cleaner) finds this cluster and not
         # another Ray instance running on the same machine.
         node_env = dict(env, RAY_AUTH_MODE="token", RAY_ADDRESS=f"127.0.0.1:{ports['gcs']}")
+        # A lost node is declared dead after 3 missed health checks 0.5 s apart (Ray's default:
+        # 5 missed, 3 s apart). Ray Train polls its workers every 0.5 s and, after the node goes,
+        # first retries the old size, giving up when the placement group is not ready in 5 s (the
+        # default 60 s is how long a shrink would otherwise wait); no preemption-watcher actor.
+        node_env.update(RAY_health_check_period_ms="500", RAY_health_check_failure_threshold="3",
+                        RAY_health_check_initial_delay_ms="1000", RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5",
+                        RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S="5", RAY_TRAIN_ENABLE_PREEMPTION_WATCHER="0")
         logs = {k: tmp_path / f"{k}.log" for k in ("mlflow", "head", "worker")}
 
         def launch(args: list[str], log: Path, env: dict) -> subprocess.Popen:
@@ -157,9 +170,9 @@ def loopback_cluster(tmp_path):
         dashboard = f"http://127.0.0.1:{ports['dashboard']}"
         _wait("the head node", lambda: "Ray runtime started" in logs["head"].read_text(), procs, list(logs.values()))
         # One CPU per node and one CPU per Ray Train worker: two workers must use both nodes.
-        launch([os.path.join(BIN, "ray"), "start", *common, f"--address=127.0.0.1:{ports['gcs']}",
-                f"--dashboard-agent-listen-port={ports['agent_worker']}", f"--temp-dir={ray_tmp / 'worker'}"],
-               logs["worker"], node_env)
+        worker = launch([os.path.join(BIN, "ray"), "start", *common, f"--address=127.0.0.1:{ports['gcs']}",
+                         f"--dashboard-agent-listen-port={ports['agent_worker']}", f"--temp-dir={ray_tmp / 'worker'}"],
+                        logs["worker"], node_env)
         _wait("the worker node", lambda: "Ray runtime started" in logs["worker"].read_text(), procs, list(logs.values()))
         _wait("the MLflow server", lambda: _http_status(f"{mlflow}/health") == 200, procs, list(logs.values()))
         _wait("the dashboard", lambda: _http_status(f"{dashboard}/api/version", token) == 200, procs, list(logs.values()))
@@ -168,7 +181,7 @@ def loopback_cluster(tmp_path):
         nodes.sort(key=lambda n: not n["is_head_node"])
         assert len(nodes) == 2, nodes
         yield LoopbackCluster(dashboard=dashboard, mlflow=mlflow, artifacts=artifacts, client_env=env, token=token,
-                              node_ids=[n["node_id"] for n in nodes])
+                              node_ids=[n["node_id"] for n in nodes], kill_worker_node=lambda: _kill_sessions([worker]))
     finally:
         _kill_sessions(procs)
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -185,29 +198,51 @@ def _artifacts(client, run_id, path=None):
     return out
 
 
-def test_submitted_job_trains_on_both_nodes_and_tracks_to_the_mlflow_server(loopback_cluster, tmp_path):
+def _kill_node_after_first_checkpoint(c: LoopbackCluster, out: Path, killed: dict, stop: threading.Event) -> None:
+    while not stop.is_set():
+        manifests = list(out.glob("runs/*/checkpoint_*/manifest.json"))
+        if manifests:
+            killed["first_checkpoint_world"] = json.loads(manifests[0].read_text())["state"]["world_size"]
+            c.kill_worker_node()
+            killed["at"] = time.time()
+            return
+        time.sleep(0.1)
+
+
+def test_submitted_elastic_job_survives_losing_a_node_and_tracks_to_the_mlflow_server(loopback_cluster, tmp_path):
     c = loopback_cluster
     # Token authentication is really on: the job API refuses a request without the token.
     assert _http_status(f"{c.dashboard}/api/jobs/") == 401
 
+    killed, stop = {}, threading.Event()
+    killer = threading.Thread(target=_kill_node_after_first_checkpoint, args=(c, tmp_path / "out", killed, stop))
+    killer.start()
     t0 = time.monotonic()
-    r = _raymoe(
-        "submit", "train", "jobs/configs/demo.yaml", "--address", c.dashboard, "--tracking-uri", c.mlflow,
-        "--set", f"output_dir={tmp_path / 'out'}", "--set", "name=cluster-e2e",
-        "--set", "train.steps=20", "--set", "train.warmup_steps=5", "--set", "train.log_every=10",
-        "--set", "train.val_every=10", "--set", "train.val_batches=1", "--set", "train.checkpoint_every=10",
-        "--set", "train.fault_injection=null", "--set", "train.sample_tokens=8", "--set", "data.max_bytes=300000",
-        "--set", "tracking.experiment=cluster-e2e", "--set", "tracking.registered_model=raymoe-cluster-e2e",
-        # Spaces, quotes and '#' must survive the entrypoint's shell and YAML.
-        "--set", "train.sample_prompt='# a b'",
-        env=c.client_env, timeout=300,
-    )
+    try:
+        r = _raymoe(
+            "submit", "train", "jobs/configs/demo.yaml", "--address", c.dashboard, "--tracking-uri", c.mlflow,
+            "--set", f"output_dir={tmp_path / 'out'}", "--set", "name=cluster-e2e", "--set", "scaling.num_workers=[1, 2]",
+            "--set", "train.steps=20", "--set", "train.warmup_steps=5", "--set", "train.log_every=10",
+            "--set", "train.val_every=10", "--set", "train.val_batches=1", "--set", "train.checkpoint_every=10",
+            "--set", "train.fault_injection=null", "--set", "train.sample_tokens=8", "--set", "data.max_bytes=300000",
+            "--set", "tracking.experiment=cluster-e2e", "--set", "tracking.registered_model=raymoe-cluster-e2e",
+            # Spaces, quotes and '#' must survive the entrypoint's shell and YAML.
+            "--set", "train.sample_prompt='# a b'",
+            env=c.client_env, timeout=300,
+        )
+    finally:
+        stop.set()
+        killer.join()
     print(r.stdout[-6000:])
     print(f"raymoe submit: {time.monotonic() - t0:.1f}s")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     job_id = next(line.split()[1] for line in r.stdout.splitlines() if line.startswith("job: "))
     assert f"job {job_id}: SUCCEEDED" in r.stdout
     assert "done: step 20" in r.stdout  # the followed logs
+    # Started on both nodes; the step-10 checkpoint's group of 2 resumed as 1 on the head.
+    assert killed.get("first_checkpoint_world") == 2, (killed, r.stdout[-4000:])
+    assert "expert degree 2; now 1 and 1" in r.stdout, r.stdout[-4000:]
+    assert "restarts in this invocation: 1" in r.stdout and "world size 1" in r.stdout
 
     status = _raymoe("jobs", "status", job_id, "--address", c.dashboard, env=c.client_env)
     assert status.returncode == 0 and status.stdout.startswith(f"{job_id}: SUCCEEDED"), status.stdout + status.stderr
@@ -218,9 +253,10 @@ def test_submitted_job_trains_on_both_nodes_and_tracks_to_the_mlflow_server(loop
     assert missing.stderr.strip().splitlines() == [
         f"raymoe: no job 'raysubmit_nosuchjob' on the cluster at {c.dashboard}: see raymoe jobs list --address {c.dashboard}"]
 
-    # One Ray Train worker on each node, each with the runtime env the submission built.
+    # The first group had a Ray Train worker on each node, the second one on the head; each
+    # worker had the runtime env the submission built.
     workers = _ray_list("actors", c.client_env, c.dashboard, "class_name=RayTrainWorker")
-    assert sorted(w["node_id"] for w in workers) == sorted(c.node_ids), (workers, c.node_ids)
+    assert sorted(w["node_id"] for w in workers) == sorted([*c.node_ids, c.node_ids[0]]), (workers, c.node_ids)
     for w in workers:
         runtime_env = json.loads(w["serialized_runtime_env"])
         assert runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == c.mlflow
@@ -234,9 +270,14 @@ def test_submitted_job_trains_on_both_nodes_and_tracks_to_the_mlflow_server(loop
     assert run.info.status == "FINISHED"
     assert run.data.tags["raymoe.run"] == "cluster-e2e"
     assert run.data.params["train.sample_prompt"] == "# a b"
-    assert run.data.params["scaling.num_workers"] == "2"
+    assert run.data.params["scaling.num_workers"] == "[1, 2]"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [10, 20]
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/loss")] == [10, 20]
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "elastic/world_size")][-1] == 1.0
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "elastic/expert_degree")][-1] == 1.0
+    (restarted,) = client.get_metric_history(run.info.run_id, "elastic/restarts")
+    assert restarted.step == 10
+    print(f"worker node killed -> group resumed at world size 1: {restarted.timestamp / 1000 - killed['at']:.1f} s")
     assert client.get_metric_history(run.info.run_id, "moe/load_imbalance")
     names = _artifacts(client, run.info.run_id)
     for name in ("config.yaml", "expert_load.json"):

@@ -1,9 +1,11 @@
-"""A worker of a 2-worker expert-parallel run is SIGKILLed mid-run: Ray Train restarts the group,
-every rank reloads the last checkpoint with its expert shard, and the run ends where an
-uninterrupted one does, in the same MLflow run. What no restart can fix ends at once instead: a
-run whose only checkpoint is corrupt stops after one attempt despite max_failures, and a worker
-group larger than the session's fixed-size local Ray (tests/conftest.py) fails before any
-worker starts, both in one line."""
+"""Ray Train end to end on the session's local Ray. A 2-worker expert-parallel run learns and
+tracks to MLflow (params, metrics, artifacts, its MLflow model); run again with more steps it
+continues the same MLflow run from its last checkpoint. The same run with a worker SIGKILLed
+mid-run: Ray Train restarts the group, every rank reloads the last checkpoint with its expert
+shard, and the run ends where the uninterrupted one does, in one MLflow run. What no restart can
+fix ends at once instead: a run whose only checkpoint is corrupt stops after one attempt despite
+max_failures, and a worker group larger than the session's fixed-size local Ray
+(tests/conftest.py) fails before any worker starts, both in one line."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from raymoe.tracking import tracking_uri
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 
-def ep_run(output_dir, name, fault=None):
+def ep_run(output_dir, name, fault=None, steps=12):
     return config_from_dict({
         "name": name,
         "output_dir": str(output_dir),
@@ -31,16 +33,27 @@ def ep_run(output_dir, name, fault=None):
         # test covers the larger group.
         "scaling": {"num_workers": 2, "max_failures": 2},
         "parallel": {"expert_degree": "auto"},
-        "train": {"steps": 12, "batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "log_every": 2,
-                  "val_every": 6, "val_batches": 1, "checkpoint_every": 4, "sample_tokens": 0,
+        "train": {"steps": steps, "batch_size": 2, "seq_len": 32, "lr": 3e-3, "warmup_steps": 2, "log_every": 2,
+                  "val_every": 6, "val_batches": 1, "checkpoint_every": 4, "sample_tokens": 8,
                   "fault_injection": fault},
         "data": {"max_bytes": 300_000},
         "tracking": {"experiment": "ft"},
     })
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninterrupted_run(ray_cluster, tmp_path):
-    reference = run_training(ep_run(tmp_path, "reference"))
+def _artifacts(client, run_id, path=None):
+    out = []
+    for a in client.list_artifacts(run_id, path):
+        out += _artifacts(client, run_id, a.path) if a.is_dir else [a.path]
+    return out
+
+
+def test_a_run_tracks_to_mlflow_resumes_into_its_run_and_a_killed_worker_restarts_it_to_the_same_losses(ray_cluster, tmp_path):
+    ref_cfg = ep_run(tmp_path, "reference")
+    reference = run_training(ref_cfg)
+    client = MlflowClient(tracking_uri(ref_cfg))
+    _assert_tracked(client, reference, ref_cfg)
+
     cfg = ep_run(tmp_path, "faulted", fault={"kill_rank": 1, "at_step": 6})
     faulted = run_training(cfg)
 
@@ -55,7 +68,6 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninte
         marker = json.load(f)
     assert marker["killed_after_step"] == 6 and marker["rank"] == 1
 
-    client = MlflowClient(tracking_uri(cfg))
     run_id = faulted.mlflow_run_id
     restarts = [(m.step, m.value) for m in client.get_metric_history(run_id, "elastic/restarts")]
     assert restarts == [(4, 1.0)]  # resumed from the step-4 checkpoint, once
@@ -67,6 +79,41 @@ def test_killed_worker_restarts_from_the_last_checkpoint_and_ends_like_an_uninte
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6, 8, 10, 12]
     a2a = client.get_metric_history(run_id, "moe/a2a_bytes")
     assert a2a and all(m.value > 0 for m in a2a)
+
+    # The reference again, same name and output_dir, more steps: Ray Train resumes it from its
+    # step-12 checkpoint into the same MLflow run, continuing the step count.
+    second = run_training(ep_run(tmp_path, "reference", steps=16))
+    assert second.mlflow_run_id == reference.mlflow_run_id and second.step == 16
+    steps = [m.step for m in client.get_metric_history(reference.mlflow_run_id, "train/loss")]
+    assert steps == [2, 4, 6, 8, 10, 12, 14, 16]  # continued, not restarted from 0
+    restarts = client.get_metric_history(reference.mlflow_run_id, "elastic/restarts")
+    assert [(m.step, m.value) for m in restarts] == [(12, 1.0)]
+
+
+def _assert_tracked(client, outcome, cfg):
+    """What a finished run leaves in MLflow: params in YAML spelling, falling losses, the MoE
+    metrics, its artifacts and an MLflow model holding the trained weights."""
+    assert outcome.step == 12
+    assert outcome.checkpoint_path and os.path.isdir(outcome.checkpoint_path)
+    assert outcome.sample is not None and outcome.sample.startswith(cfg.train.sample_prompt)
+    run = client.get_run(outcome.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.num_experts"] == "8"
+    assert run.data.params["scaling.num_workers"] == "2"
+    assert run.data.params["parallel.expert_degree"] == "2"  # resolved, not "auto"
+    val = client.get_metric_history(run.info.run_id, "val/loss")
+    assert [m.step for m in val] == [6, 12]
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert loss[-1].value < loss[0].value - 0.3, [m.value for m in loss]
+    for key in ("train/tokens_per_s", "train/grad_norm", "moe/load_imbalance", "moe/dropped_frac"):
+        assert client.get_metric_history(run.info.run_id, key), key
+    artifacts = _artifacts(client, run.info.run_id)
+    for name in ("config.yaml", "expert_load.json", "expert_load_heatmap.png"):
+        assert name in artifacts, (name, artifacts)
+    from raymoe.model_dir import open_source
+
+    model = open_source(f"runs:/{run.info.run_id}/model", tracking_uri=tracking_uri(cfg))  # the run's MLflow model
+    assert {"config.yaml", "model.safetensors"} <= set(os.listdir(model.path)) and model.cfg.model == cfg.model
 
 
 def _write_corrupt_checkpoint(cfg) -> str:
