@@ -32,7 +32,7 @@ finetune-demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-# Everything but the end-to-end runs on a local Ray cluster.
+# The in-process tests, about a minute: skips those marked slow (Ray, gloo process groups, subprocess CLIs, servers, benchmarks).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 

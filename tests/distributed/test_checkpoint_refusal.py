@@ -24,6 +24,9 @@ from raymoe.parallel.checkpoint import CheckpointError, TrainerState, load_lates
 from raymoe.parallel.mesh import build_mesh
 from raymoe.train.loop import build_optimizer
 
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 MODEL = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "max_seq_len": 128, "num_experts": 4, "top_k": 2,
          "expert_intermediate_size": 8}
 RANK1_SHARD = "experts-00002-00004.safetensors"  # experts [2, 4): only rank 1 reads it at expert degree 2

@@ -18,6 +18,9 @@ from gloo import spawn
 from raymoe.config import config_from_dict
 from raymoe.parallel.checkpoint import full_state_dict, read_manifest
 
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 GLOBAL_BATCH = 8  # sequences per step, split evenly over the ranks
 # A flat LR after warmup (min_lr_ratio 1): the chained resumes below stop at different train.steps.
 

@@ -23,6 +23,9 @@ from raymoe.parallel.memory import Layout, rank_memory
 from raymoe.train.data import prepare_run_data
 from reporters import MergingReporter
 
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 MODEL = {"hidden_size": 48, "num_layers": 3, "num_heads": 4, "max_seq_len": 64, "attention": "mla", "kv_lora_rank": 16,
          "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "first_k_dense_layers": 1,
          "dense_intermediate_size": 96, "num_experts": 4, "top_k": 2, "expert_intermediate_size": 32,

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 
@@ -19,6 +20,9 @@ from raymoe.parallel.apply import assign_, materialize, parallelize
 from raymoe.parallel.checkpoint import TrainerState, full_state_dict, load_checkpoint, save_checkpoint
 from raymoe.parallel.mesh import build_mesh
 from raymoe.train.loop import RUN_CONFIG, build_optimizer
+
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
 
 # DeepSeek-V3-shaped (exportable to DeepseekV3ForCausalLM), with uneven rows for 4 ranks.
 MODEL = {"hidden_size": 40, "num_layers": 3, "num_heads": 4, "max_seq_len": 128, "attention": "mla", "kv_lora_rank": 16,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +16,9 @@ from raymoe.config import config_from_dict
 from raymoe.tokenizer import tokenizer_for
 from raymoe.train.data import BatchIterator, prepare_corpus
 from tiny_hf import SAMPLE_TEXT, save
+
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
 
 GLOBAL_BATCH = 4
 

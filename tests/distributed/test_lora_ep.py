@@ -21,6 +21,9 @@ from raymoe.model_dir import write_model_dir
 from raymoe.train.data import prepare_run_data
 from reporters import MergingReporter
 
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 MODEL = {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "max_seq_len": 64, "attention": "mla", "kv_lora_rank": 16,
          "qk_nope_head_dim": 8, "qk_rope_head_dim": 8, "v_head_dim": 8, "num_experts": 4, "top_k": 2,
          "expert_intermediate_size": 16, "first_k_dense_layers": 1, "dense_intermediate_size": 48,

@@ -6,10 +6,14 @@ from __future__ import annotations
 import json
 import statistics
 
+import pytest
 
 from gloo import free_port, spawn, train_and_record
 from raymoe.config import config_from_dict
 from raymoe.train.data import prepare_corpus
+
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
 
 
 def make_cfg(out_dir):

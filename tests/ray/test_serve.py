@@ -3,8 +3,6 @@ monolithic app answer the same requests with the same text, over real HTTP."""
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import pytest
 
@@ -27,24 +25,21 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def served(ray_cluster, model_dir):
+def served(serve_session, model_dir):
     from ray import serve
 
     from raymoe.serve.deployments import build_app
     from raymoe.serve.settings import ServeSettings
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(ServeSettings.of(model_dir, mode="monolithic")), name="mono", route_prefix="/mono")
     # CPU reservations fit all four apps of this file (with "placed" below) in the session's 4 CPUs.
     serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, router_cpus=0.5, group_cpus=0.25)),
               name="routed", route_prefix="/routed")
     serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, data_path="handle", router_cpus=0.25,
                                       group_cpus=0.125)), name="handle", route_prefix="/handle")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    yield serve_session
+    for name in ("mono", "routed", "handle"):
+        serve.delete(name)
 
 
 def test_routed_and_monolithic_apps_give_the_same_completions(served):

@@ -14,6 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "decode.py"
 

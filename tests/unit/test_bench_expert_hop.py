@@ -4,6 +4,11 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -13,6 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "moe_layer.py"
 
 

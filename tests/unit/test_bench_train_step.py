@@ -17,6 +17,9 @@ import pytest
 from raymoe.config import model_config_from_section
 from raymoe.model.params import train_flops_per_token
 
+# Multi-process or subprocess runs, seconds each: `make test-fast` skips them.
+pytestmark = pytest.mark.slow
+
 pytest.importorskip("transformers")
 
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"

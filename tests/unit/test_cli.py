@@ -185,6 +185,7 @@ def test_override_without_equals_exits_2(command):
     assert "--set 'train.lr' must look like key.path=value" in r.stderr
 
 
+@pytest.mark.slow
 def test_import_params_and_export_of_a_hugging_face_checkpoint(tmp_path):
     """As a user runs them: import a Hugging Face directory, count it, export it back; a second
     import into the same place is refused in one line and leaves the first untouched."""
@@ -212,6 +213,7 @@ def test_import_params_and_export_of_a_hugging_face_checkpoint(tmp_path):
     assert sorted(os.listdir(tmp_path / "model")) == before
 
 
+@pytest.mark.slow
 def test_import_of_an_unsupported_architecture_exits_2_naming_it(tmp_path):
     (tmp_path / "llama").mkdir()
     (tmp_path / "llama" / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "model_type": "llama"}')

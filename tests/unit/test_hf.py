@@ -357,6 +357,7 @@ def test_every_architecture_trains_from_its_checkpoint_starting_at_transformers_
     assert torch.isfinite(torch.tensor(reporter.losses[2])) and reporter.losses[2] != reporter.losses[1]
 
 
+@pytest.mark.slow
 def test_registered_import_is_an_mlflow_model_that_init_from_and_export_resolve(saved, tmp_path):
     """`raymoe import --register`: the model directory logged to MLflow with its source recorded;
     models:/ then works as model.init_from (architecture from the source) and as export's SOURCE."""

@@ -135,6 +135,7 @@ def test_find_model_dir_follows_only_a_model_dir_artifact_inside_the_download(tm
         assert find_model_dir(str(d)) == str(d)  # then open_source says it is not a model
 
 
+@pytest.mark.slow
 def test_mlflow_models_predict_runs_the_logged_model(logged, model_dir, tmp_path):
     body = {"dataframe_split": {"columns": ["prompt"], "data": [[p] for p in PROMPTS]},
             "params": {"max_tokens": 8, "temperature": 0}}

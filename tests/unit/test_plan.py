@@ -54,6 +54,7 @@ def test_v2_lite_on_8x80gb_needs_fsdp_and_recomputation_and_v3_on_256_a_smaller_
     assert 40 * GB < plan.chosen[1].params + plan.chosen[1].grads + plan.chosen[1].optimizer < 45 * GB
 
 
+@pytest.mark.slow
 def test_cli_prints_the_choice_and_refuses_in_one_line_with_exit_1(capsys):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     r = subprocess.run([RAYMOE, "plan", str(V2_LITE), "--gpus", "8", "--gpu-memory", "80GB"], capture_output=True,

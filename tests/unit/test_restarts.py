@@ -148,6 +148,7 @@ train(cfg, corpus_dir=sys.argv[2], reporter=KeepingReporter(sys.argv[3]), info=D
 """
 
 
+@pytest.mark.slow
 def test_fault_injection_announces_the_kill_really_kills_and_the_restart_names_it(tmp_path, corpus_dir, capsys):
     cfg = tiny_cfg(tmp_path, log_every=1, fault_injection={"kill_rank": 0, "at_step": 3})
     marker = os.path.join(cfg.storage_path, cfg.name, "fault_injected.json")

@@ -90,6 +90,7 @@ def test_a_routed_dense_model_is_refused_with_the_fix(tmp_path):
         _settings({"model": str(tmp_path / "dense")})
 
 
+@pytest.mark.slow
 def test_raymoe_serve_fails_before_ray_in_one_line_naming_the_key(model_dir):
     """What an operator sees: exit 2, one line, the key to change, and no Ray started (a Ray
     start prints its own lines and takes seconds)."""

@@ -145,6 +145,7 @@ def test_submit_with_a_config_error_exits_2_before_contacting_the_cluster():
         f"raymoe: config error: {DEMO}: model.top_k=9 must be in [1, model.num_experts=8]"]
 
 
+@pytest.mark.slow
 def test_submit_to_an_unreachable_address_exits_2_saying_what_to_check():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -157,6 +158,7 @@ def test_submit_to_an_unreachable_address_exits_2_saying_what_to_check():
     assert "check --address" in last
 
 
+@pytest.mark.slow
 def test_jobs_without_an_address_exits_2_asking_for_one():
     r = _raymoe("jobs", "status", "raysubmit_x")
     assert r.returncode == 2
