@@ -145,7 +145,8 @@ def _worker_fn(config: dict) -> None:
                 corpus_dir=config["corpus_dir"],
                 reporter=RayReporter(wants_metrics=config.get("report_every_log_step", False)),
                 tracker=tracker,
-                resume_dirs=_resume_candidates(ray.train.get_checkpoint(), os.path.join(cfg.storage_path, cfg.name)),
+                resume_dirs=_resume_candidates(ray.train.get_checkpoint(), os.path.join(cfg.storage_path, cfg.name),
+                                               log=print if info.rank == 0 else lambda m: None),
                 info=info,
                 fault_marker=fault_marker_path(cfg),
             )
@@ -317,28 +318,40 @@ def fault_marker_path(cfg: RunConfig) -> str:
     return os.path.join(cfg.storage_path, cfg.name, "fault_injected.json")
 
 
-def _resume_candidates(latest, run_dir: str) -> list[str]:
+def _resume_candidates(latest, run_dir: str, log=lambda m: None) -> list[str]:
     """Every complete checkpoint of the run, newest step first: the one Ray Train reports as latest
     and any other in the run's storage directory.
 
     Older ones are the fallback when the latest fails its checksums. The directory is also read
     when Ray Train knows none: a worker lost right after its checkpoint was uploaded, before the
-    controller registered it, must not send the run back to step 0. Reading in place needs
-    storage every worker mounts (local disk, NFS); on other filesystems only the latest is tried.
+    controller registered it, must not send the run back to step 0. A directory checkpoint Ray
+    Train never registered whose files are missing or short (`unfinished`: a rank was lost while
+    copying its files, after rank 0's manifest arrived) is skipped with one line: it was never a
+    checkpoint, and refusing it as damaged would end a run that can start over. Reading in place
+    needs storage every worker mounts (local disk, NFS); on other filesystems only the latest is tried.
     """
     import pyarrow.fs
 
-    from raymoe.parallel.checkpoint import MANIFEST
+    from raymoe.parallel.checkpoint import MANIFEST, CheckpointError, unfinished
 
     if latest is not None and not isinstance(latest.filesystem, pyarrow.fs.LocalFileSystem):
         return [latest.to_directory()]
+    registered = os.path.realpath(latest.path) if latest is not None else None
     found = []
     if os.path.isdir(run_dir):
-        for name in os.listdir(run_dir):
+        for name in sorted(os.listdir(run_dir)):
             path = os.path.join(run_dir, name)
-            if name.startswith("checkpoint_") and os.path.exists(os.path.join(path, MANIFEST)):
-                found.append(path)
-    if latest is not None and os.path.realpath(latest.path) not in {os.path.realpath(p) for p in found}:
+            if not (name.startswith("checkpoint_") and os.path.exists(os.path.join(path, MANIFEST))):
+                continue
+            try:
+                why = None if os.path.realpath(path) == registered else unfinished(path)
+            except CheckpointError:
+                why = None  # an unreadable manifest: load_checkpoint refuses it, naming the file
+            if why:
+                log(f"skipping checkpoint {path}: never completed ({why}; a worker was lost while writing it)")
+                continue
+            found.append(path)
+    if latest is not None and registered not in {os.path.realpath(p) for p in found}:
         found.append(latest.path)
     # By step, not by what Ray registered: a complete checkpoint it never heard of is still newer.
     return sorted(found, key=_checkpoint_step, reverse=True)

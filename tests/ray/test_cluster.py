@@ -199,8 +199,13 @@ def _artifacts(client, run_id, path=None):
 
 
 def _kill_node_after_first_checkpoint(c: LoopbackCluster, out: Path, killed: dict, stop: threading.Event) -> None:
+    """Once every rank's files of the first checkpoint are in storage (rank 0's manifest can
+    arrive before the other rank's shard: a kill then leaves an unfinished checkpoint, which
+    tests/unit/test_checkpoint.py covers), kill the worker node."""
+    from raymoe.parallel.checkpoint import unfinished
+
     while not stop.is_set():
-        manifests = list(out.glob("runs/*/checkpoint_*/manifest.json"))
+        manifests = [m for m in out.glob("runs/*/checkpoint_*/manifest.json") if unfinished(str(m.parent)) is None]
         if manifests:
             killed["first_checkpoint_world"] = json.loads(manifests[0].read_text())["state"]["world_size"]
             c.kill_worker_node()

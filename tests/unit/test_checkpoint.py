@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -441,3 +442,53 @@ def test_a_changed_base_model_ends_the_search_at_once(tmp_path):
     with pytest.raises(BaseModelChanged, match="fingerprint aaa, but model.init_from now has bbb"):
         load_latest_good([path, path], fresh.model, fresh.opt, fresh.plan, fresh.hash, log=lines.append, expect_base="bbb")
     assert lines == []  # not "refused, trying the previous one": an older checkpoint has the same base
+
+
+# ----------------------------------------------------------------------------- unfinished uploads
+
+
+class _Registered:
+    """What ray.train.get_checkpoint() returns for a checkpoint Ray Train registered (local storage)."""
+
+    def __init__(self, path: str):
+        import pyarrow.fs
+
+        self.path, self.filesystem = path, pyarrow.fs.LocalFileSystem()
+
+
+def test_a_checkpoint_whose_upload_was_cut_short_is_skipped_unless_ray_train_registered_it(tmp_path):
+    """A rank lost while copying its files leaves rank 0's manifest beside a short or missing
+    shard. Found only in the run directory, that checkpoint was never completed: the candidates
+    skip it (one line naming the file) and fall back to the older one, or to none (the run starts
+    over instead of ending on a CheckpointError). A registered checkpoint is never skipped, and a
+    flipped byte (same size) is damage, left for load_checkpoint to refuse."""
+    from raymoe.parallel.checkpoint import unfinished
+    from raymoe.ray_train import _resume_candidates
+
+    run_dir = tmp_path / "run"
+    older, run = _saved(run_dir, "checkpoint_2026-01-01_00-00-01")
+    newer = str(run_dir / "checkpoint_2026-01-01_00-00-02")
+    save_checkpoint(newer, run.model, run.opt, run.plan, _state(step=8, model_hash=run.hash))
+    assert unfinished(newer) is None and read_manifest(newer)["files"][EXPERTS]["bytes"] == os.path.getsize(f"{newer}/{EXPERTS}")
+    full = os.path.getsize(f"{newer}/{EXPERTS}")
+    with open(f"{newer}/{EXPERTS}", "r+b") as f:
+        f.truncate(full // 3)
+
+    assert unfinished(newer) == f"{EXPERTS} has {full // 3:,} of its {full:,} bytes"
+    lines = []
+    assert _resume_candidates(None, str(run_dir), log=lines.append) == [older]
+    assert lines == [f"skipping checkpoint {newer}: never completed ({EXPERTS} has {full // 3:,} of its {full:,} bytes; "
+                     "a worker was lost while writing it)"]
+    # Registered by Ray Train, the same files are a damaged checkpoint: tried, and refused by name.
+    assert _resume_candidates(_Registered(newer), str(run_dir)) == [newer, older]
+
+    os.remove(f"{newer}/{EXPERTS}")
+    assert unfinished(newer) == f"{EXPERTS} is missing"
+    shutil.rmtree(older)
+    assert _resume_candidates(None, str(run_dir)) == []  # nothing complete: start over
+
+    flipped, _ = _saved(run_dir, "checkpoint_2026-01-01_00-00-03")
+    _flip_byte(f"{flipped}/{DENSE}")
+    assert unfinished(flipped) is None and _resume_candidates(None, str(run_dir)) == [flipped]
+    with pytest.raises(CheckpointError, match="sha256 does not match"):
+        _Run().load(flipped)

@@ -191,6 +191,7 @@ def save_checkpoint(
             written[fname] = {"experts": [local.start, local.stop]}
     for fname, info in written.items():
         info["sha256"] = _sha256(os.path.join(path, fname))
+        info["bytes"] = os.path.getsize(os.path.join(path, fname))  # what unfinished() compares, without hashing
 
     gathered = [None] * mesh.world_size if _dist() else [written]
     if _dist():
@@ -233,6 +234,22 @@ def _verify(path: str, manifest: dict[str, Any], names) -> None:
             raise CheckpointError(f"{fpath}: missing from the checkpoint")
         if _sha256(fpath) != manifest["files"][name]["sha256"]:
             raise CheckpointError(f"{fpath}: sha256 does not match {MANIFEST} (truncated or corrupted)")
+
+
+def unfinished(path: str) -> str | None:
+    """Why the checkpoint at `path` was never completely written, or None: a file its manifest
+    names is missing or shorter than when it was saved. That is what a rank lost while its files
+    were still being copied to storage leaves behind (the manifest is rank 0's and can arrive
+    first). Sizes only, no hashing: damage that keeps the size is load_checkpoint's to find.
+    Manifests from before sizes were recorded are judged by missing files alone."""
+    manifest = read_manifest(path)
+    for name, info in manifest["files"].items():
+        fpath = os.path.join(path, name)
+        if not os.path.exists(fpath):
+            return f"{name} is missing"
+        if "bytes" in info and os.path.getsize(fpath) < info["bytes"]:
+            return f"{name} has {os.path.getsize(fpath):,} of its {info['bytes']:,} bytes"
+    return None
 
 
 def verify_checkpoint(path: str) -> dict[str, Any]:
