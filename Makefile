@@ -31,11 +31,11 @@ finetune-demo: $(STAMP)
 
 # Two pytest sessions at once: tests/ray's end-to-end runs leave a core idle for about a third of
 # their time (process starts, timeouts, autoscaling delays), and the other tests fill it at a lower
-# CPU priority (nice 10). Their report follows the Ray tests' (and stays in .raymoe/test-others.log).
+# CPU priority (nice 19). Their report follows the Ray tests' (and stays in .raymoe/test-others.log).
 # ARGS reach both, e.g. make test ARGS="-x --durations=20".
 test: $(STAMP)
 	@mkdir -p .raymoe; \
-	nice -n 10 $(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/ray $(ARGS) > .raymoe/test-others.log 2>&1 & others=$$!; \
+	nice -n 19 $(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/ray $(ARGS) > .raymoe/test-others.log 2>&1 & others=$$!; \
 	trap 'kill $$others 2>/dev/null' INT TERM; \
 	echo "tests outside tests/ray: running beside these, report below (.raymoe/test-others.log)"; \
 	$(BIN)/python -m pytest -q tests/ray $(ARGS); ray=$$?; \
