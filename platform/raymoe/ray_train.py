@@ -325,14 +325,14 @@ def _resume_candidates(latest, run_dir: str, log=lambda m: None) -> list[str]:
     Older ones are the fallback when the latest fails its checksums. The directory is also read
     when Ray Train knows none: a worker lost right after its checkpoint was uploaded, before the
     controller registered it, must not send the run back to step 0. A directory checkpoint Ray
-    Train never registered whose files are missing or short (`unfinished`: a rank was lost while
-    copying its files, after rank 0's manifest arrived) is skipped with one line: it was never a
+    Train never registered whose files are missing or short, or whose manifest does not parse
+    (`unfinished`: a rank was lost while copying its files to storage) is skipped with one line: it was never a
     checkpoint, and refusing it as damaged would end a run that can start over. Reading in place
     needs storage every worker mounts (local disk, NFS); on other filesystems only the latest is tried.
     """
     import pyarrow.fs
 
-    from raymoe.parallel.checkpoint import MANIFEST, CheckpointError, unfinished
+    from raymoe.parallel.checkpoint import MANIFEST, unfinished
 
     if latest is not None and not isinstance(latest.filesystem, pyarrow.fs.LocalFileSystem):
         return [latest.to_directory()]
@@ -343,10 +343,7 @@ def _resume_candidates(latest, run_dir: str, log=lambda m: None) -> list[str]:
             path = os.path.join(run_dir, name)
             if not (name.startswith("checkpoint_") and os.path.exists(os.path.join(path, MANIFEST))):
                 continue
-            try:
-                why = None if os.path.realpath(path) == registered else unfinished(path)
-            except CheckpointError:
-                why = None  # an unreadable manifest: load_checkpoint refuses it, naming the file
+            why = None if os.path.realpath(path) == registered else unfinished(path)
             if why:
                 log(f"skipping checkpoint {path}: never completed ({why}; a worker was lost while writing it)")
                 continue

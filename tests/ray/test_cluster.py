@@ -204,14 +204,17 @@ def _kill_node_after_first_checkpoint(c: LoopbackCluster, out: Path, killed: dic
     tests/unit/test_checkpoint.py covers), kill the worker node."""
     from raymoe.parallel.checkpoint import unfinished
 
-    while not stop.is_set():
-        manifests = [m for m in out.glob("runs/*/checkpoint_*/manifest.json") if unfinished(str(m.parent)) is None]
-        if manifests:
-            killed["first_checkpoint_world"] = json.loads(manifests[0].read_text())["state"]["world_size"]
-            c.kill_worker_node()
-            killed["at"] = time.time()
-            return
-        time.sleep(0.1)
+    try:
+        while not stop.is_set():
+            manifests = [m for m in out.glob("runs/*/checkpoint_*/manifest.json") if unfinished(str(m.parent)) is None]
+            if manifests:
+                killed["first_checkpoint_world"] = json.loads(manifests[0].read_text())["state"]["world_size"]
+                c.kill_worker_node()
+                killed["at"] = time.time()
+                return
+            time.sleep(0.1)
+    except Exception as e:  # shown by the test's assertion on `killed`, not lost in a thread
+        killed["error"] = repr(e)
 
 
 def test_submitted_elastic_job_survives_losing_a_node_and_tracks_to_the_mlflow_server(loopback_cluster, tmp_path):

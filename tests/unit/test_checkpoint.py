@@ -490,5 +490,10 @@ def test_a_checkpoint_whose_upload_was_cut_short_is_skipped_unless_ray_train_reg
     flipped, _ = _saved(run_dir, "checkpoint_2026-01-01_00-00-03")
     _flip_byte(f"{flipped}/{DENSE}")
     assert unfinished(flipped) is None and _resume_candidates(None, str(run_dir)) == [flipped]
+    # Rank 0 lost while copying the manifest itself: half a JSON document.
+    manifest = f"{newer}/{MANIFEST}"
+    text = open(manifest).read()
+    open(manifest, "w").write(text[: len(text) // 2])
+    assert unfinished(newer).startswith(f"{MANIFEST} is unreadable (")
     with pytest.raises(CheckpointError, match="sha256 does not match"):
         _Run().load(flipped)

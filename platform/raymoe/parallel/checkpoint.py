@@ -241,9 +241,14 @@ def unfinished(path: str) -> str | None:
     names is missing or shorter than when it was saved. That is what a rank lost while its files
     were still being copied to storage leaves behind (the manifest is rank 0's and can arrive
     first). Sizes only, no hashing: damage that keeps the size is load_checkpoint's to find.
-    Manifests from before sizes were recorded are judged by missing files alone."""
-    manifest = read_manifest(path)
-    for name, info in manifest["files"].items():
+    Manifests from before sizes were recorded are judged by missing files alone; a manifest that
+    does not parse was itself cut short (read_manifest refuses other bad manifests)."""
+    try:
+        with open(os.path.join(path, MANIFEST)) as f:
+            manifest = json.load(f)
+    except (OSError, ValueError) as e:
+        return f"{MANIFEST} is unreadable ({e})"
+    for name, info in manifest.get("files", {}).items():
         fpath = os.path.join(path, name)
         if not os.path.exists(fpath):
             return f"{name} is missing"
