@@ -332,7 +332,7 @@ def _resume_candidates(latest, run_dir: str, log=lambda m: None) -> list[str]:
     """
     import pyarrow.fs
 
-    from raymoe.parallel.checkpoint import MANIFEST, unfinished
+    from raymoe.parallel.checkpoint import MANIFEST, manifest_step, unfinished
 
     if latest is not None and not isinstance(latest.filesystem, pyarrow.fs.LocalFileSystem):
         return [latest.to_directory()]
@@ -351,17 +351,7 @@ def _resume_candidates(latest, run_dir: str, log=lambda m: None) -> list[str]:
     if latest is not None and registered not in {os.path.realpath(p) for p in found}:
         found.append(latest.path)
     # By step, not by what Ray registered: a complete checkpoint it never heard of is still newer.
-    return sorted(found, key=_checkpoint_step, reverse=True)
-
-
-def _checkpoint_step(path: str) -> int:
-    import json
-
-    try:
-        with open(os.path.join(path, "manifest.json")) as f:
-            return int(json.load(f)["state"]["step"])
-    except (OSError, ValueError, KeyError):
-        return -1
+    return sorted(found, key=manifest_step, reverse=True)
 
 
 def _ensure_ray(address: str | None, log) -> None:

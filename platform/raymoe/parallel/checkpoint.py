@@ -213,14 +213,19 @@ def save_checkpoint(
         dist.barrier()  # nobody reports (or deletes) a directory before the manifest exists
 
 
+def _parse_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the checkpoint at `path` as written; raises OSError or ValueError."""
+    with open(os.path.join(path, MANIFEST)) as f:
+        return json.load(f)
+
+
 def read_manifest(path: str) -> dict[str, Any]:
     mpath = os.path.join(path, MANIFEST)
     if not os.path.exists(mpath):
         raise CheckpointError(f"{path}: no {MANIFEST}; the checkpoint was never completed")
     try:
-        with open(mpath) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        manifest = _parse_manifest(path)
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{mpath}: unreadable ({e})") from None
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"{mpath}: checkpoint format {manifest.get('format')} is not {FORMAT_VERSION}")
@@ -244,8 +249,7 @@ def unfinished(path: str) -> str | None:
     Manifests from before sizes were recorded are judged by missing files alone; a manifest that
     does not parse was itself cut short (read_manifest refuses other bad manifests)."""
     try:
-        with open(os.path.join(path, MANIFEST)) as f:
-            manifest = json.load(f)
+        manifest = _parse_manifest(path)
     except (OSError, ValueError) as e:
         return f"{MANIFEST} is unreadable ({e})"
     for name, info in manifest.get("files", {}).items():
@@ -255,6 +259,14 @@ def unfinished(path: str) -> str | None:
         if "bytes" in info and os.path.getsize(fpath) < info["bytes"]:
             return f"{name} has {os.path.getsize(fpath):,} of its {info['bytes']:,} bytes"
     return None
+
+
+def manifest_step(path: str) -> int:
+    """The training step the checkpoint at `path` was saved at, or -1 when its manifest cannot say."""
+    try:
+        return int(_parse_manifest(path)["state"]["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1
 
 
 def verify_checkpoint(path: str) -> dict[str, Any]:
