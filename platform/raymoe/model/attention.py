@@ -51,9 +51,9 @@ def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
 def rope_tables(dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin, [max_seq_len, dim], in the rotate-half layout (Llama / Mixtral); with YaRN
     scaling, its frequencies and both tables multiplied by its attention factor."""
-    # Computed on the CPU and moved to the default device: under torch.device("meta") (how training
-    # and import build a model) torch's meta arange is a Python reference whose first call imports
-    # torch._dynamo, 1.5-2 s of every worker and replica start.
+    # Computed on the CPU and moved to the default device: under torch.device("meta") torch's meta
+    # arange is a Python reference whose first call imports torch._dynamo, 1.5-3 s of a meta-device
+    # build (`raymoe plan`, `raymoe import`; training imports it anyway, through torch.optim).
     with torch.device("cpu"):
         if scaling is None:
             inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))

@@ -86,7 +86,8 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         # nn.Embedding's own N(0, 1) init, but skipped on the meta device, where torch's normal_ is a
-        # Python reference that imports torch._dynamo (1.5-2 s a process); init_weights draws it anyway.
+        # Python reference that imports torch._dynamo (1.5-3 s of `raymoe plan` or `raymoe import`);
+        # init_weights draws it anyway.
         weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight if weight.is_meta else weight.normal_())
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
