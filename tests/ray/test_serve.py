@@ -1,5 +1,6 @@
-"""Serving on the session's local Ray: the routed app (router + 2 ExpertGroup deployments) and the
-monolithic app answer the same requests with the same text, over real HTTP."""
+"""Serving on the session's local Ray: the routed apps (router + 2 ExpertGroup deployments, a hot
+expert replicated in both) and the monolithic app answer the same requests with the same text,
+over real HTTP."""
 
 from __future__ import annotations
 
@@ -24,19 +25,30 @@ def model_dir(tmp_path_factory):
     return str(d)
 
 
+def _hot_expert_placement():
+    """Expert 0 hot: 8 experts on 2 groups of 5 slots, so the two spare slots become copies."""
+    from raymoe.serve.placement import plan_placement
+
+    return plan_placement([100, 40, 5, 5, 5, 5, 5, 5], 2, slots_per_group=5)
+
+
 @pytest.fixture(scope="module")
 def served(serve_session, model_dir):
+    """The monolithic app and two routed apps, one per data path (the direct channel and Serve
+    handles), both on a planned placement that replicates the hot expert 0. Routed serving on the
+    default contiguous placement is held against transformers in test_hf_e2e.py."""
     from ray import serve
 
     from raymoe.serve.deployments import build_app
     from raymoe.serve.settings import ServeSettings
 
+    placement = _hot_expert_placement().to_dict()
     serve.run(build_app(ServeSettings.of(model_dir, mode="monolithic")), name="mono", route_prefix="/mono")
-    # CPU reservations fit all four apps of this file (with "placed" below) in the session's 4 CPUs.
-    serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, router_cpus=0.5, group_cpus=0.25)),
-              name="routed", route_prefix="/routed")
-    serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, data_path="handle", router_cpus=0.25,
-                                      group_cpus=0.125)), name="handle", route_prefix="/handle")
+    # CPU reservations fit all three apps in the session's 4 CPUs.
+    serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, placement=placement, router_cpus=0.5,
+                                      group_cpus=0.25)), name="routed", route_prefix="/routed")
+    serve.run(build_app(ServeSettings.of(model_dir, mode="routed", num_groups=2, placement=placement, data_path="handle",
+                                      router_cpus=0.25, group_cpus=0.125)), name="handle", route_prefix="/handle")
     yield serve_session
     for name in ("mono", "routed", "handle"):
         serve.delete(name)
@@ -79,30 +91,18 @@ def test_bad_request_is_a_4xx_and_streaming_works_through_serve(served):
         assert lines[-1] == "data: [DONE]" and len(lines) >= 2
 
 
-def test_a_planned_placement_with_a_replicated_hot_expert_serves_the_same_text(served, model_dir):
-    from ray import serve
-
-    from raymoe.serve.deployments import build_app
-    from raymoe.serve.settings import ServeSettings
-    from raymoe.serve.placement import plan_placement
-
-    # Expert 0 hot: 8 experts on 2 groups of 5 slots, so the two spare slots become copies.
-    placement = plan_placement([100, 40, 5, 5, 5, 5, 5, 5], 2, slots_per_group=5)
+def test_a_planned_placement_with_a_replicated_hot_expert_serves_the_same_text(served):
+    placement = _hot_expert_placement()
     assert placement.replicas[0] == 2 and sorted(placement.groups[0] + placement.groups[1]) != list(range(8))
-    settings = ServeSettings.of(model_dir, mode="routed", num_groups=2, placement=placement.to_dict(), router_cpus=0.5, group_cpus=0.25)
-    serve.run(build_app(settings), name="placed", route_prefix="/placed")
-    try:
-        with httpx.Client(timeout=60) as http:
-            for prompt in ("def ", "x = "):
-                req = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
-                mono = http.post(f"{served}/mono/v1/completions", json=req).json()["choices"][0]["text"]
-                placed = http.post(f"{served}/placed/v1/completions", json=req).json()["choices"][0]["text"]
-                assert placed == mono, prompt
-            load = http.get(f"{served}/placed/v1/expert_load").json()
-        assert load["groups"]["placement"]["replicas"]["0"] == 2
-        assert all(t > 0 for t in load["groups"]["tokens"])
-    finally:
-        serve.delete("placed")
+    with httpx.Client(timeout=60) as http:
+        for prompt in ("def ", "x = "):
+            req = {"prompt": prompt, "max_tokens": 10, "temperature": 0}
+            mono = http.post(f"{served}/mono/v1/completions", json=req).json()["choices"][0]["text"]
+            placed = http.post(f"{served}/routed/v1/completions", json=req).json()["choices"][0]["text"]
+            assert placed == mono, prompt
+        load = http.get(f"{served}/routed/v1/expert_load").json()
+    assert load["groups"]["placement"]["replicas"]["0"] == 2
+    assert all(t > 0 for t in load["groups"]["tokens"])
 
 
 def _scrape() -> list[tuple[str, dict[str, str], float]]:
