@@ -6,6 +6,7 @@ identical weights, the same prompts and the same number of new tokens, in one pr
     python bench/decode.py --shape gpu               # jobs/configs/small-gpu.yaml's shape with a 32K vocab (1.26B), bf16, cuda, 128+128 tokens
     python bench/decode.py --tiny                    # seconds: the smoke test tests/unit/test_bench_decode.py runs
     python bench/decode.py --batches 1,8 --new-tokens 16 --impls eager,grouped_mm --out /tmp/d.json
+    python bench/decode.py --mla-expanded           # also raymoe with decode steps in the expanded MLA form (the lever's A/B)
 
 Needs torch, transformers, safetensors and tokenizers; neither Ray nor MLflow (raymoe.serve.engine
 and raymoe.model_dir import neither; the JSON records what was imported).
@@ -77,6 +78,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built here; a kern
 import torch  # noqa: E402
 
 from raymoe.config import model_config_from_section  # noqa: E402
+from raymoe.model.attention import MLAttention  # noqa: E402
 from raymoe.model.hf import hf_config_from_model  # noqa: E402
 from raymoe.model.transformer import MoETransformer  # noqa: E402
 from raymoe.model_dir import load_weights, open_source  # noqa: E402
@@ -280,6 +282,8 @@ def main() -> None:
     ap.add_argument("--impls", default=None, help="transformers experts implementations to try (default: all registered)")
     ap.add_argument("--init-std", type=float, default=0.02, help="transformers' initializer_range for the random weights")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
+    ap.add_argument("--mla-expanded", action="store_true",
+                    help="also time raymoe with MLAttention.absorb off (decode steps rebuild per-head keys and values)")
     ap.add_argument("--out", default=None, help="a .json path or a directory (default bench/results/)")
     args = ap.parse_args()
     shape = "tiny" if args.tiny else args.shape
@@ -351,12 +355,18 @@ def main() -> None:
     for B in batches:
         prompts = torch.randint(0, 256, (B, P), generator=torch.Generator().manual_seed(100 + B))
         engine = Engine(ours, tok, max_batch=B, max_len=P + N + 1)
-        sides = ["raymoe"] + impls
+        sides = ["raymoe"] + (["raymoe-mla-expanded"] if args.mla_expanded else []) + impls
         runs = {s: [] for s in sides}
 
         def once(side: str) -> dict:
             if side == "raymoe":
                 return run_raymoe(engine, prompts, N, device)
+            if side == "raymoe-mla-expanded":
+                MLAttention.absorb = False
+                try:
+                    return run_raymoe(engine, prompts, N, device)
+                finally:
+                    MLAttention.absorb = True
             hf.set_experts_implementation(side)
             return run_transformers(hf, prompts, N, device)
 
@@ -369,6 +379,10 @@ def main() -> None:
         row = {"raymoe": summarize(runs["raymoe"], B, N), "transformers": {}, "ratio_decode": {}, "ratio_end_to_end": {},
                "ratio_ttft": {}, "token_agreement": {}, "prefix_agreement": {}, "forced_agreement": {}}
         ours_ids = runs["raymoe"][-1]["ids"]
+        if args.mla_expanded:
+            e = row["raymoe_mla_expanded"] = summarize(runs["raymoe-mla-expanded"], B, N)
+            row["ratio_decode_to_mla_expanded"] = row["raymoe"]["decode_tokens_per_s"] / e["decode_tokens_per_s"]
+            row["mla_expanded_token_agreement"] = agreement(ours_ids, runs["raymoe-mla-expanded"][-1]["ids"])[0]
         for impl in impls:
             t = row["transformers"][impl] = summarize(runs[impl], B, N)
             row["ratio_decode"][impl] = row["raymoe"]["decode_tokens_per_s"] / t["decode_tokens_per_s"]
@@ -393,6 +407,10 @@ def main() -> None:
         r = row["raymoe"]
         print(f"{B:>5} {'raymoe Engine':22} {r['decode_tokens_per_s']:>13.0f} {r['ttft_ms']:>9.1f} {r['total_ms']:>10.1f} "
               f"{r['tokens_per_s']:>10.0f} {'':>12} {'':>12}")
+        if "raymoe_mla_expanded" in row:
+            e = row["raymoe_mla_expanded"]
+            print(f"{'':>5} {'raymoe, MLA expanded':22} {e['decode_tokens_per_s']:>13.0f} {e['ttft_ms']:>9.1f} {e['total_ms']:>10.1f} "
+                  f"{e['tokens_per_s']:>10.0f} {row['ratio_decode_to_mla_expanded']:>11.2f}x {row['mla_expanded_token_agreement']:>12.3f}")
         for impl, t in row["transformers"].items():
             print(f"{'':>5} {'hf ' + impl:22} {t['decode_tokens_per_s']:>13.0f} {t['ttft_ms']:>9.1f} {t['total_ms']:>10.1f} "
                   f"{t['tokens_per_s']:>10.0f} {row['ratio_decode'][impl]:>11.2f}x {row['token_agreement'][impl]:>12.3f} "

@@ -18,6 +18,8 @@ LAYOUTS = {
     "gqa-sliding": {"num_kv_heads": 2, "sliding_window": 8, "global_every": 2},
     "mla": {"attention": "mla", "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
     "mla-qlora": {"attention": "mla", "q_lora_rank": 24, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16},
+    "mla-sliding": {"attention": "mla", "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+                    "sliding_window": 8, "global_every": 2},
 }
 
 
@@ -47,6 +49,26 @@ def test_cached_decoding_of_ragged_rows_equals_the_full_causal_pass(layout):
             out = model(x[torch.arange(3), pos][:, None], cache, slots, pos[:, None]).logits
             torch.testing.assert_close(out[:, 0], full[torch.arange(3), pos], atol=2e-5, rtol=0)
             pos = pos + 1
+
+
+def test_mla_decode_steps_attend_in_latent_space_with_the_expanded_forms_numbers(monkeypatch):
+    from raymoe.model.attention import MLAttention
+
+    model = tiny_model(**LAYOUTS["mla-sliding"], num_layers=3)
+    calls = []
+    latent = MLAttention._attend_latent
+    monkeypatch.setattr(MLAttention, "_attend_latent", lambda self, *a: calls.append(1) or latent(self, *a))
+    x = torch.randint(0, 260, (2, 30))
+    logits = {}
+    with torch.no_grad():
+        for absorb in (True, False):
+            monkeypatch.setattr(MLAttention, "absorb", absorb)
+            cache, slots = KVCache(model, max_batch=2, max_len=64), torch.tensor([1, 0])
+            model(x[:, :10], cache, slots, torch.arange(10).expand(2, 10))  # prefill: expanded either way
+            logits[absorb] = torch.stack([model(x[:, p : p + 1], cache, slots, torch.full((2, 1), p)).logits[:, 0]
+                                          for p in range(10, 30)])  # past the sliding window of 8
+    assert len(calls) == 20 * 3  # every decode step of every layer, none of the prefill
+    torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
 
 
 def test_mla_cache_stores_only_the_latent_and_the_rotary_key():

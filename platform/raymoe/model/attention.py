@@ -160,7 +160,12 @@ class Attention(nn.Module):
 
 
 class MLAttention(nn.Module):
-    """DeepSeek multi-head latent attention (training form: keys/values expanded per head)."""
+    """DeepSeek multi-head latent attention. Training and prefill expand keys and values per head;
+    a decode step attends to the cached latents directly (`_attend_latent`)."""
+
+    absorb: bool = True
+    """Decode steps attend in latent space; False rebuilds per-head keys and values from every
+    cached latent at each step, as prefill does (the A/B switch of bench/decode.py and the tests)."""
 
     def __init__(self, cfg: ModelConfig, window: int | None):
         super().__init__()
@@ -205,11 +210,14 @@ class MLAttention(nn.Module):
         k_rope_B1Sr = apply_rope(k_rope_BSr.unsqueeze(1), cos, sin)  # shared by all heads
         mask = None
         if cache is not None:
-            # The cache holds only the latent and the rotary key; per-head keys and values are
-            # rebuilt from it for every step (memory over compute, as DeepSeek-V2 argues).
+            # The cache holds only the latent and the rotary key, nothing per head.
             latent_BSL, k_rope_BTr = cache.write_read(latent=latent_BSL, k_rope=k_rope_B1Sr.squeeze(1))
             k_rope_B1Sr = k_rope_BTr.unsqueeze(1)
             mask = cached_mask(cache.positions, latent_BSL.shape[1], self.window)
+            # A decode step (one new token per row). Prefill keeps the expanded form, whose SDPA
+            # kernels suit long prompts; an unmerged LoRA adapter on wkv_b changes its weight.
+            if S == 1 and self.absorb and not hasattr(self.wkv_b, "lora_A"):
+                return self._attend_latent(q_nope, apply_rope(q_rope, cos, sin), latent_BSL, k_rope_B1Sr, mask)
         T = latent_BSL.shape[1]
         kv = self.wkv_b(latent_BSL).view(B, T, H, n + v).transpose(1, 2)
         k_nope, v_BHTv = kv.split([n, v], dim=-1)
@@ -221,6 +229,28 @@ class MLAttention(nn.Module):
         else:
             out_BHSv = F.scaled_dot_product_attention(q_BHSd, k_BHTd, v_BHTv, attn_mask=mask, scale=self.scale)
         return self.wo(out_BHSv.transpose(1, 2).reshape(B, S, H * v))
+
+    def _attend_latent(self, q_nope_BHSn, q_rope_BHSr, latent_BTL, k_rope_B1Tr, mask_B1ST) -> torch.Tensor:
+        """Attention over the cache in latent space (DeepSeek-V2's weight absorption): wkv_b's key
+        half is folded into the query and its value half applied after the weighted sum, so no
+        step rebuilds per-head keys and values for every cached position. The same numbers as
+        the expanded form, since q_nope . (W_k latent) = (W_k^T q_nope) . latent; per cached
+        position it costs H (2L + r) multiply-adds instead of L H (n + v) more."""
+        B, H, S, n = q_nope_BHSn.shape
+        L = self.kv_lora_rank
+        w_HnvL = self.wkv_b.weight.to(latent_BTL.dtype).view(H, n + self.v, L)
+        w_k_HnL, w_v_HvL = w_HnvL.split([n, self.v], dim=1)
+        # Per head, one GEMM over every (row, position): [H, B*S, n] x [H, n, L], weights not copied per row.
+        q_lat_HRL = torch.bmm(q_nope_BHSn.transpose(0, 1).reshape(H, B * S, n), w_k_HnL)
+        q_BHSK = torch.cat([q_lat_HRL.view(H, B, S, L).transpose(0, 1), q_rope_BHSr], dim=-1)  # K = L + r
+        k_BTK = torch.cat([latent_BTL, k_rope_B1Tr.squeeze(1)], dim=-1)  # one key "head" shared by all heads
+        # Every head's queries against the one shared key as a single GEMM per row, [B, H*S, K] x
+        # [B, K, T]: no per-head copy of the keys (SDPA's enable_gqa path on CPU expands them).
+        scores_BHST = torch.bmm(q_BHSK.reshape(B, H * S, -1), k_BTK.transpose(1, 2)).view(B, H, S, -1) * self.scale
+        probs_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf")).softmax(-1, dtype=torch.float32)
+        out_BRL = torch.bmm(probs_BHST.to(latent_BTL.dtype).view(B, H * S, -1), latent_BTL)
+        out_HRv = torch.bmm(out_BRL.view(B, H, S, L).transpose(0, 1).reshape(H, B * S, L), w_v_HvL.transpose(1, 2))
+        return self.wo(out_HRv.view(H, B, S, self.v).permute(1, 2, 0, 3).reshape(B, S, H * self.v))
 
 
 class CacheView:
