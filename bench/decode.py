@@ -7,6 +7,7 @@ identical weights, the same prompts and the same number of new tokens, in one pr
     python bench/decode.py --tiny                    # seconds: the smoke test tests/unit/test_bench_decode.py runs
     python bench/decode.py --batches 1,8 --new-tokens 16 --impls eager,grouped_mm --out /tmp/d.json
     python bench/decode.py --mla-expanded           # also raymoe with decode steps in the expanded MLA form (the lever's A/B)
+    python bench/decode.py --compile                # also raymoe with MoETransformer.compile_decode (transformers stays eager)
 
 Needs torch, transformers, safetensors and tokenizers; neither Ray nor MLflow (raymoe.serve.engine
 and raymoe.model_dir import neither; the JSON records what was imported).
@@ -284,6 +285,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     ap.add_argument("--mla-expanded", action="store_true",
                     help="also time raymoe with MLAttention.absorb off (decode steps rebuild per-head keys and values)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time raymoe with its decode steps through torch.compile (compile_decode); the warm-up compiles")
     ap.add_argument("--out", default=None, help="a .json path or a directory (default bench/results/)")
     args = ap.parse_args()
     shape = "tiny" if args.tiny else args.shape
@@ -349,18 +352,34 @@ def main() -> None:
     for impl, why in unavailable.items():
         print(f"transformers experts_implementation={impl!r} unavailable: {why}")
 
+    compiled_fns = []
+    if args.compile:
+        ours.compile_decode()
+        compiled_fns = [b.decode_fn for b in ours.layers]
+        for b in ours.layers:
+            b.decode_fn = None
+
     tok = NoEosTokenizer()
     rows = {}
     ok = True
     for B in batches:
         prompts = torch.randint(0, 256, (B, P), generator=torch.Generator().manual_seed(100 + B))
         engine = Engine(ours, tok, max_batch=B, max_len=P + N + 1)
-        sides = ["raymoe"] + (["raymoe-mla-expanded"] if args.mla_expanded else []) + impls
+        sides = (["raymoe"] + (["raymoe-mla-expanded"] if args.mla_expanded else []) + (["raymoe-compiled"] if args.compile else [])
+                 + impls)
         runs = {s: [] for s in sides}
 
         def once(side: str) -> dict:
             if side == "raymoe":
                 return run_raymoe(engine, prompts, N, device)
+            if side == "raymoe-compiled":
+                for b, fn in zip(ours.layers, compiled_fns):
+                    b.decode_fn = fn
+                try:
+                    return run_raymoe(engine, prompts, N, device)
+                finally:
+                    for b in ours.layers:
+                        b.decode_fn = None
             if side == "raymoe-mla-expanded":
                 MLAttention.absorb = False
                 try:
@@ -370,15 +389,22 @@ def main() -> None:
             hf.set_experts_implementation(side)
             return run_transformers(hf, prompts, N, device)
 
+        warmup_s = {}
         with torch.no_grad():
-            for s in sides:  # warm-up: allocator, kernels, lazy inits
-                once(s)
+            for s in sides:  # warm-up: allocator, kernels, lazy inits (and compiling, for raymoe-compiled)
+                warmup_s[s] = once(s)["total_s"]
             for _ in range(repeats):
                 for s in sides:
                     runs[s].append(once(s))
         row = {"raymoe": summarize(runs["raymoe"], B, N), "transformers": {}, "ratio_decode": {}, "ratio_end_to_end": {},
                "ratio_ttft": {}, "token_agreement": {}, "prefix_agreement": {}, "forced_agreement": {}}
         ours_ids = runs["raymoe"][-1]["ids"]
+        row["warmup_s"] = warmup_s
+        if args.compile:
+            c = row["raymoe_compiled"] = summarize(runs["raymoe-compiled"], B, N)
+            row["ratio_decode_compiled"] = {}  # per transformers implementation, below
+            row["compiled_to_eager"] = c["decode_tokens_per_s"] / row["raymoe"]["decode_tokens_per_s"]
+            row["compiled_token_agreement"] = agreement(ours_ids, runs["raymoe-compiled"][-1]["ids"])[0]
         if args.mla_expanded:
             e = row["raymoe_mla_expanded"] = summarize(runs["raymoe-mla-expanded"], B, N)
             row["ratio_decode_to_mla_expanded"] = row["raymoe"]["decode_tokens_per_s"] / e["decode_tokens_per_s"]
@@ -392,6 +418,8 @@ def main() -> None:
             forced = forced_agreement(ours, prompts, runs[impl][-1]["ids"], device)
             row["token_agreement"][impl], row["prefix_agreement"][impl] = same, prefix
             row["forced_agreement"][impl] = forced
+            if args.compile:
+                row["ratio_decode_compiled"][impl] = row["raymoe_compiled"]["decode_tokens_per_s"] / t["decode_tokens_per_s"]
             # In fp32 greedy runs must coincide. Below it, one near-tie flipped by rounding changes the
             # rest of its row, so only the step-by-step (teacher-forced) agreement is held to the bar.
             ok = ok and forced >= MIN_AGREEMENT and (dtype != torch.float32 or same >= MIN_AGREEMENT)
@@ -407,6 +435,12 @@ def main() -> None:
         r = row["raymoe"]
         print(f"{B:>5} {'raymoe Engine':22} {r['decode_tokens_per_s']:>13.0f} {r['ttft_ms']:>9.1f} {r['total_ms']:>10.1f} "
               f"{r['tokens_per_s']:>10.0f} {'':>12} {'':>12}")
+        if "raymoe_compiled" in row:
+            c = row["raymoe_compiled"]
+            print(f"{'':>5} {'raymoe, compiled':22} {c['decode_tokens_per_s']:>13.0f} {c['ttft_ms']:>9.1f} {c['total_ms']:>10.1f} "
+                  f"{c['tokens_per_s']:>10.0f} {row['compiled_to_eager']:>11.2f}x {row['compiled_token_agreement']:>12.3f}"
+                  f"   (warm-up with compiling {row['warmup_s']['raymoe-compiled']:.1f} s; vs hf "
+                  + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratio_decode_compiled"].items()) + ")")
         if "raymoe_mla_expanded" in row:
             e = row["raymoe_mla_expanded"]
             print(f"{'':>5} {'raymoe, MLA expanded':22} {e['decode_tokens_per_s']:>13.0f} {e['ttft_ms']:>9.1f} {e['total_ms']:>10.1f} "

@@ -669,6 +669,9 @@ class ServeConfig:
     model.max_seq_len; imported models often allow 100K+)."""
     micro_batches: int = 1
     """Decode micro-batches run in parallel threads so expert calls overlap router compute."""
+    compile_decode: bool = False
+    """Monolithic mode: run decode steps through torch.compile (1.2-1.5x decode tokens/s on CPU,
+    docs/PERFORMANCE.md); the first steps of each new batch shape compile, seconds to a minute."""
     stream_interval_s: float = 0.2
     """A stream's tokens after its first are sent from the Router to the Ingress at most this often,
     merged (each message costs the Ingress CPU time; 0 = every token at once)."""
@@ -705,6 +708,10 @@ class ServeConfig:
                 _fail(f"serve.{key}={getattr(self, key)} must be >= {lo}")
         if self.micro_batches > self.max_batch:
             _fail(f"serve.micro_batches={self.micro_batches} must be <= serve.max_batch={self.max_batch}")
+        if self.compile_decode and self.mode != "monolithic":
+            _fail(f"serve.compile_decode needs serve.mode=monolithic (a routed router's experts run in the groups), not {self.mode!r}")
+        if self.compile_decode and self.micro_batches != 1:
+            _fail(f"serve.compile_decode needs serve.micro_batches=1, not {self.micro_batches} (one decode thread)")
         if self.max_tokens >= self.max_len:
             _fail(f"serve.max_tokens={self.max_tokens} must be < serve.max_len={self.max_len} (prompt + completion)")
         if not 1 <= self.port <= 65535:

@@ -307,3 +307,23 @@ def test_logprobs_of_prompt_and_completion_are_the_models_own_log_softmax():
     # Greedy: every generated token is the most likely one.
     assert all(lp == pytest.approx(top[0][1]) for lp, top in scored.logprobs)
     assert plain.output_ids == scored.output_ids
+
+
+@pytest.mark.slow
+def test_compiled_decode_generates_what_the_eager_engine_generates():
+    """compile_decode on the grouped expert path (one row: the opaque grouped_mm op) and the
+    every-expert path (four rows), with prompts of unequal lengths in one batch."""
+    eager = tiny_model(**LAYOUTS["mla"], num_experts=8, top_k=2)
+    compiled = tiny_model(**LAYOUTS["mla"], num_experts=8, top_k=2)
+    compiled.compile_decode()
+    tok, params = ByteTokenizer(), SamplingParams(max_tokens=12, temperature=0)
+    for prompts in (["def f"], ["def f", "import os", "x", "class A:\n"]):
+        outs = []
+        for model in (eager, compiled):
+            engine = Engine(model, tok, max_batch=len(prompts))
+            reqs = [engine.add_request(p, params) for p in prompts]
+            while engine.has_work():
+                engine.step()
+            outs.append([r.output_ids for r in reqs])
+        assert outs[0] == outs[1] and all(len(ids) == 12 for ids in outs[0])
+    assert all(b.decode_fn is not None for b in compiled.layers)

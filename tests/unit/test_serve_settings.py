@@ -35,6 +35,8 @@ def _settings(serve: dict, **top):
     ({"router_replicas": [2, 1]}, "serve.router_replicas=[2, 1] must be >= 1"),
     ({"group_replicas": 0}, "serve.group_replicas=0 must be >= 1"),
     ({"micro_batches": 8, "max_batch": 4}, "serve.micro_batches=8 must be <= serve.max_batch=4"),
+    ({"compile_decode": True}, "serve.compile_decode needs serve.mode=monolithic"),
+    ({"compile_decode": True, "mode": "monolithic", "micro_batches": 2}, "serve.compile_decode needs serve.micro_batches=1"),
     ({"max_tokens": 512, "max_len": 512}, "serve.max_tokens=512 must be < serve.max_len=512"),
     ({"port": 70000}, "serve.port=70000 must be in [1, 65535]"),
     ({"mode": "both"}, "serve.mode='both' must be one of"),

@@ -201,7 +201,10 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) ->
     """out[rows of expert e] = x[rows of expert e] @ w[e]; rows sorted by expert, counts [E].
 
     One torch._grouped_mm call: bf16 on CUDA; fp32 or bf16 on CPU, where it gives the per-segment
-    matmuls' results exactly and runs the expert GEMMs 1.1-1.3x faster (docs/PERFORMANCE.md)."""
+    matmuls' results exactly and runs the expert GEMMs 1.1-1.3x faster (docs/PERFORMANCE.md).
+    Under torch.compile (MoETransformer.compile_decode, inference) it is one opaque op."""
+    if torch.compiler.is_compiling():
+        return _grouped_mm_opaque(x_ND, w_EDF, counts)
     # _grouped_mm wants 16-byte-aligned rows (8 bf16 or 4 fp32 numbers): a LoRA rank of 2, say, takes the fallback.
     aligned = (x_ND.shape[-1] * x_ND.element_size()) % 16 == 0 and (w_EDF.shape[-1] * w_EDF.element_size()) % 16 == 0
     dtypes = (torch.bfloat16,) if x_ND.is_cuda else (torch.float32, torch.bfloat16)
@@ -213,6 +216,18 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) ->
             out.register_hook(torch.Tensor.contiguous)  # its backward refuses expanded (stride-0) gradients
         return out
     return grouped_mm_segments(x_ND, w_EDF, counts)
+
+
+@torch.library.custom_op("raymoe::grouped_mm", mutates_args=())
+def _grouped_mm_opaque(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """grouped_mm as an op torch.compile does not trace into: torch 2.13's fake kernel of
+    _grouped_mm refuses fp32, and the segment loop reads counts on the host. No autograd."""
+    return grouped_mm(x_ND, w_EDF, counts)
+
+
+@_grouped_mm_opaque.register_fake
+def _(x_ND, w_EDF, counts):
+    return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
 
 
 def grouped_mm_segments(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,15 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
 
+    decode_fn = None
+    """A torch.compile'd `layer_forward` for decode steps, set by MoETransformer.compile_decode."""
+
     def forward(self, x_BSD, cos, sin, cache=None, doc_mask=None, valid_BS=None):
+        if self.decode_fn is not None and cache is not None and x_BSD.shape[1] == 1:
+            return self.decode_fn(x_BSD, cos, sin, cache, doc_mask, valid_BS)
+        return self.layer_forward(x_BSD, cos, sin, cache, doc_mask, valid_BS)
+
+    def layer_forward(self, x_BSD, cos, sin, cache=None, doc_mask=None, valid_BS=None):
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), cos, sin, cache, doc_mask)
         h = self.ffn_norm(x_BSD)
         if isinstance(self.ffn, MoE):
@@ -104,6 +112,19 @@ class MoETransformer(nn.Module):
         """lm_head shares the embedding (tie_embeddings); again after to_empty, which re-creates both."""
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+
+    def compile_decode(self) -> None:
+        """Run each block's decode steps (one new token per cached row) through torch.compile,
+        with dynamic shapes, so batch size and cache length do not recompile. At decode sizes a
+        block is a few hundred small kernels; inductor fuses its norms, rotary and routing
+        arithmetic and cuts the dispatch between them (docs/PERFORMANCE.md). The first decode
+        step of each new shape class compiles (seconds to a minute). Prefill stays eager: torch
+        2.13's fake kernel for _grouped_mm accepts bf16 only, and a prompt runs once. Inference
+        only, on a model whose experts run here (not a router's remote ones)."""
+        import torch._dynamo  # noqa: F401 - torch.compile imports it lazily; say what this costs
+
+        for block in self.layers:
+            block.decode_fn = torch.compile(block.layer_forward, dynamic=True)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
