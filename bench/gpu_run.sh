@@ -34,7 +34,7 @@ if [ $REHEARSE = 1 ]; then
     step checks 300 $PY tests/gpu/checks.py "$OUT" --rehearse
     step moe_layer 120 $PY bench/moe_layer.py --tiny --device cpu --out "$OUT/moe_layer-tiny.json"
     step train_step 120 $PY bench/train_step.py --tiny --device cpu --out "$OUT/train_step-tiny.json"
-    step decode 120 $PY bench/decode.py --tiny --device cpu --out "$OUT/decode-tiny.json"
+    step decode 120 $PY bench/decode.py --tiny --device cpu --mla-expanded --out "$OUT/decode-tiny.json"
     step expert_hop 60 $PY bench/expert_hop.py --tiny --device cpu --out "$OUT/expert_hop-tiny.json"
     exit 0
 fi
@@ -47,5 +47,6 @@ step moe_layer-16b 75 $PY bench/moe_layer.py --shape 16b --out "$OUT/moe_layer-1
 step moe_layer-v3-rank 75 $PY bench/moe_layer.py --shape v3-rank --out "$OUT/moe_layer-v3-rank.json"
 step train_step-gpu 130 $PY bench/train_step.py --shape gpu --impls eager,grouped_mm --steps 6 --warmup 2 \
     --out "$OUT/train_step-gpu.json"
-step decode-gpu 130 $PY bench/decode.py --shape gpu --impls eager,grouped_mm --repeats 2 --out "$OUT/decode-gpu.json"
+# --mla-expanded: lever 7's A/B (latent-space decode against rebuilt per-head keys) on the GPU too.
+step decode-gpu 160 $PY bench/decode.py --shape gpu --impls eager,grouped_mm --repeats 2 --mla-expanded --out "$OUT/decode-gpu.json"
 step expert_hop 40 $PY bench/expert_hop.py --out "$OUT/expert_hop.json"

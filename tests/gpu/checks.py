@@ -202,10 +202,49 @@ def check_dropless_moe_layer_makes_no_host_sync() -> dict:
     return {"tokens": 4 * 256, "grad_norm": float(x.grad.norm())}
 
 
+def check_latent_decode_matches_the_expanded_form_in_bf16(_root: str) -> dict:
+    """MLA decode steps in latent space (MLAttention.absorb, docs/PERFORMANCE.md lever 7) against
+    the expanded form, both with bf16 weights and cache, each held to the fp32 expanded logits of
+    8 decode steps of 4 rows: the latent form may not round worse than the expanded one."""
+    import copy
+
+    from raymoe.config import config_from_dict
+    from raymoe.model.attention import MLAttention
+    from raymoe.model.transformer import KVCache, MoETransformer
+
+    cfg = config_from_dict({"model": MODEL}).model
+    with torch.device(DEVICE):
+        fp32 = MoETransformer(cfg)
+    fp32.init_weights(seed=0)
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    bf16.rope_cos.data, bf16.rope_sin.data = fp32.rope_cos.clone(), fp32.rope_sin.clone()
+    x = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    slots = torch.arange(4, device=DEVICE)
+
+    def decode(model, absorb):
+        MLAttention.absorb = absorb
+        cache = KVCache(model.eval(), 4, 64)
+        with torch.inference_mode():
+            model(x[:, :16], cache, slots, torch.arange(16, device=DEVICE).expand(4, 16))
+            return torch.stack([model(x[:, p : p + 1], cache, slots, torch.full((4, 1), p, device=DEVICE)).logits[:, 0]
+                                for p in range(16, 24)]).float()
+
+    try:
+        ref = decode(fp32, False)
+        err = {name: ((decode(bf16, absorb) - ref).norm() / ref.norm()).item()
+               for name, absorb in (("latent", True), ("expanded", False))}
+        err["fp32_latent"] = ((decode(fp32, True) - ref).norm() / ref.norm()).item()
+    finally:
+        MLAttention.absorb = True
+    assert err["fp32_latent"] < 1e-5 and err["latent"] <= 1.5 * err["expanded"] + 1e-3, err
+    return err
+
+
 def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
     """(name, function, arguments after the scratch directory) of every check."""
     out = [(f.__name__, f, ()) for f in (check_full_training_under_nccl_checkpoints_resumes_and_exports,
-                                         check_lora_under_nccl_holds_the_base_in_bf16_and_resumes)]
+                                         check_lora_under_nccl_holds_the_base_in_bf16_and_resumes,
+                                         check_latent_decode_matches_the_expanded_form_in_bf16)]
     if grouped:
         out += [(f"check_grouped_mm_equals_the_per_segment_fallback_in_bf16[{d}x{f}]",
                  lambda _root, d=d, f=f: check_grouped_mm_equals_the_per_segment_fallback_in_bf16(d, f), ())
