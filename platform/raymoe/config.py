@@ -671,7 +671,8 @@ class ServeConfig:
     """Decode micro-batches run in parallel threads so expert calls overlap router compute."""
     compile_decode: bool = False
     """Monolithic mode: run decode steps through torch.compile (1.2-1.5x decode tokens/s on CPU,
-    docs/PERFORMANCE.md); the first steps of each new batch shape compile, seconds to a minute."""
+    docs/PERFORMANCE.md). Each Router replica compiles them before it reports ready (about 35 s
+    more on 2 CPU cores)."""
     stream_interval_s: float = 0.2
     """A stream's tokens after its first are sent from the Router to the Ingress at most this often,
     merged (each message costs the Ingress CPU time; 0 = every token at once)."""

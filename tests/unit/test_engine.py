@@ -327,3 +327,10 @@ def test_compiled_decode_generates_what_the_eager_engine_generates():
             outs.append([r.output_ids for r in reqs])
         assert outs[0] == outs[1] and all(len(ids) == 12 for ids in outs[0])
     assert all(b.decode_fn is not None for b in compiled.layers)
+
+    # What a Router replica runs before it is ready: every batch size class once, then clean counters.
+    engine, lines = Engine(compiled, tok, max_batch=4), []
+    engine.warm_up(log=lines.append)
+    assert [line.split(" of ")[1].split(" row")[0] for line in lines] == ["1", "2", "4"]
+    assert engine.stats == {"decode_steps": 0, "prefills": 0, "tokens": 0} and int(engine.load.sum()) == 0
+    assert not engine.has_work() and engine.generate("def f", params).completion_tokens == 12

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import secrets
 import sys
 import threading
@@ -117,6 +118,8 @@ class Router:
         if s.compile_decode:
             model.compile_decode()
         self.engine = Engine(model, tok, max_batch=s.max_batch, max_len=self.max_len, micro_batches=s.micro_batches)
+        if s.compile_decode:  # compile before the replica is ready, not on its first requests
+            self.engine.warm_up(log=logging.getLogger("ray.serve").info)
         self.metrics = RouterMetrics(cfg.name, s.num_groups if settings.routed else 0)
         self.threaded = ThreadedEngine(self.engine, on_finish=self.metrics.finished)
         template = chat_template_of(cfg, tok, src.path)

@@ -30,6 +30,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
+from raymoe.model.moe import MoE
 from raymoe.model.transformer import KVCache, MoETransformer
 
 
@@ -324,6 +325,23 @@ class Engine:
             req.text += tail
             delta += tail
         return req, delta, done
+
+    def warm_up(self, log=lambda line: None) -> None:
+        """Run the decode steps a compiled model (MoETransformer.compile_decode) would otherwise
+        compile on its first requests: one row, two rows, and the largest batches each branch of
+        the experts sees (dynamo specializes sizes 1 and 2; MoE.routed switches paths above
+        dense_max_tokens rows). Then forget them: stats and the expert load the routers report
+        start from zero."""
+        sizes = sorted({n for n in (1, 2, MoE.dense_max_tokens, self.max_batch) if n <= self.max_batch})
+        for n in sizes:
+            t0 = time.perf_counter()
+            reqs = [self.add_request([i % 2, 1], SamplingParams(max_tokens=3, temperature=0)) for i in range(n)]
+            while any(r.finish_reason is None for r in reqs):
+                self.step()
+            log(f"warm-up: decode steps of {n} row(s) ready in {time.perf_counter() - t0:.1f}s")
+        self.stats = {key: 0 for key in self.stats}
+        with self._load_lock:
+            self._load.zero_()
 
     # -- convenience (tests, CLI)
     def generate(self, prompt: str | list[int], params: SamplingParams) -> Completion:
