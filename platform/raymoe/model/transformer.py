@@ -118,11 +118,9 @@ class MoETransformer(nn.Module):
         with dynamic shapes, so batch size and cache length do not recompile. At decode sizes a
         block is a few hundred small kernels; inductor fuses its norms, rotary and routing
         arithmetic and cuts the dispatch between them (docs/PERFORMANCE.md). The first decode
-        step of each new shape class compiles (seconds to a minute). Prefill stays eager: torch
-        2.13's fake kernel for _grouped_mm accepts bf16 only, and a prompt runs once. Inference
-        only, on a model whose experts run here (not a router's remote ones)."""
-        import torch._dynamo  # noqa: F401 - torch.compile imports it lazily; say what this costs
-
+        step of each new shape class compiles, seconds to a minute (Engine.warm_up runs them
+        ahead). Prefill stays eager: a prompt runs once, at lengths a compile would chase.
+        Inference only, on a model whose experts run here (not a router's remote ones)."""
         for block in self.layers:
             block.decode_fn = torch.compile(block.layer_forward, dynamic=True)
 

@@ -115,10 +115,9 @@ class Router:
                 moe.shared = None  # RemoteExperts runs them while the groups compute
                 moe.experts = GroupedExperts(0, 1, 1)  # the weights live in the groups, not here
         self.max_len = min(s.max_len, model.cfg.max_seq_len)
-        if s.compile_decode:
-            model.compile_decode()
         self.engine = Engine(model, tok, max_batch=s.max_batch, max_len=self.max_len, micro_batches=s.micro_batches)
-        if s.compile_decode:  # compile before the replica is ready, not on its first requests
+        if s.compile_decode:  # compiled before the replica is ready, not on its first requests
+            model.compile_decode()
             self.engine.warm_up(log=logging.getLogger("ray.serve").info)
         self.metrics = RouterMetrics(cfg.name, s.num_groups if settings.routed else 0)
         self.threaded = ThreadedEngine(self.engine, on_finish=self.metrics.finished)
