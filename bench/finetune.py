@@ -26,12 +26,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "platform"))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from raymoe.config import LoraConfig, config_from_dict, load_config  # noqa: E402
 from raymoe.model.lora import apply_lora, count_parameters, set_trainable  # noqa: E402
 from raymoe.model.transformer import MoETransformer  # noqa: E402
 from raymoe.train.loop import build_optimizer  # noqa: E402
+from raymoe.train.loss import token_cross_entropy  # noqa: E402
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -52,7 +52,7 @@ def measure(run, lora: LoraConfig | None, batch, steps: int, warmup: int) -> dic
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         out = model(x)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten()) + out.aux_loss
+        loss = token_cross_entropy(out.logits, y).mean() + out.aux_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -19,7 +19,8 @@ zero_grad(set_to_none=True). raymoe: cross-entropy of the next token + the model
 (labels with shift_labels = the same targets, so both average the same B * S predictions).
 AdamW with the same hyperparameters (raymoe: train/loop.py build_optimizer, weight decay on
 matrices only; transformers: the same lr/betas/eps/decay on every parameter), fused on both sides
-(CUDA and CPU: what raymoe's loop uses).
+(CUDA and CPU: what raymoe's loop uses). raymoe's cross-entropy is the loop's (train/loss.py),
+transformers' is F.cross_entropy over fp32 logits.
 bf16 autocast on CUDA, fp32 on CPU. Each implementation gets a fresh model and optimizer, runs
 one probe step (an implementation that cannot train here is reported, not timed), --warmup steps,
 then --steps timed steps (synchronized on CUDA); the median is reported. Schedule: on CPU all
@@ -69,13 +70,13 @@ sys.path.insert(0, os.path.join(HERE, "..", "platform"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from raymoe.config import config_from_dict, to_plain  # noqa: E402
 from raymoe.model.hf import hf_config_from_model  # noqa: E402
 from raymoe.model.params import count_params, train_flops_per_token  # noqa: E402
 from raymoe.model.transformer import MoETransformer  # noqa: E402
 from raymoe.model_dir import load_weights, open_source  # noqa: E402
+from raymoe.train.loss import token_cross_entropy  # noqa: E402
 
 try:
     from raymoe.train.loop import build_optimizer  # noqa: E402
@@ -361,7 +362,7 @@ def main() -> None:
         def raymoe_step(model=model, opt=opt):
             with autocast():
                 out = model(x)
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                ce = token_cross_entropy(out.logits, y).mean()  # the training loop's loss (train/loss.py)
                 loss = ce + out.aux_loss
             loss.backward()
             opt.step()

@@ -132,12 +132,11 @@ def check_grouped_mm_equals_the_per_segment_fallback_in_bf16(D: int, Fh: int) ->
 def check_memory_plan_against_cuda_peak(checkpointing: int) -> dict:
     """raymoe plan's per-rank total against torch.cuda.max_memory_allocated over a second training
     step (forward, backward, AdamW) of one rank, bf16 autocast, a small-gpu.yaml-like shape."""
-    import torch.nn.functional as F
-
     from raymoe.config import config_from_dict
     from raymoe.model.transformer import MoETransformer
     from raymoe.parallel.memory import Layout, rank_memory
     from raymoe.train.loop import build_optimizer
+    from raymoe.train.loss import token_cross_entropy
 
     model_cfg = {**MODEL, "hidden_size": 512, "num_layers": 4, "num_heads": 8, "kv_lora_rank": 128, "num_experts": 32,
                  "top_k": 4, "num_expert_groups": 1, "top_k_groups": 1, "expert_intermediate_size": 256,
@@ -159,7 +158,7 @@ def check_memory_plan_against_cuda_peak(checkpointing: int) -> dict:
             torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(tokens[:, :-1])
-            loss = F.cross_entropy(out.logits.float().flatten(0, 1), tokens[:, 1:].flatten()) + out.aux_loss
+            loss = token_cross_entropy(out.logits, tokens[:, 1:]).mean() + out.aux_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -22,7 +22,7 @@ backward (attention.py, moe.py, transformer.py), per token of one micro-batch:
     dense SwiGLU                                      4 F (w1 out, w3 out, silu out, w2 input)
     routed experts                                    2 K D (gathered input, output) + 4 K F
     router                                            E fp32 scores, K weights and indices
-    LM head                                           V fp32 log-probabilities (cross-entropy)
+    LM head                                           the logits (compute dtype), kept by cross-entropy (train/loss.py)
 
 It assumes fused RMSNorm and a fused attention kernel (flash or memory-efficient: no S x S
 matrix), which is what CUDA runs. With activation checkpointing (train.activation_checkpointing:
@@ -30,8 +30,8 @@ matrix), which is what CUDA runs. With activation checkpointing (train.activatio
 against the bytes torch's saved-tensor hooks see on CPU in fp32 (within 15%); on CUDA in bf16 the
 GPU checks compare it with torch.cuda.max_memory_allocated when a device is lent.
 
-Transient buffers are added on top: the logits the loop holds until backward and their fp32 and
-compute-dtype gradients (3 x tokens x vocab); with replicated dense parameters the gradient all-reduce's
+Transient buffers are added on top: the logits' fp32 and compute-dtype gradients (2 x tokens x
+vocab); with replicated dense parameters the gradient all-reduce's
 flat copy (parallel/apply.py); with FSDP two blocks' unsharded parameters (one computing, one
 prefetched; their local experts too when those are FSDP-sharded) and one block's unsharded
 gradients. What is not modelled: the CUDA context and
@@ -230,7 +230,7 @@ def activation_parts(cfg: RunConfig, tokens: int, checkpointing: int = 0, device
     c = _compute_bytes(cfg, device_type)
     per_block = [f * 4 + e * c for f, e in (_block_activation_elements(cfg, i, cpu) for i in range(cfg.model.num_layers))]
     D, V = cfg.model.hidden_size, cfg.model.vocab_size
-    head = D * 4 * (2 if cpu else 1) + D * c + V * 4 + 8  # final norm, head input, log-probs, token ids
+    head = D * 4 * (2 if cpu else 1) + D * c + V * c + 4 + 8  # final norm, head input, logits, log-sum-exp, token ids
     if checkpointing:
         # Each block keeps only its fp32 input; one block at a time is rebuilt for its backward.
         return int((cfg.model.num_layers * D * 4 + head) * tokens), int(max(per_block) * tokens)
@@ -254,9 +254,9 @@ def rank_memory(cfg: RunConfig, world: int, layout: Layout, *, seq_len: int | No
         transient = 0
     if world // layout.expert_degree > 1 and not s["expert_fsdp"]:
         transient = max(transient, s["expert_grads"])  # the replica groups' flat buffer (one at a time)
-    # The loop holds the logits (compute dtype) until backward, which makes their fp32 gradient and
-    # its compute-dtype cast: [tokens, vocab] three times over, large for a 100K+ vocabulary.
-    transient += tokens * cfg.model.vocab_size * (2 * _compute_bytes(cfg, device_type) + 4)
+    # Cross-entropy's backward makes the logits' fp32 gradient and its compute-dtype cast (the
+    # logits themselves are in the activations): [tokens, vocab] twice, large for a 100K+ vocabulary.
+    transient += tokens * cfg.model.vocab_size * (_compute_bytes(cfg, device_type) + 4)
     return RankMemory(params=s["params"], grads=s["grads"], optimizer=s["optimizer"], buffers=s["buffers"],
                       activations=activation_bytes(cfg, tokens, layout.activation_checkpointing, device_type),
                       transient=transient)

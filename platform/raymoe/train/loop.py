@@ -34,7 +34,6 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from raymoe.config import RunConfig
 from raymoe.tracking import LOAD_HISTORY
@@ -46,6 +45,7 @@ from raymoe.parallel.checkpoint import TrainerState, load_latest_good, save_chec
 from raymoe.parallel.mesh import Mesh, build_mesh, resolve_expert_degree
 from raymoe.train.data import BatchIterator, eval_batches, open_corpus
 from raymoe.train.faults import FaultInjector, RestartWatch
+from raymoe.train.loss import token_cross_entropy
 from raymoe.train.metrics import MetricWindows, device_peak_flops, format_progress
 
 
@@ -237,9 +237,9 @@ def evaluate(model, batches, cfg: RunConfig, info: DistInfo) -> float:
             x, y, mask, pos, seg = _to_device(batch, info.device)
             logits = model(x, positions=pos, segments=seg).logits
             if mask is None:
-                ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum")
+                ce = token_cross_entropy(logits, y).sum()
             else:
-                ce = (F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
+                ce = (token_cross_entropy(logits, y) * mask).sum()
             total[0] += ce.double()
             total[1] += y.numel() if mask is None else float(mask.sum())
     model.train()
@@ -403,10 +403,10 @@ def train_step(run: TrainingRun) -> StepOutput:
         with autocast_for(tc, info.device):
             out = model(x, positions=pos, segments=seg)
             if mask is None:
-                ce = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+                ce = token_cross_entropy(out.logits, y).mean()
                 loss = (ce + out.aux_loss) / tc.grad_accum
             else:
-                ce = (F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten(), reduction="none") * mask.flatten()).sum()
+                ce = (token_cross_entropy(out.logits, y) * mask).sum()
                 loss = ce / denom + out.aux_loss / tc.grad_accum
         loss.backward()
         ce_sum += ce.detach().double()
