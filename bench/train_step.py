@@ -5,6 +5,7 @@
     python bench/train_step.py --experts 16                 # the same with 16 routed experts top-4
     python bench/train_step.py --shape gpu --device cuda    # the 1.26B-total reference shape, batch 8 x 2048, bf16 autocast
     python bench/train_step.py --tiny                       # seconds: the smoke test (tests/unit/test_bench_train_step.py)
+    python bench/train_step.py --impls grouped_mm --compile # plus raymoe with its blocks through torch.compile
 
 Method. The transformers model is built from `hf_config_from_model(cfg.model, "DeepseekV3ForCausalLM")`
 (transformers' own random init, seed 0) and saved with save_pretrained; raymoe opens that directory
@@ -20,7 +21,8 @@ zero_grad(set_to_none=True). raymoe: cross-entropy of the next token + the model
 AdamW with the same hyperparameters (raymoe: train/loop.py build_optimizer, weight decay on
 matrices only; transformers: the same lr/betas/eps/decay on every parameter), fused on both sides
 (CUDA and CPU: what raymoe's loop uses). raymoe's cross-entropy is the loop's (train/loss.py),
-transformers' is F.cross_entropy over fp32 logits.
+transformers' is F.cross_entropy over fp32 logits. --compile adds a row, raymoe[compiled]: the
+same model with MoETransformer.compile_blocks (inductor; the first step compiles, untimed).
 bf16 autocast on CUDA, fp32 on CPU. Each implementation gets a fresh model and optimizer, runs
 one probe step (an implementation that cannot train here is reported, not timed), --warmup steps,
 then --steps timed steps (synchronized on CUDA); the median is reported. Schedule: on CPU all
@@ -290,6 +292,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="timed steps")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default 2, --tiny 1)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time raymoe with its blocks through torch.compile (MoETransformer.compile_blocks)")
     ap.add_argument("--tiny", action="store_true", help="a tiny model and 2 steps (smoke test)")
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/train_step[-tiny|-gpu|-eEkK].json)")
     args = ap.parse_args()
@@ -350,33 +354,41 @@ def main() -> None:
         plain_src, plain_cfg = to_plain(src.cfg.model), to_plain(cfg)
         differ = [k for k in plain_cfg if k not in ("balance", "init_std") and plain_src[k] != plain_cfg[k]]
         assert not differ, f"the saved model is not the benchmark's: {differ}"
-        # The imported config turns balancing off (a checkpoint does not say how it was trained); train as the run does.
-        model = MoETransformer(dataclasses.replace(src.cfg.model, balance=cfg.balance))
-        load_weights(model, src)
-        model.to(device)
-        with torch.no_grad():
-            ref_logits = model.eval()(x).logits.float().cpu()
-        model.train()
-        opt = build_optimizer(list(model.named_parameters()), tc, device)
+        ref_logits = None
+        for name in ["raymoe"] + (["raymoe[compiled]"] if args.compile else []):
+            # The imported config turns balancing off (a checkpoint does not say how it was trained); train as the run does.
+            model = MoETransformer(dataclasses.replace(src.cfg.model, balance=cfg.balance))
+            load_weights(model, src)
+            model.to(device)
+            if ref_logits is None:
+                with torch.no_grad():
+                    ref_logits = model.eval()(x).logits.float().cpu()
+            model.train()
+            if name == "raymoe[compiled]":
+                model.compile_blocks()
+            opt = build_optimizer(list(model.named_parameters()), tc, device)
 
-        def raymoe_step(model=model, opt=opt):
-            with autocast():
-                out = model(x)
-                ce = token_cross_entropy(out.logits, y).mean()  # the training loop's loss (train/loss.py)
-                loss = ce + out.aux_loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return ce.detach()  # reported: the cross-entropy, comparable with transformers' loss
+            def raymoe_step(model=model, opt=opt):
+                with autocast():
+                    out = model(x)
+                    ce = token_cross_entropy(out.logits, y).mean()  # the training loop's loss (train/loss.py)
+                    loss = ce + out.aux_loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return ce.detach()  # reported: the cross-entropy, comparable with transformers' loss
 
-        runner = Runner("raymoe", model, opt, raymoe_step)
-        runner.run(device, timed=False)  # the probe step every implementation takes (below)
-        del model, opt, raymoe_step  # the runner holds the only references: finish() frees the model
-        if interleaved:
-            runners.append(runner)
-        else:
-            finish(runner)
-        del runner
+            runner = Runner(name, model, opt, raymoe_step)
+            t0 = time.perf_counter()
+            runner.run(device, timed=False)  # the probe step every implementation takes (below)
+            if name == "raymoe[compiled]":
+                print(f"  {name}: first step (compiles) {time.perf_counter() - t0:.1f} s", flush=True)
+            del model, opt, raymoe_step  # the runner holds the only references: finish() frees the model
+            if interleaved:
+                runners.append(runner)
+            else:
+                finish(runner)
+            del runner
 
         # ---------------------------------------------------------------- transformers
         for impl in impls:
@@ -445,18 +457,26 @@ def main() -> None:
                   "tokens_per_s_best": r["step_ms_min"] / base["step_ms_min"],
                   "step_time": base["step_ms_median"] / r["step_ms_median"],
                   "peak_memory": base["peak_memory_bytes"] / r["peak_memory_bytes"]}
-              for k, r in rows.items() if k != "raymoe"}
+              for k, r in rows.items() if not k.startswith("raymoe")}
+    if "raymoe[compiled]" in rows:  # the compiled row against eager raymoe and each transformers implementation
+        comp = rows["raymoe[compiled]"]
+        compiled_ratios = {k: {"tokens_per_s": comp["tokens_per_s"] / r["tokens_per_s"],
+                               "tokens_per_s_best": r["step_ms_min"] / comp["step_ms_min"]}
+                           for k, r in rows.items() if k != "raymoe[compiled]"}
     parity_passed = bool(parity) and all(v < PARITY_TOL for v in parity.values())
 
     print(f"\n{'implementation':26} {'step ms':>9} {'best ms':>9} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MB':>9} "
           f"{'raymoe x':>8} {'x best':>7}")
     for k, r in rows.items():
-        speed = ("", "") if k == "raymoe" else (f"{ratios[k]['tokens_per_s']:.2f}", f"{ratios[k]['tokens_per_s_best']:.2f}")
+        speed = ("", "") if k.startswith("raymoe") else (f"{ratios[k]['tokens_per_s']:.2f}", f"{ratios[k]['tokens_per_s_best']:.2f}")
         print(f"{k:26} {r['step_ms_median']:>9.1f} {r['step_ms_min']:>9.1f} {r['tokens_per_s']:>8.0f} "
               f"{r['achieved_flops_per_s'] / 1e12:>8.3f} {100 * r['mfu']:>5.1f}% {r['peak_memory_bytes'] / 1e6:>9.1f} "
               f"{speed[0]:>8} {speed[1]:>7}")
     for k, why in unavailable.items():
         print(f"transformers[{k}]: {why}")
+    if "raymoe[compiled]" in rows:
+        print("raymoe[compiled] x: " + ", ".join(f"{k} {v['tokens_per_s']:.2f} (best {v['tokens_per_s_best']:.2f})"
+                                                 for k, v in compiled_ratios.items()))
     print(f"raymoe x = raymoe tokens/s / that implementation's (median step; x best: fastest step); "
           f"MFU against the measured dense rate "
           f"{peak / 1e12:.3f} TFLOP/s; peak memory: {base['peak_memory_method']}")
@@ -482,6 +502,7 @@ def main() -> None:
         "implementations": rows,
         "unavailable": unavailable,
         "ratios": ratios,
+        **({"compiled_ratios": compiled_ratios} if "raymoe[compiled]" in rows else {}),
         "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     # Each shape its own file: a GPU run or the 16-expert variant does not overwrite the CPU figures.

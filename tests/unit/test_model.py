@@ -165,6 +165,25 @@ def test_activation_checkpointing_gives_identical_loss_and_gradients(every):
         assert torch.equal(s.tokens_per_expert, sc.tokens_per_expert)
 
 
+def test_compiled_blocks_train_with_the_eager_loss_and_gradients():
+    """compile_blocks (bench/train_step.py --compile): forward and backward through dynamo and
+    AOTAutograd, grouped_mm an opaque op with its own backward; the same loss, gradients and
+    routing counts. aot_eager: the graphs and the custom op's autograd are ours to get right,
+    inductor's C++ codegen (20 s more here) is torch's."""
+    balance = {"aux_loss_coef": 0.01, "seq_aux_loss_coef": 0.01}
+    model = _model(**_MLA, balance=balance).train()
+    tokens = _tokens(2, 12)
+    loss, grads, out = _loss_and_grads(model, tokens)
+    compiled = copy.deepcopy(model)
+    compiled.compile_blocks(backend="aot_eager", fullgraph=True)
+    loss_c, grads_c, out_c = _loss_and_grads(compiled, tokens)
+    torch.testing.assert_close(loss_c, loss, atol=1e-6, rtol=1e-6)
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], atol=1e-6, rtol=1e-5, msg=f"gradient of {n}")
+    for s, sc in zip(out.moe_stats, out_c.moe_stats):
+        assert torch.equal(s.tokens_per_expert, sc.tokens_per_expert)
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_moe_stats_has_one_entry_per_moe_layer_and_counts_every_slot(capacity_factor):
     B, S, K = 3, 8, 2

@@ -372,6 +372,26 @@ def test_grouped_gemm_on_cpu_equals_the_per_segment_matmuls_forward_and_backward
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("hidden", [8, 2])  # 8: torch._grouped_mm and its backward; 2 (unaligned): the segment loop
+def test_grouped_mm_as_an_opaque_op_has_the_eager_gradients(hidden):
+    """Under torch.compile grouped_mm is the custom op raymoe::grouped_mm, whose backward is its own
+    (raymoe::grouped_mm_backward): gradients the same as autograd through the eager products."""
+    from raymoe.model.moe import _grouped_mm_opaque
+
+    torch.manual_seed(0)
+    counts = torch.tensor([7, 0, 12, 1, 0, 20])
+    x = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(6, 16, hidden, requires_grad=True)
+    g = torch.randn(40, hidden)
+    results = []
+    for fn in (grouped_mm, _grouped_mm_opaque):
+        out = fn(x, w, counts)
+        results.append((out, *torch.autograd.grad(out, (x, w), g)))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert results[1][2][1].abs().sum() == 0 and results[1][2][4].abs().sum() == 0  # experts with no rows
+
+
 def test_grouped_mm_with_no_rows_returns_an_empty_result():
     out = grouped_mm(torch.zeros(0, 3), torch.randn(2, 3, 4), torch.tensor([0, 0]))
     assert out.shape == (0, 4)

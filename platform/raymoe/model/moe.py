@@ -202,32 +202,74 @@ def grouped_mm(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) ->
 
     One torch._grouped_mm call: bf16 on CUDA; fp32 or bf16 on CPU, where it gives the per-segment
     matmuls' results exactly and runs the expert GEMMs 1.1-1.3x faster (docs/PERFORMANCE.md).
-    Under torch.compile (MoETransformer.compile_decode, inference) it is one opaque op."""
+    Under torch.compile (compile_decode, compile_blocks) it is one opaque op, with a backward."""
     if torch.compiler.is_compiling():
         return _grouped_mm_opaque(x_ND, w_EDF, counts)
-    # _grouped_mm wants 16-byte-aligned rows (8 bf16 or 4 fp32 numbers): a LoRA rank of 2, say, takes the fallback.
-    aligned = (x_ND.shape[-1] * x_ND.element_size()) % 16 == 0 and (w_EDF.shape[-1] * w_EDF.element_size()) % 16 == 0
-    dtypes = (torch.bfloat16,) if x_ND.is_cuda else (torch.float32, torch.bfloat16)
-    if hasattr(torch, "_grouped_mm") and x_ND.dtype == w_EDF.dtype and x_ND.dtype in dtypes and aligned \
-            and x_ND.device.type in ("cuda", "cpu"):
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        out = torch._grouped_mm(x_ND, w_EDF, offs=offs)
+    if _grouped_mm_kernel_takes(x_ND, w_EDF):
+        out = torch._grouped_mm(x_ND, w_EDF, offs=torch.cumsum(counts, 0, dtype=torch.int32))
         if out.requires_grad:
             out.register_hook(torch.Tensor.contiguous)  # its backward refuses expanded (stride-0) gradients
         return out
     return grouped_mm_segments(x_ND, w_EDF, counts)
 
 
+def _grouped_mm_kernel_takes(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm runs this product: bf16 on CUDA, fp32 or bf16 on CPU, and
+    16-byte-aligned rows (8 bf16 or 4 fp32 numbers; a LoRA rank of 2, say, takes the fallback).
+    The backward's products (grad @ w^T, x^T @ grad) then qualify too."""
+    aligned = (x_ND.shape[-1] * x_ND.element_size()) % 16 == 0 and (w_EDF.shape[-1] * w_EDF.element_size()) % 16 == 0
+    dtypes = (torch.bfloat16,) if x_ND.is_cuda else (torch.float32, torch.bfloat16)
+    return (hasattr(torch, "_grouped_mm") and x_ND.dtype == w_EDF.dtype and x_ND.dtype in dtypes and aligned
+            and x_ND.device.type in ("cuda", "cpu"))
+
+
 @torch.library.custom_op("raymoe::grouped_mm", mutates_args=())
 def _grouped_mm_opaque(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """grouped_mm as an op torch.compile does not trace into: torch 2.13's fake kernel of
-    _grouped_mm refuses fp32, and the segment loop reads counts on the host. No autograd."""
-    return grouped_mm(x_ND, w_EDF, counts)
+    _grouped_mm refuses fp32, and the segment loop reads counts on the host."""
+    with torch.no_grad():
+        return grouped_mm(x_ND, w_EDF, counts)
 
 
 @_grouped_mm_opaque.register_fake
 def _(x_ND, w_EDF, counts):
     return x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
+
+
+@torch.library.custom_op("raymoe::grouped_mm_backward", mutates_args=())
+def _grouped_mm_backward(grad_NF: torch.Tensor, x_ND: torch.Tensor, w_EDF: torch.Tensor,
+                         counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad x, grad w) of grouped_mm: grad @ w[e]^T per segment, and x_e^T @ grad_e per expert,
+    the latter one _grouped_mm whose offsets split the contracted dimension (what autograd of
+    torch._grouped_mm computes, exactly). Elsewhere the same products segment by segment."""
+    grad_NF = grad_NF.contiguous()
+    if _grouped_mm_kernel_takes(x_ND, w_EDF):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        return (torch._grouped_mm(grad_NF, w_EDF.transpose(-2, -1), offs=offs),
+                torch._grouped_mm(x_ND.t(), grad_NF, offs=offs))
+    sizes = counts.tolist()  # autograd does not run inside an op: the segment loop's backward, by hand
+    g, x = grad_NF.split(sizes), x_ND.split(sizes)
+    grad_x = torch.cat([ge @ we.t() for ge, we in zip(g, w_EDF.unbind(0))]) if sizes else torch.zeros_like(x_ND)
+    return grad_x, torch.stack([xe.t() @ ge for xe, ge in zip(x, g)]) if sizes else torch.zeros_like(w_EDF)
+
+
+@_grouped_mm_backward.register_fake
+def _(grad_NF, x_ND, w_EDF, counts):
+    return grad_NF.new_empty(x_ND.shape), grad_NF.new_empty(w_EDF.shape)
+
+
+def _grouped_mm_setup_context(ctx, inputs, output):
+    x_ND, w_EDF, counts = inputs
+    ctx.save_for_backward(x_ND, w_EDF, counts)
+
+
+def _grouped_mm_grad(ctx, grad_NF):
+    x_ND, w_EDF, counts = ctx.saved_tensors
+    grad_x, grad_w = _grouped_mm_backward(grad_NF, x_ND, w_EDF, counts)
+    return grad_x, grad_w, None
+
+
+_grouped_mm_opaque.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup_context)
 
 
 def grouped_mm_segments(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

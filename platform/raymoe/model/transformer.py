@@ -74,10 +74,14 @@ class Block(nn.Module):
 
     decode_fn = None
     """A torch.compile'd `layer_forward` for decode steps, set by MoETransformer.compile_decode."""
+    full_fn = None
+    """A torch.compile'd `layer_forward` for passes without a cache, set by MoETransformer.compile_blocks."""
 
     def forward(self, x_BSD, cos, sin, cache=None, doc_mask=None, valid_BS=None):
         if self.decode_fn is not None and cache is not None and x_BSD.shape[1] == 1:
             return self.decode_fn(x_BSD, cos, sin, cache, doc_mask, valid_BS)
+        if self.full_fn is not None and cache is None:
+            return self.full_fn(x_BSD, cos, sin, None, doc_mask, valid_BS)
         return self.layer_forward(x_BSD, cos, sin, cache, doc_mask, valid_BS)
 
     def layer_forward(self, x_BSD, cos, sin, cache=None, doc_mask=None, valid_BS=None):
@@ -123,6 +127,16 @@ class MoETransformer(nn.Module):
         Inference only, on a model whose experts run here (not a router's remote ones)."""
         for block in self.layers:
             block.decode_fn = torch.compile(block.layer_forward, dynamic=True)
+
+    def compile_blocks(self, **compile_options) -> None:
+        """Run each block's passes without a cache (training steps, forward and backward) through
+        torch.compile; grouped_mm stays one opaque op with its own backward. Measured on CPU it
+        gained nothing over eager (bench/train_step.py --compile, docs/PERFORMANCE.md lever 9), so
+        the training loop does not call it; on CUDA it is for the benchmark to measure first.
+        Single-device models (no expert-parallel or FSDP wrapping). `compile_options` go to
+        torch.compile (the tests trace with backend="aot_eager", which skips inductor's codegen)."""
+        for block in self.layers:
+            block.full_fn = torch.compile(block.layer_forward, **compile_options)
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoE)]
