@@ -4,7 +4,8 @@
 # peak), the three benchmarks against transformers at their GPU shapes, and the host-copy cost of a
 # routed-serving hop (bench/expert_hop.py). Every step has its own
 # time limit, so one that hangs cannot eat the others'; each writes JSON and a log under $OUT, and
-# $OUT/steps.jsonl says how each ended. About 8 minutes on an H100/H200.
+# $OUT/steps.jsonl says how each ended. About 8 minutes on an H100/H200, plus up to 2 for
+# the compiled training step at the end.
 #
 # On the device (the hf bundle carries transformers, tokenizers and safetensors; no Ray needed):
 #   ../shared/tools/gpu-bundle.sh .gpu hf        # here, once; /.gpu/ is in .git/info/exclude
@@ -33,7 +34,7 @@ step() {
 if [ $REHEARSE = 1 ]; then
     step checks 300 $PY tests/gpu/checks.py "$OUT" --rehearse
     step moe_layer 120 $PY bench/moe_layer.py --tiny --device cpu --out "$OUT/moe_layer-tiny.json"
-    step train_step 120 $PY bench/train_step.py --tiny --device cpu --out "$OUT/train_step-tiny.json"
+    step train_step 120 $PY bench/train_step.py --tiny --device cpu --compile --out "$OUT/train_step-tiny.json"
     step decode 120 $PY bench/decode.py --tiny --device cpu --mla-expanded --out "$OUT/decode-tiny.json"
     step expert_hop 60 $PY bench/expert_hop.py --tiny --device cpu --out "$OUT/expert_hop-tiny.json"
     exit 0
@@ -50,3 +51,7 @@ step train_step-gpu 130 $PY bench/train_step.py --shape gpu --impls eager,groupe
 # --mla-expanded: lever 7's A/B (latent-space decode against rebuilt per-head keys) on the GPU too.
 step decode-gpu 160 $PY bench/decode.py --shape gpu --impls eager,grouped_mm --repeats 2 --mla-expanded --out "$OUT/decode-gpu.json"
 step expert_hop 40 $PY bench/expert_hop.py --out "$OUT/expert_hop.json"
+# Lever 9 on CUDA, last because a cold inductor compile of 12 blocks may not fit: compiled training
+# blocks against eager raymoe and transformers' grouped_mm in one run.
+step train_step-gpu-compile 120 $PY bench/train_step.py --shape gpu --impls grouped_mm --compile --steps 6 --warmup 2 \
+    --out "$OUT/train_step-gpu-compile.json"
