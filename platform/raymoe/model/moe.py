@@ -227,8 +227,7 @@ def _grouped_mm_kernel_takes(x_ND: torch.Tensor, w_EDF: torch.Tensor) -> bool:
 def _grouped_mm_opaque(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """grouped_mm as an op torch.compile does not trace into: torch 2.13's fake kernel of
     _grouped_mm refuses fp32, and the segment loop reads counts on the host."""
-    with torch.no_grad():
-        return grouped_mm(x_ND, w_EDF, counts)
+    return grouped_mm(x_ND, w_EDF, counts)
 
 
 @_grouped_mm_opaque.register_fake
