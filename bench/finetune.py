@@ -31,7 +31,6 @@ from raymoe.config import LoraConfig, config_from_dict, load_config  # noqa: E40
 from raymoe.model.lora import apply_lora, count_parameters, set_trainable  # noqa: E402
 from raymoe.model.transformer import MoETransformer  # noqa: E402
 from raymoe.train.loop import build_optimizer  # noqa: E402
-from raymoe.train.loss import token_cross_entropy  # noqa: E402
 
 
 def _optimizer_bytes(opt: torch.optim.Optimizer) -> int:
@@ -51,8 +50,8 @@ def measure(run, lora: LoraConfig | None, batch, steps: int, warmup: int) -> dic
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
-        out = model(x)
-        loss = token_cross_entropy(out.logits, y).mean() + out.aux_loss
+        out = model(x, targets=y)
+        loss = out.token_loss.mean() + out.aux_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

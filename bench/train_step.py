@@ -20,8 +20,9 @@ zero_grad(set_to_none=True). raymoe: cross-entropy of the next token + the model
 (labels with shift_labels = the same targets, so both average the same B * S predictions).
 AdamW with the same hyperparameters (raymoe: train/loop.py build_optimizer, weight decay on
 matrices only; transformers: the same lr/betas/eps/decay on every parameter), fused on both sides
-(CUDA and CPU: what raymoe's loop uses). raymoe's cross-entropy is the loop's (train/loss.py),
-transformers' is F.cross_entropy over fp32 logits. --compile adds a row, raymoe[compiled]: the
+(CUDA and CPU: what raymoe's loop uses). raymoe's cross-entropy is the loop's: forward(targets=)
+runs the LM head and the loss as one (train/loss.py linear_cross_entropy); transformers' is
+F.cross_entropy over fp32 logits. --compile adds a row, raymoe[compiled]: the
 same model with MoETransformer.compile_blocks (inductor; the first step compiles, untimed).
 bf16 autocast on CUDA, fp32 on CPU. Each implementation gets a fresh model and optimizer, runs
 one probe step (an implementation that cannot train here is reported, not timed), --warmup steps,
@@ -78,7 +79,6 @@ from raymoe.model.hf import hf_config_from_model  # noqa: E402
 from raymoe.model.params import count_params, train_flops_per_token  # noqa: E402
 from raymoe.model.transformer import MoETransformer  # noqa: E402
 from raymoe.model_dir import load_weights, open_source  # noqa: E402
-from raymoe.train.loss import token_cross_entropy  # noqa: E402
 
 try:
     from raymoe.train.loop import build_optimizer  # noqa: E402
@@ -370,8 +370,8 @@ def main() -> None:
 
             def raymoe_step(model=model, opt=opt):
                 with autocast():
-                    out = model(x)
-                    ce = token_cross_entropy(out.logits, y).mean()  # the training loop's loss (train/loss.py)
+                    out = model(x, targets=y)
+                    ce = out.token_loss.mean()  # the training loop's loss: the head fused with it (train/loss.py)
                     loss = ce + out.aux_loss
                 loss.backward()
                 opt.step()

@@ -136,7 +136,6 @@ def check_memory_plan_against_cuda_peak(checkpointing: int) -> dict:
     from raymoe.model.transformer import MoETransformer
     from raymoe.parallel.memory import Layout, rank_memory
     from raymoe.train.loop import build_optimizer
-    from raymoe.train.loss import token_cross_entropy
 
     model_cfg = {**MODEL, "hidden_size": 512, "num_layers": 4, "num_heads": 8, "kv_lora_rank": 128, "num_experts": 32,
                  "top_k": 4, "num_expert_groups": 1, "top_k_groups": 1, "expert_intermediate_size": 256,
@@ -157,8 +156,8 @@ def check_memory_plan_against_cuda_peak(checkpointing: int) -> dict:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(tokens[:, :-1])
-            loss = token_cross_entropy(out.logits, tokens[:, 1:]).mean() + out.aux_loss
+            out = model(tokens[:, :-1], targets=tokens[:, 1:])
+            loss = out.token_loss.mean() + out.aux_loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -40,3 +40,66 @@ def test_token_cross_entropy_is_stable_for_large_logits():
     torch.testing.assert_close(loss, torch.tensor([1e4, torch.log(torch.tensor(3.0)).item()]))
     loss.sum().backward()
     torch.testing.assert_close(logits.grad, torch.tensor([[1.0, -1.0, 0.0], [1 / 3, 1 / 3, -2 / 3]]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_cross_entropy_gives_the_head_and_torchs_loss_and_gradients(dtype, monkeypatch):
+    import raymoe.train.loss as loss_mod
+
+    from raymoe.train.loss import linear_cross_entropy
+
+    # 7-row chunks: 51 rows end in a partial chunk
+    monkeypatch.setitem(loss_mod._CHUNK_BYTES, "cpu", 7 * 4 * 301)
+    torch.manual_seed(0)
+    h = torch.randn(3, 17, 24).to(dtype).requires_grad_()
+    w = (0.5 * torch.randn(301, 24)).to(dtype).requires_grad_()
+    target = torch.randint(0, 301, (3, 17))
+    mask = torch.rand(3, 17) < 0.7
+    h_ref, w_ref = (t.detach().clone().requires_grad_() for t in (h, w))
+    for reduce in (lambda ce: ce.mean(), lambda ce: (ce * mask).sum() / 9.0):
+        for t in (h, w, h_ref, w_ref):
+            t.grad = None
+        ours = linear_cross_entropy(h, w, target)
+        logits = F.linear(h_ref, w_ref)
+        theirs = F.cross_entropy(logits.float().flatten(0, 1), target.flatten(), reduction="none").view(3, 17)
+        assert ours.dtype == torch.float32 and ours.shape == (3, 17)
+        tol = dict(rtol=1e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=2e-2)
+        torch.testing.assert_close(ours, theirs, **tol)
+        reduce(ours).backward()
+        reduce(theirs).backward()
+        assert h.grad.dtype == w.grad.dtype == dtype
+        tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(h.grad, h_ref.grad, **tol)
+        torch.testing.assert_close(w.grad, w_ref.grad, **tol)
+    # a masked-off token contributes nothing: its hidden state gets no gradient
+    assert (h.grad[~mask] == 0).all() and h.grad[mask].abs().sum() > 0
+
+
+def test_linear_cross_entropy_under_autocast_runs_the_head_in_bf16():
+    from raymoe.train.loss import linear_cross_entropy
+
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = torch.randn(97, 16, requires_grad=True)
+    target = torch.randint(0, 97, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = linear_cross_entropy(h, w, target)
+        theirs = F.cross_entropy(F.linear(h, w).float(), target, reduction="none")
+    assert ours.dtype == torch.float32
+    # both saw the same bf16 logits: equal up to the order of fp32 sums
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    ours.sum().backward()
+    assert h.grad.dtype == w.grad.dtype == torch.float32  # the casts' backward returns the masters' dtype
+
+
+def test_linear_cross_entropy_refuses_a_second_backward_and_skips_frozen_weights():
+    from raymoe.train.loss import linear_cross_entropy
+
+    h = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(11, 8)  # frozen head (requires_grad False): no weight gradient is made
+    loss = linear_cross_entropy(h, w, torch.randint(0, 11, (5,))).sum()
+    loss.backward(retain_graph=True)
+    first = h.grad.clone()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()  # the logits' buffer now holds their gradient
+    torch.testing.assert_close(h.grad, first)

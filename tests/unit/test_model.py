@@ -144,6 +144,23 @@ def _loss_and_grads(model, tokens):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}, out
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_forward_with_targets_gives_the_logits_loss_and_gradients(tied):
+    """What training and evaluation call: the head fused with the loss (train/loss.py)."""
+    model = _model(num_layers=3, first_k_dense_layers=1, tie_embeddings=tied, **_MLA).train()
+    tokens = _tokens(2, 11)
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    loss_ref, grads_ref, _ = _loss_and_grads(model, tokens)
+    out = model(x, targets=y)
+    assert out.logits is None and out.token_loss.shape == (2, 10) and out.token_loss.dtype == torch.float32
+    model.zero_grad()
+    (out.token_loss.mean() + out.aux_loss).backward()
+    torch.testing.assert_close(out.token_loss.mean() + out.aux_loss, loss_ref, atol=1e-6, rtol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads_ref[n], atol=1e-7, rtol=1e-5, msg=f"gradient of {n}")
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("every", [1, 2])
 def test_activation_checkpointing_gives_identical_loss_and_gradients(every):
     balance = {"aux_loss_coef": 0.01, "seq_aux_loss_coef": 0.01, "z_loss_coef": 0.001}

@@ -4,9 +4,13 @@ Single-device code: `parallel/` shards its experts from outside, the training lo
 `forward` returns the logits together with the summed balance losses and per-MoE-layer routing
 statistics, threaded through the blocks as return values (not stashed on modules) so that
 activation checkpointing, which runs a block's forward twice, cannot count a step's load twice.
+Given `targets`, it returns each token's cross-entropy instead of the logits: the head's matmul
+and the loss run as one (train/loss.py linear_cross_entropy), which is what training and
+evaluation call.
 
     model = MoETransformer(cfg.model); model.init_weights(seed=0)
     out = model(tokens_BS)            # out.logits [B, S, V], out.aux_loss, out.moe_stats
+    out = model(tokens_BS, targets=y) # out.token_loss [B, S] fp32, out.logits None
 """
 
 from __future__ import annotations
@@ -23,16 +27,19 @@ from torch.utils.checkpoint import checkpoint
 from raymoe.config import ModelConfig
 from raymoe.model.attention import CacheView, build_attention, document_mask, rope_tables
 from raymoe.model.moe import GroupedExperts, MoE, MoEStats, SwiGLU
+from raymoe.train.loss import linear_cross_entropy
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
-    """[B, S, V]."""
+    logits: torch.Tensor | None
+    """[B, S, V]; None when forward was given targets."""
     aux_loss: torch.Tensor
     """Sum of every MoE layer's balance losses (already weighted by their coefficients)."""
     moe_stats: list[MoEStats] = field(default_factory=list)
     """One entry per MoE layer, in layer order."""
+    token_loss: torch.Tensor | None = None
+    """[B, S] fp32: -log p(targets) of every position, when forward was given targets."""
 
 
 def tensor_generator(seed: int | None, name: str, index: int | None = None) -> torch.Generator | None:
@@ -189,11 +196,13 @@ class MoETransformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, tokens_BS: torch.Tensor, cache: "KVCache | None" = None, slots: torch.Tensor | None = None,
-                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None) -> ModelOutput:
+                positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None) -> ModelOutput:
         """Without a cache: a full causal pass from position 0, or, for packed sequences, with
         `segments` [B, S] (which example each token belongs to; attention stays inside it) and
         `positions` [B, S] restarting per example. With a cache: the tokens take absolute
-        `positions` [B, S] in cache rows `slots` [B], and attend to everything cached before them."""
+        `positions` [B, S] in cache rows `slots` [B], and attend to everything cached before them.
+        With `targets` [B, S] (token ids): `token_loss` instead of `logits` (module docstring)."""
         S = tokens_BS.shape[1]
         doc_mask = valid_BS = None
         if cache is None:
@@ -220,6 +229,9 @@ class MoETransformer(nn.Module):
             if st is not None:
                 aux_total = aux_total + aux
                 stats.append(st)
+        if targets is not None:
+            token_loss = linear_cross_entropy(self.norm(x), self.lm_head.weight, targets)
+            return ModelOutput(None, aux_total, stats, token_loss)
         logits = self.lm_head(self.norm(x))
         return ModelOutput(logits, aux_total, stats)
 

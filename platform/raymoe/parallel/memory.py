@@ -22,7 +22,7 @@ backward (attention.py, moe.py, transformer.py), per token of one micro-batch:
     dense SwiGLU                                      4 F (w1 out, w3 out, silu out, w2 input)
     routed experts                                    2 K D (gathered input, output) + 4 K F
     router                                            E fp32 scores, K weights and indices
-    LM head                                           the logits (compute dtype), kept by cross-entropy (train/loss.py)
+    LM head                                           the logits (compute dtype), kept by the fused head + loss (train/loss.py)
 
 It assumes fused RMSNorm and a fused attention kernel (flash or memory-efficient: no S x S
 matrix), which is what CUDA runs. With activation checkpointing (train.activation_checkpointing:
@@ -30,8 +30,9 @@ matrix), which is what CUDA runs. With activation checkpointing (train.activatio
 against the bytes torch's saved-tensor hooks see on CPU in fp32 (within 15%); on CUDA in bf16 the
 GPU checks compare it with torch.cuda.max_memory_allocated when a device is lent.
 
-Transient buffers are added on top: the logits' fp32 and compute-dtype gradients (2 x tokens x
-vocab); with replicated dense parameters the gradient all-reduce's
+Transient buffers are added on top: the loss's fp32 work on one chunk of logit rows (its
+backward writes the logits' gradient into their own buffer); with replicated dense parameters
+the gradient all-reduce's
 flat copy (parallel/apply.py); with FSDP two blocks' unsharded parameters (one computing, one
 prefetched; their local experts too when those are FSDP-sharded) and one block's unsharded
 gradients. What is not modelled: the CUDA context and
@@ -47,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raymoe.config import RunConfig
+from raymoe.train.loss import _chunk_rows
 
 GB = 1e9
 
@@ -254,9 +256,10 @@ def rank_memory(cfg: RunConfig, world: int, layout: Layout, *, seq_len: int | No
         transient = 0
     if world // layout.expert_degree > 1 and not s["expert_fsdp"]:
         transient = max(transient, s["expert_grads"])  # the replica groups' flat buffer (one at a time)
-    # Cross-entropy's backward makes the logits' fp32 gradient and its compute-dtype cast (the
-    # logits themselves are in the activations): [tokens, vocab] twice, large for a 100K+ vocabulary.
-    transient += tokens * cfg.model.vocab_size * (_compute_bytes(cfg, device_type) + 4)
+    # The fused head + loss (train/loss.py) works in fp32 on one chunk of logit rows at a time; its
+    # backward writes the logits' gradient into their buffer (kept in the activations).
+    V = cfg.model.vocab_size
+    transient += min(tokens, _chunk_rows(V, torch.device(device_type))) * V * 4
     return RankMemory(params=s["params"], grads=s["grads"], optimizer=s["optimizer"], buffers=s["buffers"],
                       activations=activation_bytes(cfg, tokens, layout.activation_checkpointing, device_type),
                       transient=transient)

@@ -45,7 +45,6 @@ from raymoe.parallel.checkpoint import TrainerState, load_latest_good, save_chec
 from raymoe.parallel.mesh import Mesh, build_mesh, resolve_expert_degree
 from raymoe.train.data import BatchIterator, eval_batches, open_corpus
 from raymoe.train.faults import FaultInjector, RestartWatch
-from raymoe.train.loss import token_cross_entropy
 from raymoe.train.metrics import MetricWindows, device_peak_flops, format_progress
 
 
@@ -235,11 +234,8 @@ def evaluate(model, batches, cfg: RunConfig, info: DistInfo) -> float:
     with torch.no_grad(), autocast_for(cfg.train, info.device):
         for batch in batches:
             x, y, mask, pos, seg = _to_device(batch, info.device)
-            logits = model(x, positions=pos, segments=seg).logits
-            if mask is None:
-                ce = token_cross_entropy(logits, y).sum()
-            else:
-                ce = (token_cross_entropy(logits, y) * mask).sum()
+            token_loss = model(x, positions=pos, segments=seg, targets=y).token_loss
+            ce = token_loss.sum() if mask is None else (token_loss * mask).sum()
             total[0] += ce.double()
             total[1] += y.numel() if mask is None else float(mask.sum())
     model.train()
@@ -401,12 +397,12 @@ def train_step(run: TrainingRun) -> StepOutput:
         denom = float(step_loss_tokens.clamp(min=1)) / info.world_size
     for x, y, mask, pos, seg in micro:
         with autocast_for(tc, info.device):
-            out = model(x, positions=pos, segments=seg)
+            out = model(x, positions=pos, segments=seg, targets=y)
             if mask is None:
-                ce = token_cross_entropy(out.logits, y).mean()
+                ce = out.token_loss.mean()
                 loss = (ce + out.aux_loss) / tc.grad_accum
             else:
-                ce = (token_cross_entropy(out.logits, y) * mask).sum()
+                ce = (out.token_loss * mask).sum()
                 loss = ce / denom + out.aux_loss / tc.grad_accum
         loss.backward()
         ce_sum += ce.detach().double()
