@@ -29,7 +29,9 @@ one probe step (an implementation that cannot train here is reported, not timed)
 then --steps timed steps (synchronized on CUDA); the median is reported. Schedule: on CPU all
 models stay resident and each round runs one step of each, in an order rotating every round, so a
 busy spell of a shared machine hits all alike; on CUDA (memory) one implementation after another,
-each freed before the next (--schedule chooses).
+each freed before the next (--schedule chooses). In the interleaved schedule step i of every implementation
+ran in round i, so "x paired" (ratios[...]["tokens_per_s_paired"]) is the median over rounds of
+the two steps' ratio: a busy spell hits both steps of a round and cancels out.
 
 transformers variants: `attn_implementation="sdpa"`, and every experts implementation the
 installed version registers for DeepseekV3 (`experts_implementation=` of from_pretrained, i.e.
@@ -458,6 +460,12 @@ def main() -> None:
                   "step_time": base["step_ms_median"] / r["step_ms_median"],
                   "peak_memory": base["peak_memory_bytes"] / r["peak_memory_bytes"]}
               for k, r in rows.items() if not k.startswith("raymoe")}
+    if interleaved:
+        # Step i of every implementation ran in the same round: the median of the per-round ratios
+        # cancels a busy spell that the ratio of medians only dilutes.
+        for k in ratios:
+            ratios[k]["tokens_per_s_paired"] = statistics.median(
+                t / b for t, b in zip(rows[k]["step_ms_all"], base["step_ms_all"]))
     if "raymoe[compiled]" in rows:  # the compiled row against eager raymoe and each transformers implementation
         comp = rows["raymoe[compiled]"]
         compiled_ratios = {k: {"tokens_per_s": comp["tokens_per_s"] / r["tokens_per_s"],
@@ -466,18 +474,21 @@ def main() -> None:
     parity_passed = bool(parity) and all(v < PARITY_TOL for v in parity.values())
 
     print(f"\n{'implementation':26} {'step ms':>9} {'best ms':>9} {'tok/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MB':>9} "
-          f"{'raymoe x':>8} {'x best':>7}")
+          f"{'raymoe x':>8} {'x best':>7} {'x paired':>8}")
     for k, r in rows.items():
-        speed = ("", "") if k.startswith("raymoe") else (f"{ratios[k]['tokens_per_s']:.2f}", f"{ratios[k]['tokens_per_s_best']:.2f}")
+        speed = ("", "", "") if k.startswith("raymoe") else (
+            f"{ratios[k]['tokens_per_s']:.2f}", f"{ratios[k]['tokens_per_s_best']:.2f}",
+            f"{ratios[k]['tokens_per_s_paired']:.2f}" if "tokens_per_s_paired" in ratios[k] else "-")
         print(f"{k:26} {r['step_ms_median']:>9.1f} {r['step_ms_min']:>9.1f} {r['tokens_per_s']:>8.0f} "
               f"{r['achieved_flops_per_s'] / 1e12:>8.3f} {100 * r['mfu']:>5.1f}% {r['peak_memory_bytes'] / 1e6:>9.1f} "
-              f"{speed[0]:>8} {speed[1]:>7}")
+              f"{speed[0]:>8} {speed[1]:>7} {speed[2]:>8}")
     for k, why in unavailable.items():
         print(f"transformers[{k}]: {why}")
     if "raymoe[compiled]" in rows:
         print("raymoe[compiled] x: " + ", ".join(f"{k} {v['tokens_per_s']:.2f} (best {v['tokens_per_s_best']:.2f})"
                                                  for k, v in compiled_ratios.items()))
-    print(f"raymoe x = raymoe tokens/s / that implementation's (median step; x best: fastest step); "
+    print(f"raymoe x = raymoe tokens/s / that implementation's (median step; x best: fastest step; "
+          f"x paired: median over rounds of the two steps' ratio, interleaved schedule only); "
           f"MFU against the measured dense rate "
           f"{peak / 1e12:.3f} TFLOP/s; peak memory: {base['peak_memory_method']}")
 

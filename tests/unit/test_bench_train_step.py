@@ -7,6 +7,7 @@ weights on the same batch, the logits agree before anything is timed, and the JS
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -64,3 +65,7 @@ def test_tiny_train_step_bench_checks_parity_and_reports_real_figures(tmp_path):
     for name, ratio in r["ratios"].items():
         assert min(ratio["tokens_per_s"], ratio["tokens_per_s_best"], ratio["step_time"], ratio["peak_memory"]) > 0, name
         assert ratio["tokens_per_s"] == pytest.approx(rows["raymoe"]["tokens_per_s"] / rows[name]["tokens_per_s"])
+        # the per-round ratio of the interleaved schedule (CPU default): step i of both ran in round i
+        per_round = [t / b for t, b in zip(rows[name]["step_ms_all"], rows["raymoe"]["step_ms_all"])]
+        assert min(per_round) <= ratio["tokens_per_s_paired"] <= max(per_round)
+        assert ratio["tokens_per_s_paired"] == pytest.approx(statistics.median(per_round))
