@@ -1,4 +1,4 @@
-"""The training loop's cross-entropy (train/loss.py) against torch's, values and gradients."""
+"""The training loop's cross-entropy (train/loss.py, the LM head taken in) against torch's, values and gradients."""
 
 from __future__ import annotations
 
@@ -6,11 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.train.loss import token_cross_entropy
+import raymoe.train.loss as loss_mod
+from raymoe.train.loss import linear_cross_entropy
+
+
+def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The loss of given logits: linear_cross_entropy through an identity head (frozen)."""
+    return linear_cross_entropy(logits, torch.eye(logits.shape[-1], dtype=logits.dtype), target)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_token_cross_entropy_gives_torchs_loss_and_gradient(dtype):
+def test_the_loss_of_given_logits_is_torchs_loss_and_gradient(dtype):
+    """Through an identity head: hidden @ I.T is the logits exactly, and the hidden states'
+    gradient is the logits'."""
     torch.manual_seed(0)
     logits = (4 * torch.randn(3, 17, 301)).to(dtype).requires_grad_()
     target = torch.randint(0, 301, (3, 17))
@@ -33,7 +41,7 @@ def test_token_cross_entropy_gives_torchs_loss_and_gradient(dtype):
     assert (logits.grad[~mask] == 0).all()
 
 
-def test_token_cross_entropy_is_stable_for_large_logits():
+def test_the_loss_is_stable_for_large_logits():
     logits = torch.tensor([[1e4, 0.0, -1e4], [50.0, 50.0, 50.0]], requires_grad=True)
     loss = token_cross_entropy(logits, torch.tensor([1, 2]))
     assert torch.isfinite(loss).all()
@@ -44,10 +52,6 @@ def test_token_cross_entropy_is_stable_for_large_logits():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_cross_entropy_gives_the_head_and_torchs_loss_and_gradients(dtype, monkeypatch):
-    import raymoe.train.loss as loss_mod
-
-    from raymoe.train.loss import linear_cross_entropy
-
     # 7-row chunks: 51 rows end in a partial chunk
     monkeypatch.setitem(loss_mod._CHUNK_BYTES, "cpu", 7 * 4 * 301)
     torch.manual_seed(0)
@@ -76,8 +80,6 @@ def test_linear_cross_entropy_gives_the_head_and_torchs_loss_and_gradients(dtype
 
 
 def test_linear_cross_entropy_under_autocast_runs_the_head_in_bf16():
-    from raymoe.train.loss import linear_cross_entropy
-
     torch.manual_seed(0)
     h = torch.randn(40, 16, requires_grad=True)
     w = torch.randn(97, 16, requires_grad=True)
@@ -93,8 +95,6 @@ def test_linear_cross_entropy_under_autocast_runs_the_head_in_bf16():
 
 
 def test_linear_cross_entropy_refuses_a_second_backward_and_skips_frozen_weights():
-    from raymoe.train.loss import linear_cross_entropy
-
     h = torch.randn(5, 8, requires_grad=True)
     w = torch.randn(11, 8)  # frozen head (requires_grad False): no weight gradient is made
     loss = linear_cross_entropy(h, w, torch.randint(0, 11, (5,))).sum()

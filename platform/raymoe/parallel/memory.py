@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from raymoe.config import RunConfig
-from raymoe.train.loss import _chunk_rows
+from raymoe.train.loss import chunk_rows
 
 GB = 1e9
 
@@ -259,7 +259,7 @@ def rank_memory(cfg: RunConfig, world: int, layout: Layout, *, seq_len: int | No
     # The fused head + loss (train/loss.py) works in fp32 on one chunk of logit rows at a time; its
     # backward writes the logits' gradient into their buffer (kept in the activations).
     V = cfg.model.vocab_size
-    transient += min(tokens, _chunk_rows(V, torch.device(device_type))) * V * 4
+    transient += min(tokens, chunk_rows(V, torch.device(device_type))) * V * 4
     return RankMemory(params=s["params"], grads=s["grads"], optimizer=s["optimizer"], buffers=s["buffers"],
                       activations=activation_bytes(cfg, tokens, layout.activation_checkpointing, device_type),
                       transient=transient)

@@ -1,24 +1,22 @@
-"""Next-token cross-entropy per token, computed in fp32 from logits of any dtype.
+"""Next-token cross-entropy per token, in fp32, with the LM head's matmul taken in: the training
+loop's loss (the model's `forward(..., targets=)` calls `linear_cross_entropy`).
 
-`F.cross_entropy(logits.float(), y)` is what the loop ran before, and what transformers' causal-LM
-loss runs. It keeps the fp32 log-softmax for backward (beside the logits the caller still holds),
-and its backward zero-fills a one-hot gradient, then runs log-softmax's backward over it. Here
-forward keeps the logits as they came (compute dtype) and one log-sum-exp per token; backward
-makes the gradient in one new buffer, softmax(z) * g, then subtracts g at each target. Same
-values (tests/unit/test_loss.py holds it to F.cross_entropy's loss and gradient). On the CPU
-benchmark shape (1,024 tokens, vocab 8,000) it took 12.8 ms less per training step
-(docs/PERFORMANCE.md, lever 10); in bf16 it keeps 2 bytes per logit until backward instead of 6.
+`F.cross_entropy(logits.float(), y)` is what the loop ran first, and what transformers' causal-LM
+loss runs: it keeps an fp32 log-softmax for backward beside the logits, and its backward
+zero-fills a one-hot gradient, then runs log-softmax's backward over it. Here the logits are the
+function's own buffer (compute dtype): forward takes one log-sum-exp per token over chunks of
+rows small enough to stay in cache, and backward writes softmax(z) * g - g at the target into
+that same buffer, chunk by chunk, before the head's two backward matmuls. No other
+[tokens, vocab] buffer is made, and none in fp32: fp32 work is one chunk at a time.
+tests/unit/test_loss.py holds it to F.linear + F.cross_entropy's loss and gradients.
 
-`linear_cross_entropy` goes one step further and takes the LM head's matmul in with the loss
-(the model's `forward(..., targets=)` calls it): the logits are its own buffer, so forward takes
-the log-sum-exp over row chunks small enough to stay in cache, and backward writes the logits'
-gradient into that same buffer, chunk by chunk, before the head's two backward matmuls. No
-[tokens, vocab] buffer is made but the logits, and no fp32 one at all: fp32 work is one chunk at
-a time. On the CPU benchmark shape that took about 14 ms off a training step (docs/PERFORMANCE.md,
-lever 13). The idea of fusing the head with the loss is Liger-Kernel's FusedLinearCrossEntropy
-(which computes the gradient in forward instead) and Apple's cut-cross-entropy.
+Measured on the CPU benchmark shape (1,024 tokens, vocab 8,000; docs/PERFORMANCE.md): the
+unchunked loss over handed-out logits (lever 10) saved 12.8 ms a step against F.cross_entropy;
+taking the head in (lever 13) saved 6-23 ms more, paired in one process. The idea of fusing the
+head with the loss is Liger-Kernel's FusedLinearCrossEntropy (which computes the gradient in
+forward instead) and Apple's cut-cross-entropy.
 
-Our own autograd functions rather than a library's: torch has no fused cross-entropy, and the
+Our own autograd function rather than a library's: torch has no fused cross-entropy, and the
 fused ones that exist elsewhere (Liger-Kernel, cut-cross-entropy) are Triton kernels for GPUs.
 """
 
@@ -27,39 +25,13 @@ from __future__ import annotations
 import torch
 
 
-class _TokenCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits_TV: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
-        z = logits_TV.float()
-        lse_T = torch.logsumexp(z, dim=-1)
-        loss_T = lse_T - z.gather(-1, target_T.unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(logits_TV, target_T, lse_T)
-        return loss_T
-
-    @staticmethod
-    def backward(ctx, grad_T: torch.Tensor):
-        logits_TV, target_T, lse_T = ctx.saved_tensors
-        g = grad_T.float().unsqueeze(-1)
-        # d loss_t / d z_tv = softmax(z_t)_v - [v == y_t]; one fp32 buffer, updated in place.
-        grad_TV = torch.sub(logits_TV.float(), lse_T.unsqueeze(-1)).exp_().mul_(g)
-        grad_TV.scatter_add_(-1, target_T.unsqueeze(-1), -g)
-        return grad_TV.to(logits_TV.dtype), None
-
-
-def token_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-log softmax(logits)[target] for every position, fp32, shaped like `target`.
-    `logits` [..., V] in any float dtype; `target` long [...] with ids in [0, V)."""
-    V = logits.shape[-1]
-    loss = _TokenCrossEntropy.apply(logits.reshape(-1, V), target.reshape(-1))
-    return loss.view(target.shape)
-
-
 # fp32 bytes of one chunk of rows: on CPU about a core's L2 (measured: 32-128 rows of 8,000 gave the
 # same time, all rows at once 9 ms more); on CUDA the chunk only bounds the fp32 temporary.
 _CHUNK_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
 
 
-def _chunk_rows(vocab: int, device: torch.device) -> int:
+def chunk_rows(vocab: int, device: torch.device) -> int:
+    """Rows of logits the loss works on at a time (parallel/memory.py plans its fp32 temporary)."""
     return max(1, _CHUNK_BYTES.get(device.type, 256 << 20) // (4 * vocab))
 
 
@@ -67,7 +39,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_TD: torch.Tensor, w_VD: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
         z_TV = h_TD @ w_VD.t()
-        rows = _chunk_rows(z_TV.shape[1], z_TV.device)
+        rows = chunk_rows(z_TV.shape[1], z_TV.device)
         lse_T = torch.empty(z_TV.shape[0], dtype=torch.float32, device=z_TV.device)
         for i in range(0, z_TV.shape[0], rows):
             torch.logsumexp(z_TV[i:i + rows].float(), dim=-1, out=lse_T[i:i + rows])
@@ -81,7 +53,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # graph (retain_graph) fails loudly instead of reading the gradient written below.
         h_TD, w_VD, target_T, z_TV, lse_T = ctx.saved_tensors
         g_T1 = grad_T.float().unsqueeze(-1)
-        rows = _chunk_rows(z_TV.shape[1], z_TV.device)
+        rows = chunk_rows(z_TV.shape[1], z_TV.device)
         for i in range(0, z_TV.shape[0], rows):
             z = z_TV[i:i + rows]
             # softmax(z) * g - g at the target, in fp32, one chunk at a time, into the logits' buffer
@@ -96,7 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """token_cross_entropy(hidden @ weight.T, target) without handing the logits out.
+    """-log softmax(hidden @ weight.T)[target] for every position, without handing the logits out.
     `hidden` [..., D], `weight` [V, D] (the LM head's), `target` long [...]; fp32 loss shaped like
     `target`. Under autocast the matmuls run in its dtype, as nn.Linear's would."""
     D = hidden.shape[-1]
