@@ -1,12 +1,16 @@
-"""Where computing every expert for every token beats the grouped GEMM, at inference.
+"""Which of the three inference paths of the routed experts is fastest, by token count.
 
     python bench/dense_experts.py                 # CPU, the decode benchmark's two MoE shapes
     python bench/dense_experts.py --tiny          # seconds (make test)
 
-For each token count T it times `MoE.routed` (router output given) both ways under
+For each token count T it times the routed experts (router output given) three ways under
 `torch.inference_mode`, same weights, and checks they agree: the grouped path (permute, three
-grouped GEMMs, unpermute) and `GroupedExperts.forward_dense` (every expert, E/K times the FLOPs).
-The crossover it prints is what `MoE.dense_max_slots_per_expert` is set from.
+grouped GEMMs, unpermute), `GroupedExperts.forward_dense` (every expert, E/K times the FLOPs) and
+`GroupedExperts.forward_padded` (each expert's tokens padded to the largest load C: E * C rows,
+three batched GEMMs). Up to 256 tokens the router's own choices are used; from 256 on also loads
+skewed towards high-numbered experts (a selection bias of 1 and 2 score standard deviations
+across the experts: padding 1.5-2.5x), since the padded path's cost grows with the largest load. Each row also says which path `MoE.routed` takes there
+(`MoE.dense_max_tokens`, `MoE._padded_is_faster`).
 """
 
 from __future__ import annotations
@@ -55,20 +59,49 @@ def measure(shape: str, tokens: list[int], repeats: int) -> list[dict]:
     rows = []
     with torch.inference_mode():
         for T in tokens:
-            x = torch.randn(T, D)
-            routing = moe.router(x)
-            grouped = lambda: _grouped(moe, x, routing)  # noqa: E731
-            dense = lambda: _dense(moe, x, routing)  # noqa: E731
-            ref = grouped()
-            err = ((ref - dense()).abs().max() / ref.abs().max()).item()
-            if err > 1e-5:
-                raise SystemExit(f"{shape} T={T}: the dense path disagrees with the grouped one (relative error {err:.2e})")
-            g, d = timed(grouped, repeats), timed(dense, repeats)
-            rows.append({"shape": shape, "tokens": T, "slots_per_expert": T * K / E, "grouped_us": 1e6 * g,
-                         "dense_us": 1e6 * d, "dense_speedup": g / d, "rel_err": err})
-            print(f"{shape:>11} T={T:>4} slots/expert {T * K / E:6.2f}  grouped {1e6 * g:8.1f} us  "
-                  f"dense {1e6 * d:8.1f} us  dense {g / d:5.2f}x")
+            for skew in ((0.0, 1.0, 2.0) if T >= 256 else (0.0,)):
+                x = torch.randn(T, D)
+                # Skewed loads: a selection bias rising across the experts, `skew` standard deviations
+                # of the router's scores from the first to the last (it picks experts, never weighs them).
+                moe.router.expert_bias.zero_()
+                spread = float(moe.router.scores(x)[1].std())
+                moe.router.expert_bias.copy_(skew * spread * torch.arange(E) / E)
+                routing = moe.router(x)
+                weight_TE = routing.weight_TK.new_zeros(T, E).scatter_add_(1, routing.expert_TK, routing.weight_TK)
+                C = int((weight_TE > 0).sum(0).max())
+                paths = {"grouped": lambda: _grouped(moe, x, routing), "dense": lambda: moe.experts.forward_dense(x, weight_TE),
+                         "padded": lambda: moe.experts.forward_padded(x, weight_TE, C)}
+                ref = paths["grouped"]()
+                err = max(((ref - f()).abs().max() / ref.abs().max()).item() for f in paths.values())
+                if err > 1e-5:
+                    raise SystemExit(f"{shape} T={T}: the paths disagree (relative error {err:.2e})")
+                us = {k: 1e6 * timed(f, repeats if T <= 256 else max(5, repeats // 5)) for k, f in paths.items()}
+                chosen = _chosen(moe, x, routing)
+                rows.append({"shape": shape, "tokens": T, "skew": skew, "slots_per_expert": T * K / E, "capacity": C,
+                             "padding": E * C / (T * K), **{f"{k}_us": v for k, v in us.items()},
+                             "dense_speedup": us["grouped"] / us["dense"], "padded_speedup": us["grouped"] / us["padded"],
+                             "fastest": min(us, key=us.get), "chosen": chosen, "rel_err": err})
+                print(f"{shape:>11} T={T:>5} skew {skew:4.2f} C {C:4d} padding {E * C / (T * K):5.2f}  grouped {us['grouped']:8.1f}  "
+                      f"dense {us['dense']:8.1f}  padded {us['padded']:8.1f} us  fastest {min(us, key=us.get):>7}  routed takes {chosen}",
+                      flush=True)
+        moe.router.expert_bias.zero_()
     return rows
+
+
+def _chosen(moe: MoE, x, routing) -> str:
+    """The path MoE.routed takes for this routing (each forward method counted once)."""
+    from raymoe.model.moe import GroupedExperts
+
+    taken = []
+    originals = {k: getattr(GroupedExperts, k) for k in ("forward", "forward_dense", "forward_padded")}
+    try:
+        for k, f in originals.items():
+            setattr(GroupedExperts, k, lambda self, *a, _k=k, _f=f: taken.append(_k) or _f(self, *a))
+        moe.routed(x, routing)
+    finally:
+        for k, f in originals.items():
+            setattr(GroupedExperts, k, f)
+    return {"forward": "grouped", "forward_dense": "dense", "forward_padded": "padded"}[taken[0]]
 
 
 def _grouped(moe: MoE, x, routing):
@@ -76,11 +109,6 @@ def _grouped(moe: MoE, x, routing):
 
     x_ND, counts_E, token_N, weight_N = permute(x, routing, moe.num_experts)
     return unpermute(moe.experts(x_ND, counts_E), token_N, weight_N, x.shape[0])
-
-
-def _dense(moe: MoE, x, routing):
-    weight_TE = routing.weight_TK.new_zeros(x.shape[0], moe.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
-    return moe.experts.forward_dense(x, weight_TE)
 
 
 def main() -> None:
@@ -95,7 +123,7 @@ def main() -> None:
     else:
         rows = []
         for shape in ("decode-e16", "decode-e64"):
-            rows += measure(shape, [1, 2, 4, 8, 16, 32, 64, 128, 256], 50)
+            rows += measure(shape, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024], 50)
     out = Path(args.out or f"bench/results/dense_experts{'-tiny' if args.tiny else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {"torch": torch.__version__, "threads": args.threads, "loadavg": os.getloadavg()}

@@ -1,4 +1,4 @@
-"""bench/dense_experts.py --tiny: both paths agree and get timed (the crossover behind MoE.dense_max_tokens)."""
+"""bench/dense_experts.py --tiny: the three inference paths agree and get timed, and each row says which one MoE.routed takes."""
 
 import json
 import subprocess
@@ -20,5 +20,11 @@ def test_tiny_dense_experts_bench_checks_agreement_and_times_both_paths(tmp_path
     rows = json.loads(out.read_text())["rows"]
     assert [r["tokens"] for r in rows] == [1, 4, 16]
     for r in rows:
-        assert r["rel_err"] < 1e-5 and r["grouped_us"] > 0 and r["dense_us"] > 0
+        assert r["rel_err"] < 1e-5 and r["grouped_us"] > 0 and r["dense_us"] > 0 and r["padded_us"] > 0
         assert abs(r["dense_speedup"] - r["grouped_us"] / r["dense_us"]) < 1e-9
+        assert abs(r["padded_speedup"] - r["grouped_us"] / r["padded_us"]) < 1e-9
+        assert r["fastest"] == min(("grouped", "dense", "padded"), key=lambda k: r[f"{k}_us"])
+        assert r["padding"] == 8 * r["capacity"] / (r["tokens"] * 2) and r["capacity"] <= r["tokens"]
+    # The tiny MoE (8 experts, top-2): one token touches 2 of 8, which the grouped GEMM reads alone;
+    # 4 tokens at C = 3 are 24 padded rows against 0.7 x 32 dense ones; 16 tokens pad little.
+    assert [r["chosen"] for r in rows] == ["grouped", "dense", "padded"]

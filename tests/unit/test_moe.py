@@ -559,6 +559,7 @@ def test_inference_on_a_few_tokens_computes_every_expert_and_matches_the_per_tok
     """Decode-sized batches under inference take GroupedExperts.forward_dense (every expert for
     every token, unchosen ones weighted 0); the result is the per-token reference's."""
     moe = _random_moe(**model).eval()
+    moe.padded = False  # the padded path has its own test below
     x = torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(3))
     calls = []
     monkeypatch.setattr(GroupedExperts, "forward", lambda *a: calls.append("grouped") or pytest.fail("took the grouped path"))
@@ -575,3 +576,50 @@ def test_inference_on_a_few_tokens_computes_every_expert_and_matches_the_per_tok
     wide = _random_moe(num_experts=16, top_k=2).eval()
     with torch.inference_mode():  # one token touches 2 of 16 experts: reading all 16 would cost more
         assert not wide._dense_is_faster(1) and wide._dense_is_faster(8)
+
+
+@pytest.mark.parametrize("model", [{}, {"capacity_factor": 0.75, "gate_threshold": 0.3}], ids=["dropless", "capacity_and_threshold"])
+def test_inference_pads_each_experts_tokens_into_one_batch_and_matches_the_per_token_reference(model, monkeypatch):
+    """Where the padding is small, inference gathers each expert's tokens into [E, C, D] (C = the
+    largest load) and takes three batched GEMMs; dropped and thresholded slots weigh 0 there, and
+    the result is the per-token reference's."""
+    moe = _random_moe(num_experts=8, top_k=2, **model).eval()
+    x = torch.randn(2, 24, 8, generator=torch.Generator().manual_seed(5))
+    taken = []
+    for name in ("forward", "forward_dense"):
+        monkeypatch.setattr(GroupedExperts, name, lambda *a, _n=name: pytest.fail(f"took {_n}"))
+    real = GroupedExperts.forward_padded
+    monkeypatch.setattr(GroupedExperts, "forward_padded", lambda self, x, w, c: taken.append(c) or real(self, x, w, c))
+    with torch.inference_mode():
+        y, _, stats = moe(x)
+    y_ref, routing = _naive_moe(moe, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    kept = routing.weight_TK > 0
+    loads = torch.zeros(8, dtype=torch.long).scatter_add_(0, routing.expert_TK[kept], torch.ones_like(routing.expert_TK[kept]))
+    assert taken == [int(loads.max())]  # every kept slot fits: C is the largest load
+    if model:
+        assert int(stats.num_dropped) > 0 or not bool(routing.keep_TK.all())  # the case has slots weighted 0
+
+
+def test_the_padded_path_is_chosen_only_where_its_rows_beat_the_dense_and_grouped_ones():
+    """E * C padded rows against 0.7 x the dense path's T * E and the grouped GEMM's T * K + 40 E
+    (the rule fitted in bench/dense_experts.py); training and a switched-off model never pad."""
+    moe = MoE(_cfg(num_experts=16, top_k=4, hidden_size=8, expert_intermediate_size=8)).eval()
+    with torch.inference_mode():
+        assert moe._padded_is_faster(16, 10)  # 160 rows <= 0.7 * 256 (measured 332 us against dense 397)
+        assert not moe._padded_is_faster(4, 3)  # 48 > 0.7 * 64: dense (measured 251 against 227 at C 2)
+        assert moe._padded_is_faster(512, 143)  # 2,288 <= 2,048 + 640: balanced prefill
+        assert not moe._padded_is_faster(512, 300)  # 4,800 > 2,688: a skewed load takes the grouped GEMM
+        moe.padded = False
+        assert not moe._padded_is_faster(16, 10)
+
+
+def test_inference_on_a_skewed_load_keeps_the_grouped_gemm(monkeypatch):
+    """Every token preferring the same experts makes C = T: padding would multiply the work."""
+    moe = _random_moe(num_experts=8, top_k=2).eval()
+    moe.router.expert_bias.copy_(torch.tensor([50.0, 50.0] + [0.0] * 6))
+    monkeypatch.setattr(GroupedExperts, "forward_padded", lambda *a: pytest.fail("padded a skewed load"))
+    x = torch.randn(1, 64, 8, generator=torch.Generator().manual_seed(6))
+    with torch.inference_mode():
+        y, _, _ = moe(x)
+    torch.testing.assert_close(y, _naive_moe(moe, x)[0], atol=1e-5, rtol=1e-5)

@@ -322,6 +322,21 @@ class GroupedExperts(nn.Module):
         E, T, Fh = h_ETF.shape
         return h_ETF.transpose(0, 1).reshape(T, E * Fh) @ w2.reshape(E * Fh, -1)
 
+    def forward_padded(self, x_TD: torch.Tensor, weight_TE: torch.Tensor, capacity: int) -> torch.Tensor:
+        """sum_e weight[t, e] * expert_e(x[t]) with every expert's tokens gathered into `capacity`
+        rows ([E, C, D]: the C highest-weighted tokens of each expert, which are all its chosen
+        ones when C >= its load; the rest carry weight 0) and three batched GEMMs over the experts,
+        weighted before the down projection. No sort, no per-expert loop: E * C rows of work
+        against the grouped GEMM's T * K, one bmm call against E small ones. `MoE.routed` picks it
+        for inference when the padding is small; no LoRA (adapters take the grouped path)."""
+        x_TD = _autocast_input(x_TD)
+        w1, w3, w2 = (w.to(x_TD.dtype) for w in (self.w1, self.w3, self.w2))
+        weight_EC, token_EC = weight_TE.t().topk(capacity, dim=1)
+        x_ECD = x_TD.index_select(0, token_EC.flatten()).view(*token_EC.shape, -1)
+        h_ECF = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
+        y_ECD = torch.bmm(h_ECF * weight_EC.to(h_ECF.dtype).unsqueeze(-1), w2)
+        return y_ECD.new_zeros(x_TD.shape[0], y_ECD.shape[-1]).index_add_(0, token_EC.flatten(), y_ECD.flatten(0, 1))
+
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Autocast does not see grouped_mm or matmul over stacked weights; cast explicitly so
@@ -398,16 +413,45 @@ class MoE(nn.Module):
     grouped GEMM reads only the experts chosen, which at real sizes is what decode costs. CUDA
     keeps the grouped GEMM until measured there."""
 
+    padded: bool = True
+    """Inference on CPU may gather each expert's tokens into a padded [E, C, D] batch
+    (GroupedExperts.forward_padded) where `_padded_is_faster` says so; False keeps the dense and
+    grouped paths only (the A/B switch of docs/PERFORMANCE.md and the tests)."""
+
+    def _inference_on_cpu(self) -> bool:
+        experts = self.experts
+        return (not torch.is_grad_enabled() and experts.lora_scale is None and experts.w1.device.type == "cpu"
+                and experts.num_experts == self.num_experts)
+
     def _dense_is_faster(self, num_tokens: int) -> bool:
-        experts, E, K = self.experts, self.num_experts, self.top_k
-        return (num_tokens <= self.dense_max_tokens and 1 - (1 - K / E) ** num_tokens >= 0.5
-                and not torch.is_grad_enabled() and experts.lora_scale is None and experts.w1.device.type == "cpu"
-                and experts.num_experts == E)
+        E, K = self.num_experts, self.top_k
+        return num_tokens <= self.dense_max_tokens and 1 - (1 - K / E) ** num_tokens >= 0.5 and self._inference_on_cpu()
+
+    def _padded_is_faster(self, num_tokens: int, capacity: int) -> bool:
+        """Whether E experts x `capacity` padded rows beat both other paths: at most 0.7 of the dense
+        path's T * E rows, and at most T * K + 40 E, the grouped GEMM's rows plus its per-expert
+        overhead (permute, one small GEMM per expert and projection) counted as 40 rows an expert.
+        Per row both run at about the same rate here. Fitted to the 2-core CPU's timings of both
+        decode shapes at 1-1,024 tokens, balanced and skewed loads (`python
+        bench/dense_experts.py`, docs/PERFORMANCE.md lever 14); CUDA keeps the grouped GEMM."""
+        T, E, K = num_tokens, self.num_experts, self.top_k
+        return self.padded and E * capacity <= min(0.7 * T * E, T * K + 40 * E)
 
     def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Run the routed experts; expert parallelism replaces this method (parallel/apply.py)."""
-        if self._dense_is_faster(x_TD.shape[0]):
-            weight_TE = routing.weight_TK.new_zeros(x_TD.shape[0], self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
+        T = x_TD.shape[0]
+        # Compiled decode steps keep the shape-only choice below: the padded path reads its
+        # capacity on the host, which dynamo would specialize on.
+        if self.padded and not torch.compiler.is_compiling() and 1 - (1 - self.top_k / self.num_experts) ** T >= 0.5 \
+                and self._inference_on_cpu():
+            weight_TE = routing.weight_TK.new_zeros(T, self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
+            capacity = int((weight_TE > 0).sum(0).max())  # the most tokens any expert must take
+            if capacity > 0 and self._padded_is_faster(T, capacity):
+                return self.experts.forward_padded(x_TD, weight_TE, capacity).to(x_TD.dtype)
+            if self._dense_is_faster(T):
+                return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
+        if self._dense_is_faster(T):
+            weight_TE = routing.weight_TK.new_zeros(T, self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
             return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, self.num_experts)
         return unpermute(self.experts(x_ND, counts_E), token_N, weight_N, x_TD.shape[0])
