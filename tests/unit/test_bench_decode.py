@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +53,10 @@ def test_tiny_decode_bench_measures_both_sides_on_the_same_model(tmp_path):
         assert theirs, (b, row["transformers"])
         for impl in row["transformers"]:
             assert row["ratio_decode"][impl] > 0 and row["ratio_end_to_end"][impl] > 0 and row["ratio_ttft"][impl] > 0
+            # Paired: the median over repeats of the same round's decode-time ratio (theirs / ours).
+            per_round = [t / o for t, o in zip(row["transformers"][impl]["runs_decode_ms"], ours["runs_decode_ms"])]
+            assert len(per_round) == res["repeats"]
+            assert abs(row["ratio_decode_paired"][impl] - statistics.median(per_round)) < 1e-9
             # Greedy, fp32, same weights and prompts: the generated tokens coincide.
             assert row["token_agreement"][impl] >= 0.9, (b, impl, row["token_agreement"])
             assert row["forced_agreement"][impl] >= 0.9, (b, impl, row["forced_agreement"])
