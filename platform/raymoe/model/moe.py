@@ -11,6 +11,10 @@ What is notable:
 - Routed experts are stacked weights [E, ...]; tokens are sorted by expert and each projection is
   one grouped GEMM (`torch._grouped_mm` on CUDA in bf16, contiguous segments elsewhere). Indexing
   `w[i]` per expert inside autograd would materialize a full-size [E, ...] gradient per expert.
+- Inference on CPU has two more paths for the routed experts, chosen by `MoE.routed` from
+  measured crossovers: every expert for every token at decode sizes (`forward_dense`), and each
+  expert's tokens padded to the largest load, [E, C, D], through batched GEMMs where the padding
+  is small (`forward_padded`).
 
 Shape suffixes: B batch, S sequence, T tokens (B*S), D model dim, F expert hidden dim,
   E experts, G expert groups, K top-k, N routed (token, expert) slots kept (<= T*K)
@@ -19,6 +23,7 @@ Shape suffixes: B batch, S sequence, T tokens (B*S), D model dim, F expert hidde
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -338,6 +343,13 @@ class GroupedExperts(nn.Module):
         return y_ECD.new_zeros(x_TD.shape[0], y_ECD.shape[-1]).index_add_(0, token_EC.flatten(), y_ECD.flatten(0, 1))
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    """Whether `t` is a DTensor, without importing torch.distributed.tensor (half a second) where
+    nothing has: then no DTensor exists."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
+
+
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:
     """Autocast does not see grouped_mm or matmul over stacked weights; cast explicitly so
     experts run in the autocast dtype too."""
@@ -419,9 +431,11 @@ class MoE(nn.Module):
     grouped paths only (the A/B switch of docs/PERFORMANCE.md and the tests)."""
 
     def _inference_on_cpu(self) -> bool:
+        """No autograd, no adapters, every expert here as a plain CPU tensor: not sharded by FSDP
+        (a DTensor, as in a training run's evaluation), nor split by expert parallelism."""
         experts = self.experts
         return (not torch.is_grad_enabled() and experts.lora_scale is None and experts.w1.device.type == "cpu"
-                and experts.num_experts == self.num_experts)
+                and experts.num_experts == self.num_experts and not _is_dtensor(experts.w1))
 
     def _dense_is_faster(self, num_tokens: int) -> bool:
         E, K = self.num_experts, self.top_k
@@ -439,20 +453,17 @@ class MoE(nn.Module):
 
     def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Run the routed experts; expert parallelism replaces this method (parallel/apply.py)."""
-        T = x_TD.shape[0]
-        # Compiled decode steps keep the shape-only choice below: the padded path reads its
-        # capacity on the host, which dynamo would specialize on.
-        if self.padded and not torch.compiler.is_compiling() and 1 - (1 - self.top_k / self.num_experts) ** T >= 0.5 \
-                and self._inference_on_cpu():
-            weight_TE = routing.weight_TK.new_zeros(T, self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
-            capacity = int((weight_TE > 0).sum(0).max())  # the most tokens any expert must take
-            if capacity > 0 and self._padded_is_faster(T, capacity):
-                return self.experts.forward_padded(x_TD, weight_TE, capacity).to(x_TD.dtype)
+        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
+        if 1 - (1 - K / E) ** T >= 0.5 and self._inference_on_cpu():  # at least half the experts touched, expectedly
+            weight_TE = routing.weight_TK.new_zeros(T, E).scatter_add_(1, routing.expert_TK, routing.weight_TK)
+            # Compiled decode steps keep the shape-only choice: the capacity is a host read, which
+            # dynamo would specialize on.
+            if self.padded and not torch.compiler.is_compiling():
+                capacity = int((weight_TE > 0).sum(0).max())  # the most tokens any expert must take
+                if capacity > 0 and self._padded_is_faster(T, capacity):
+                    return self.experts.forward_padded(x_TD, weight_TE, capacity).to(x_TD.dtype)
             if self._dense_is_faster(T):
                 return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
-        if self._dense_is_faster(T):
-            weight_TE = routing.weight_TK.new_zeros(T, self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
-            return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, self.num_experts)
         return unpermute(self.experts(x_ND, counts_E), token_N, weight_N, x_TD.shape[0])
 
