@@ -73,6 +73,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "platform"))
@@ -239,6 +240,12 @@ def summarize(runs: list[dict], b: int, n: int) -> dict:
             "runs_decode_ms": [1e3 * (r["total_s"] - r["ttft_s"]) for r in runs]}
 
 
+def paired(theirs: dict, ours: dict) -> float:
+    """Median over repeats of theirs / ours decode time: repeat i of every side ran in the same
+    round, so this cancels a busy spell of a shared machine that the ratio of medians only dilutes."""
+    return statistics.median(t / o for t, o in zip(theirs["runs_decode_ms"], ours["runs_decode_ms"]))
+
+
 @torch.no_grad()
 def forced_agreement(model: MoETransformer, prompts: torch.Tensor, ids: list[list[int]], device: torch.device) -> float:
     """Fraction of `ids` (another side's greedy tokens) that `model` picks too when fed that side's
@@ -386,18 +393,10 @@ def main() -> None:
                 finally:
                     for b in ours.layers:
                         b.decode_fn = None
-            if side == "raymoe-unpadded":
-                MoE.padded = False
-                try:
+            switch = {"raymoe-unpadded": (MoE, "padded"), "raymoe-mla-expanded": (MLAttention, "absorb")}.get(side)
+            if switch:  # a class-wide A/B switch, off for this side's run only
+                with mock.patch.object(*switch, False):
                     return run_raymoe(engine, prompts, N, device)
-                finally:
-                    MoE.padded = True
-            if side == "raymoe-mla-expanded":
-                MLAttention.absorb = False
-                try:
-                    return run_raymoe(engine, prompts, N, device)
-                finally:
-                    MLAttention.absorb = True
             hf.set_experts_implementation(side)
             return run_transformers(hf, prompts, N, device)
 
@@ -424,16 +423,12 @@ def main() -> None:
         if args.unpadded:
             u = row["raymoe_unpadded"] = summarize(runs["raymoe-unpadded"], B, N)
             row["ratio_decode_to_unpadded"] = row["raymoe"]["decode_tokens_per_s"] / u["decode_tokens_per_s"]
-            row["ratio_decode_to_unpadded_paired"] = statistics.median(
-                u_ / o for u_, o in zip(u["runs_decode_ms"], row["raymoe"]["runs_decode_ms"]))
+            row["ratio_decode_to_unpadded_paired"] = paired(u, row["raymoe"])
             row["unpadded_token_agreement"] = agreement(ours_ids, runs["raymoe-unpadded"][-1]["ids"])[0]
         for impl in impls:
             t = row["transformers"][impl] = summarize(runs[impl], B, N)
             row["ratio_decode"][impl] = row["raymoe"]["decode_tokens_per_s"] / t["decode_tokens_per_s"]
-            # Repeat i of every side ran in the same round: the median of the per-round ratios
-            # cancels a busy spell of a shared machine that the ratio of medians only dilutes.
-            row["ratio_decode_paired"][impl] = statistics.median(
-                (r["total_s"] - r["ttft_s"]) / (o["total_s"] - o["ttft_s"]) for r, o in zip(runs[impl], runs["raymoe"]))
+            row["ratio_decode_paired"][impl] = paired(t, row["raymoe"])
             row["ratio_end_to_end"][impl] = row["raymoe"]["tokens_per_s"] / t["tokens_per_s"]
             row["ratio_ttft"][impl] = row["raymoe"]["ttft_ms"] / t["ttft_ms"]
             same, prefix = agreement(ours_ids, runs[impl][-1]["ids"])

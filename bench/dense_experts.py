@@ -10,7 +10,7 @@ grouped GEMMs, unpermute), `GroupedExperts.forward_dense` (every expert, E/K tim
 three batched GEMMs). Up to 256 tokens the router's own choices are used; from 256 on also loads
 skewed towards high-numbered experts (a selection bias of 1 and 2 score standard deviations
 across the experts: padding 1.5-2.5x), since the padded path's cost grows with the largest load. Each row also says which path `MoE.routed` takes there
-(`MoE.dense_max_tokens`, `MoE._padded_is_faster`).
+(`MoE.inference_path`).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def measure(shape: str, tokens: list[int], repeats: int) -> list[dict]:
                 if err > 1e-5:
                     raise SystemExit(f"{shape} T={T}: the paths disagree (relative error {err:.2e})")
                 us = {k: 1e6 * timed(f, repeats if T <= 256 else max(5, repeats // 5)) for k, f in paths.items()}
-                chosen = _chosen(moe, x, routing)
+                chosen = moe.inference_path(T, routing)[0]
                 rows.append({"shape": shape, "tokens": T, "skew": skew, "slots_per_expert": T * K / E, "capacity": C,
                              "padding": E * C / (T * K), **{f"{k}_us": v for k, v in us.items()},
                              "dense_speedup": us["grouped"] / us["dense"], "padded_speedup": us["grouped"] / us["padded"],
@@ -86,22 +86,6 @@ def measure(shape: str, tokens: list[int], repeats: int) -> list[dict]:
                       flush=True)
         moe.router.expert_bias.zero_()
     return rows
-
-
-def _chosen(moe: MoE, x, routing) -> str:
-    """The path MoE.routed takes for this routing (each forward method counted once)."""
-    from raymoe.model.moe import GroupedExperts
-
-    taken = []
-    originals = {k: getattr(GroupedExperts, k) for k in ("forward", "forward_dense", "forward_padded")}
-    try:
-        for k, f in originals.items():
-            setattr(GroupedExperts, k, lambda self, *a, _k=k, _f=f: taken.append(_k) or _f(self, *a))
-        moe.routed(x, routing)
-    finally:
-        for k, f in originals.items():
-            setattr(GroupedExperts, k, f)
-    return {"forward": "grouped", "forward_dense": "dense", "forward_padded": "padded"}[taken[0]]
 
 
 def _grouped(moe: MoE, x, routing):

@@ -437,9 +437,14 @@ class MoE(nn.Module):
         return (not torch.is_grad_enabled() and experts.lora_scale is None and experts.w1.device.type == "cpu"
                 and experts.num_experts == self.num_experts and not _is_dtensor(experts.w1))
 
-    def _dense_is_faster(self, num_tokens: int) -> bool:
+    def _covers_half(self, num_tokens: int) -> bool:
+        """Inference on CPU over tokens expected to touch at least half of the experts: where
+        reading every expert's weights costs about what the grouped GEMM's reading costs."""
         E, K = self.num_experts, self.top_k
-        return num_tokens <= self.dense_max_tokens and 1 - (1 - K / E) ** num_tokens >= 0.5 and self._inference_on_cpu()
+        return 1 - (1 - K / E) ** num_tokens >= 0.5 and self._inference_on_cpu()
+
+    def _dense_is_faster(self, num_tokens: int) -> bool:
+        return num_tokens <= self.dense_max_tokens and self._covers_half(num_tokens)
 
     def _padded_is_faster(self, num_tokens: int, capacity: int) -> bool:
         """Whether E experts x `capacity` padded rows beat both other paths: at most 0.7 of the dense
@@ -451,19 +456,27 @@ class MoE(nn.Module):
         T, E, K = num_tokens, self.num_experts, self.top_k
         return self.padded and E * capacity <= min(0.7 * T * E, T * K + 40 * E)
 
+    def inference_path(self, num_tokens: int, routing: Routing) -> tuple[str, torch.Tensor | None, int]:
+        """How `routed` runs these tokens: ("grouped" | "dense" | "padded", the routing weights as
+        [T, E] for the latter two, the padded capacity). Compiled decode steps never pad: the
+        capacity is a host read, which dynamo would specialize on."""
+        T = num_tokens
+        if not self._covers_half(T):
+            return "grouped", None, 0
+        weight_TE = routing.weight_TK.new_zeros(T, self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
+        if self.padded and not torch.compiler.is_compiling():
+            capacity = int((weight_TE > 0).sum(0).max())  # the most tokens any expert must take
+            if capacity > 0 and self._padded_is_faster(T, capacity):
+                return "padded", weight_TE, capacity
+        return ("dense" if T <= self.dense_max_tokens else "grouped"), weight_TE, 0
+
     def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Run the routed experts; expert parallelism replaces this method (parallel/apply.py)."""
-        T, E, K = x_TD.shape[0], self.num_experts, self.top_k
-        if 1 - (1 - K / E) ** T >= 0.5 and self._inference_on_cpu():  # at least half the experts touched, expectedly
-            weight_TE = routing.weight_TK.new_zeros(T, E).scatter_add_(1, routing.expert_TK, routing.weight_TK)
-            # Compiled decode steps keep the shape-only choice: the capacity is a host read, which
-            # dynamo would specialize on.
-            if self.padded and not torch.compiler.is_compiling():
-                capacity = int((weight_TE > 0).sum(0).max())  # the most tokens any expert must take
-                if capacity > 0 and self._padded_is_faster(T, capacity):
-                    return self.experts.forward_padded(x_TD, weight_TE, capacity).to(x_TD.dtype)
-            if self._dense_is_faster(T):
-                return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
+        path, weight_TE, capacity = self.inference_path(x_TD.shape[0], routing)
+        if path == "padded":
+            return self.experts.forward_padded(x_TD, weight_TE, capacity).to(x_TD.dtype)
+        if path == "dense":
+            return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, self.num_experts)
         return unpermute(self.experts(x_ND, counts_E), token_N, weight_N, x_TD.shape[0])
 
