@@ -2,7 +2,9 @@
 
 Either kind can be a sliding-window (local) layer; `ModelConfig.is_local_layer` interleaves them
 with global layers. Attention itself is `F.scaled_dot_product_attention`, which picks a fused
-kernel where one exists.
+kernel where one exists; where none does on CPU (MLA's query/key width is not its value width),
+training and evaluation take `_attend_unfused`, causal blocks that skip the masked keys, instead
+of SDPA's math fallback.
 
 MLA (DeepSeek-V2/V3): keys and values are rebuilt per head from one compressed latent of
 kv_lora_rank dims per token plus one rotary key of qk_rope_head_dim dims shared by all heads;
@@ -100,12 +102,42 @@ def document_mask(segments_BS: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(q, k, v, window: int | None, scale: float | None = None, doc_mask: torch.Tensor | None = None):
+    if q.device.type == "cpu" and q.shape[-1] != v.shape[-1] and doc_mask is None and q.shape[1] == k.shape[1]:
+        return _attend_unfused(q, k, v, window, scale)
     mask = causal_mask(q.shape[-2], window, q.device)
     if doc_mask is not None:
         mask = doc_mask if mask is None else doc_mask & mask
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
     )
+
+
+def _attend_unfused(q_BHSd, k_BHSd, v_BHSv, window: int | None, scale: float | None,
+                    block: int = 128) -> torch.Tensor:
+    """Causal attention by blocks of `block` queries, each over only the keys it can see: scores
+    with the mask added (one baddbmm), softmax, weighted sum. For CPU shapes SDPA has no fused
+    kernel for (MLA's query/key width is not its value width), SDPA's math fallback multiplies
+    every query by every key and makes more passes over [B, H, S, S]: q and k scaled apart, and
+    a softmax that also checks for rows with every key masked (a causal row always sees its own
+    key). Blocking skips the upper triangle's blocks: 3/4 of the products at two blocks, about
+    half for long sequences. Measured fwd+bwd at the CPU benchmark's MLA shape (docs/PERFORMANCE.md
+    lever 16); tests/unit/test_attention.py holds it to SDPA's output and gradients."""
+    B, H, S, d = q_BHSd.shape
+    allowed_SS = causal_mask(S, window, q_BHSd.device)
+    if allowed_SS is None:
+        allowed_SS = torch.ones(S, S, dtype=torch.bool, device=q_BHSd.device).tril()
+    bias_SS = torch.zeros(S, S, dtype=q_BHSd.dtype, device=q_BHSd.device).masked_fill_(~allowed_SS, float("-inf"))
+    q_RSd, k_RSd, v_RSv = q_BHSd.reshape(B * H, S, d), k_BHSd.reshape(B * H, S, d), v_BHSv.reshape(B * H, S, -1)
+    alpha = scale if scale is not None else d ** -0.5
+    outs = []
+    for a in range(0, S, block):
+        b = min(a + block, S)
+        lo = 0 if window is None else max(0, a - window + 1)  # the first key any of these queries sees
+        scores = torch.baddbmm(bias_SS[a:b, lo:b], q_RSd[:, a:b], k_RSd[:, lo:b].transpose(1, 2), alpha=alpha)
+        probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(v_RSv.dtype)
+        outs.append(torch.bmm(probs, v_RSv[:, lo:b]))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return out.view(B, H, S, -1)
 
 
 class Attention(nn.Module):
