@@ -55,8 +55,9 @@ raymoe split. The same layer's stages measured one at a time, each forward + bac
 the full layer would give it (computed once, detached into leaves that require grad), with random
 upstream gradients of the right shapes: router (`moe.router`, backward from the combine weights),
 permute (`raymoe.model.moe.permute`: the gather of x into expert order, backward from x_ND and the
-sorted weights), expert GEMMs (`moe.experts` on the sorted rows: three grouped GEMMs and the SwiGLU),
-combine (`raymoe.model.moe.unpermute`: weighting and index_add back to token order) and shared
+sorted weights), expert GEMMs (`moe.experts` on the sorted rows: three grouped GEMMs, the SwiGLU and the routing
+weights, applied to the hidden before the down projection), combine (`raymoe.model.moe.unpermute`:
+the index_add back to token order) and shared
 experts (`moe.shared`). The sum is compared with the whole layer's time; the remainder is what the
 whole layer does beyond its stages (the final add, gradient accumulation into x from three paths,
 autograd bookkeeping across stage boundaries).
@@ -291,7 +292,7 @@ def split(moe: MoE, x: torch.Tensor, device: torch.device, iters: int, warmup: i
     with torch.no_grad():
         routing = moe.router(x_TD, batch_size=1)
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, moe.num_experts)
-        out_ND = moe.experts(x_ND, counts_E)
+        out_ND = moe.experts(x_ND, counts_E, weight_N)
     routing.weight_TK.requires_grad_(True)
     g_TK, g_ND, g_N, g_TD = rnd(routing.weight_TK), rnd(x_ND), rnd(weight_N), rnd(x_TD)
     x_ND_leaf = x_ND.detach().requires_grad_(True)
@@ -305,11 +306,11 @@ def split(moe: MoE, x: torch.Tensor, device: torch.device, iters: int, warmup: i
         xs, _, _, ws = permute(x_TD, routing, moe.num_experts)
         torch.autograd.backward([xs, ws], [g_ND, g_N])
 
-    def experts():
-        moe.experts(x_ND_leaf, counts_E).backward(g_ND)
+    def experts():  # as MoE.routed runs them: each slot's hidden scaled by its routing weight before w2
+        moe.experts(x_ND_leaf, counts_E, w_leaf).backward(g_ND)
 
     def combine():
-        unpermute(out_leaf, token_N, w_leaf, T).backward(g_TD)
+        unpermute(out_leaf, token_N, None, T).backward(g_TD)
 
     def shared():
         moe.shared(x_TD).backward(g_TD)

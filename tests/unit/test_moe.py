@@ -401,7 +401,8 @@ def _swiglu_ref(x_D, w1, w3, w2):
     return (F.silu(x_D @ w1) * (x_D @ w3)) @ w2
 
 
-def test_grouped_experts_forward_and_gradients_equal_a_per_token_reference():
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "routing_weights"])
+def test_grouped_experts_forward_and_gradients_equal_a_per_token_reference(weighted):
     torch.manual_seed(0)
     E, D, Fh = 4, 6, 5
     counts = torch.tensor([3, 0, 1, 4])
@@ -412,17 +413,23 @@ def test_grouped_experts_forward_and_gradients_equal_a_per_token_reference():
             w.normal_(0, 0.5)
     x = torch.randn(len(expert_of_row), D, requires_grad=True)
     grad_out = torch.randn(len(expert_of_row), D)
+    weight = (torch.rand(len(expert_of_row)) + 0.1).requires_grad_() if weighted else None
 
-    out = experts(x, counts)
+    out = experts(x, counts, weight)
     out.backward(grad_out)
 
     ws = [experts.w1.detach().clone().requires_grad_(), experts.w3.detach().clone().requires_grad_(), experts.w2.detach().clone().requires_grad_()]
     x_ref = x.detach().clone().requires_grad_()
-    ref = torch.stack([_swiglu_ref(x_ref[n], ws[0][e], ws[1][e], ws[2][e]) for n, e in enumerate(expert_of_row)])
+    w_ref = weight.detach().clone().requires_grad_() if weighted else None
+    # the reference weights each expert's output, as the combine did before the weight moved inside
+    ref = torch.stack([_swiglu_ref(x_ref[n], ws[0][e], ws[1][e], ws[2][e]) * (w_ref[n] if weighted else 1)
+                       for n, e in enumerate(expert_of_row)])
     ref.backward(grad_out)
 
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+    if weighted:
+        torch.testing.assert_close(weight.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
     for got, want in zip((experts.w1, experts.w3, experts.w2), ws):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
         assert (got.grad[1] == 0).all()  # the expert with no tokens gets no gradient

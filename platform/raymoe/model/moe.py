@@ -310,9 +310,14 @@ class GroupedExperts(nn.Module):
         x_ND = F.dropout(x_ND, self.lora_dropout, self.training)
         return y + self.lora_scale * grouped_mm(grouped_mm(x_ND, a, counts_E), b, counts_E)
 
-    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None) -> torch.Tensor:
+        """Expert outputs of the sorted slots; with `weight_N` each slot's output is scaled by its
+        routing weight (applied to the hidden [N, F] before the down projection, the same product,
+        on F numbers a slot instead of D: the combine's multiply and its backward shrink by D/F)."""
         x_ND = _autocast_input(x_ND)
         h_NF = F.silu(self._proj(x_ND, "1", counts_E)) * self._proj(x_ND, "3", counts_E)
+        if weight_N is not None:
+            h_NF = h_NF * weight_N.to(h_NF.dtype).unsqueeze(-1)
         return self._proj(h_NF, "2", counts_E)
 
     def forward_dense(self, x_TD: torch.Tensor, weight_TE: torch.Tensor) -> torch.Tensor:
@@ -399,9 +404,10 @@ def permute(x_TD: torch.Tensor, routing: Routing, num_experts: int):
     return x_TD.index_select(0, token_N), counts_E, token_N, weight_N[order]
 
 
-def unpermute(out_ND: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs back into token order, [T, D]."""
-    weighted = out_ND * weight_N.to(out_ND.dtype).unsqueeze(-1)
+def unpermute(out_ND: torch.Tensor, token_N: torch.Tensor, weight_N: torch.Tensor | None, num_tokens: int) -> torch.Tensor:
+    """Weighted sum of each token's expert outputs back into token order, [T, D]; `weight_N` None
+    when the experts already weighted their outputs (GroupedExperts.forward's weight_N)."""
+    weighted = out_ND if weight_N is None else out_ND * weight_N.to(out_ND.dtype).unsqueeze(-1)
     return out_ND.new_zeros(num_tokens, out_ND.shape[-1]).index_add_(0, token_N, weighted)
 
 
@@ -478,7 +484,9 @@ class MoE(nn.Module):
         if path == "dense":
             return self.experts.forward_dense(x_TD, weight_TE).to(x_TD.dtype)
         x_ND, counts_E, token_N, weight_N = permute(x_TD, routing, self.num_experts)
-        return unpermute(self.experts(x_ND, counts_E), token_N, weight_N, x_TD.shape[0])
+        # Weighted inside the experts, before the down projection: D/F times fewer multiplies than
+        # weighting the outputs (docs/PERFORMANCE.md lever 17).
+        return unpermute(self.experts(x_ND, counts_E, weight_N), token_N, None, x_TD.shape[0])
 
     def forward(self, x_BSD: torch.Tensor, valid_BS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, MoEStats]:
         """`valid_BS`: False at padding (packed sft rows), which then loads no expert statistic."""
