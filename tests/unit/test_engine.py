@@ -71,6 +71,22 @@ def test_mla_decode_steps_attend_in_latent_space_with_the_expanded_forms_numbers
     torch.testing.assert_close(logits[True], logits[False], atol=1e-5, rtol=0)
 
 
+def test_a_cached_forward_builds_each_windows_mask_once_for_all_layers(monkeypatch):
+    import raymoe.model.attention as attention
+
+    model = tiny_model(**LAYOUTS["mla-sliding"], num_layers=4)  # local, global, local, global
+    built = []
+    real = attention.cached_mask
+    monkeypatch.setattr(attention, "cached_mask", lambda pos, n, window: built.append(window) or real(pos, n, window))
+    cache, slots = KVCache(model, max_batch=2, max_len=32), torch.tensor([0, 1])
+    with torch.no_grad():
+        model(torch.randint(0, 260, (2, 10)), cache, slots, torch.arange(10).expand(2, 10))
+        assert sorted(built, key=str) == [8, None]  # prefill: one mask per window, not per layer
+        built.clear()
+        model(torch.randint(0, 260, (2, 1)), cache, slots, torch.full((2, 1), 10))
+        assert sorted(built, key=str) == [8, None]  # a decode step likewise
+
+
 def test_mla_cache_stores_only_the_latent_and_the_rotary_key():
     mla, mha = tiny_model(**LAYOUTS["mla"]), tiny_model(num_heads=4)
     # Per token and layer: latent 32 + rotary key 8 floats, against k and v of 4 heads x 16 dims.

@@ -183,7 +183,7 @@ class Attention(nn.Module):
             out_BHSd = _attend(q_BHSd, k_BJSd, v_BJSd, self.window, doc_mask=doc_mask)
         else:
             k_all, v_all = cache.write_read(k=k_BJSd.transpose(1, 2), v=v_BJSd.transpose(1, 2))  # [B, T, J, d]
-            mask = cached_mask(cache.positions, k_all.shape[1], self.window)
+            mask = cache.allowed(self.window)
             out_BHSd = F.scaled_dot_product_attention(
                 q_BHSd, k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=mask,
                 enable_gqa=self.num_heads != self.num_kv_heads,
@@ -226,8 +226,10 @@ class MLAttention(nn.Module):
         return self.r
 
     def cache_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Per-token cache entries: the normalized latent and the shared rotary key, nothing per head."""
-        return {"latent": (self.kv_lora_rank,), "k_rope": (self.r,)}
+        """Per-token cache entry: the normalized latent and the shared rotary key side by side
+        (one write and one read a step; the pair is also the key of the latent-space attention),
+        nothing per head."""
+        return {"latent_rope": (self.kv_lora_rank + self.r,)}
 
     def forward(self, x_BSD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: "CacheView | None" = None,
                 doc_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -243,13 +245,14 @@ class MLAttention(nn.Module):
         mask = None
         if cache is not None:
             # The cache holds only the latent and the rotary key, nothing per head.
-            latent_BSL, k_rope_BTr = cache.write_read(latent=latent_BSL, k_rope=k_rope_B1Sr.squeeze(1))
+            (kv_BTK,) = cache.write_read(latent_rope=torch.cat([latent_BSL, k_rope_B1Sr.squeeze(1)], dim=-1))
+            latent_BSL, k_rope_BTr = kv_BTK.split([self.kv_lora_rank, r], dim=-1)
             k_rope_B1Sr = k_rope_BTr.unsqueeze(1)
-            mask = cached_mask(cache.positions, latent_BSL.shape[1], self.window)
             # A decode step (one new token per row). Prefill keeps the expanded form, whose SDPA
             # kernels suit long prompts; an unmerged LoRA adapter on wkv_b changes its weight.
             if S == 1 and self.absorb and not hasattr(self.wkv_b, "lora_A"):
-                return self._attend_latent(q_nope, apply_rope(q_rope, cos, sin), latent_BSL, k_rope_B1Sr, mask)
+                return self._attend_latent(q_nope, apply_rope(q_rope, cos, sin), kv_BTK, cache.bias(self.window))
+            mask = cache.allowed(self.window)
         T = latent_BSL.shape[1]
         kv = self.wkv_b(latent_BSL).view(B, T, H, n + v).transpose(1, 2)
         k_nope, v_BHTv = kv.split([n, v], dim=-1)
@@ -262,35 +265,56 @@ class MLAttention(nn.Module):
             out_BHSv = F.scaled_dot_product_attention(q_BHSd, k_BHTd, v_BHTv, attn_mask=mask, scale=self.scale)
         return self.wo(out_BHSv.transpose(1, 2).reshape(B, S, H * v))
 
-    def _attend_latent(self, q_nope_BHSn, q_rope_BHSr, latent_BTL, k_rope_B1Tr, mask_B1ST) -> torch.Tensor:
+    def _attend_latent(self, q_nope_BHSn, q_rope_BHSr, kv_BTK, bias_B1ST) -> torch.Tensor:
         """Attention over the cache in latent space (DeepSeek-V2's weight absorption): wkv_b's key
         half is folded into the query and its value half applied after the weighted sum, so no
         step rebuilds per-head keys and values for every cached position. The same numbers as
         the expanded form, since q_nope . (W_k latent) = (W_k^T q_nope) . latent; per cached
-        position it costs H (2L + r) multiply-adds instead of L H (n + v) more."""
+        position it costs H (2L + r) multiply-adds instead of L H (n + v) more. `kv_BTK` is the
+        cache's [latent | rotary key] (K = L + r), `bias_B1ST` 0 where a key is visible, -inf where not."""
         B, H, S, n = q_nope_BHSn.shape
         L = self.kv_lora_rank
-        w_HnvL = self.wkv_b.weight.to(latent_BTL.dtype).view(H, n + self.v, L)
+        w_HnvL = self.wkv_b.weight.to(kv_BTK.dtype).view(H, n + self.v, L)
         w_k_HnL, w_v_HvL = w_HnvL.split([n, self.v], dim=1)
         # Per head, one GEMM over every (row, position): [H, B*S, n] x [H, n, L], weights not copied per row.
         q_lat_HRL = torch.bmm(q_nope_BHSn.transpose(0, 1).reshape(H, B * S, n), w_k_HnL)
         q_BHSK = torch.cat([q_lat_HRL.view(H, B, S, L).transpose(0, 1), q_rope_BHSr], dim=-1)  # K = L + r
-        k_BTK = torch.cat([latent_BTL, k_rope_B1Tr.squeeze(1)], dim=-1)  # one key "head" shared by all heads
         # Every head's queries against the one shared key as a single GEMM per row, [B, H*S, K] x
-        # [B, K, T]: no per-head copy of the keys (SDPA's enable_gqa path on CPU expands them).
-        scores_BHST = torch.bmm(q_BHSK.reshape(B, H * S, -1), k_BTK.transpose(1, 2)).view(B, H, S, -1) * self.scale
-        probs_BHST = scores_BHST.masked_fill(~mask_B1ST, float("-inf")).softmax(-1, dtype=torch.float32)
-        out_BRL = torch.bmm(probs_BHST.to(latent_BTL.dtype).view(B, H * S, -1), latent_BTL)
+        # [B, K, T], scaled and masked in the same call: no per-head copy of the keys (SDPA's
+        # enable_gqa path on CPU expands them).
+        scores_BRT = torch.baddbmm(bias_B1ST.view(B, S, -1).to(kv_BTK.dtype), q_BHSK.reshape(B, H * S, -1),
+                                   kv_BTK.transpose(1, 2), alpha=self.scale)
+        probs_BRT = scores_BRT.softmax(-1, dtype=torch.float32)
+        out_BRL = torch.bmm(probs_BRT.to(kv_BTK.dtype), kv_BTK[..., :L])
         out_HRv = torch.bmm(out_BRL.view(B, H, S, L).transpose(0, 1).reshape(H, B * S, L), w_v_HvL.transpose(1, 2))
         return self.wo(out_HRv.view(H, B, S, self.v).permute(1, 2, 0, 3).reshape(B, S, H * self.v))
 
 
 class CacheView:
     """One layer's slice of a KV cache as seen by one forward: which cache rows (`slots` [B]) and
-    which absolute positions (`positions` [B, S]) the new tokens take."""
+    which absolute positions (`positions` [B, S]) the new tokens take. `masks` is shared by the
+    views of one forward: each layer's mask depends only on its window, so it is built once per
+    window, not once per layer (a decode step's small ops are most of its time on CPU)."""
 
-    def __init__(self, storage: dict[str, torch.Tensor], slots: torch.Tensor, positions: torch.Tensor, num_keys: int):
+    def __init__(self, storage: dict[str, torch.Tensor], slots: torch.Tensor, positions: torch.Tensor, num_keys: int,
+                 masks: dict | None = None):
         self.storage, self.slots, self.positions, self.num_keys = storage, slots, positions, num_keys
+        self.masks = {} if masks is None else masks
+
+    def allowed(self, window: int | None) -> torch.Tensor:
+        """bool [B, 1, S, T]: True where a new token sees a cached key (cached_mask)."""
+        key = ("allowed", window)
+        if key not in self.masks:
+            self.masks[key] = cached_mask(self.positions, self.num_keys, window)
+        return self.masks[key]
+
+    def bias(self, window: int | None) -> torch.Tensor:
+        """fp32 [B, 1, S, T]: 0 where a new token sees a cached key, -inf where it does not."""
+        key = ("bias", window)
+        if key not in self.masks:
+            allowed = self.allowed(window)
+            self.masks[key] = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+        return self.masks[key]
 
     def write_read(self, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Store each new [B, S, ...] entry at (slot, position); return each entry's [B, T, ...]

@@ -217,7 +217,8 @@ class MoETransformer(nn.Module):
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # [B, 1, S, r]
             num_keys = int(positions.max()) + 1
-            views = [CacheView(layer, slots, positions, num_keys) for layer in cache.layers]
+            masks: dict = {}  # built once per window for all layers (CacheView.allowed, .bias)
+            views = [CacheView(layer, slots, positions, num_keys, masks) for layer in cache.layers]
         x = self.embed(tokens_BS)
         aux_total = x.new_zeros((), dtype=torch.float32)
         stats: list[MoEStats] = []
