@@ -251,7 +251,7 @@ class MLAttention(nn.Module):
             # A decode step (one new token per row). Prefill keeps the expanded form, whose SDPA
             # kernels suit long prompts; an unmerged LoRA adapter on wkv_b changes its weight.
             if S == 1 and self.absorb and not hasattr(self.wkv_b, "lora_A"):
-                return self._attend_latent(q_nope, apply_rope(q_rope, cos, sin), kv_BTK, cache.bias(self.window))
+                return self._attend_latent(q_nope, apply_rope(q_rope, cos, sin), kv_BTK, cache.bias(self.window, kv_BTK.dtype))
             mask = cache.allowed(self.window)
         T = latent_BSL.shape[1]
         kv = self.wkv_b(latent_BSL).view(B, T, H, n + v).transpose(1, 2)
@@ -282,7 +282,7 @@ class MLAttention(nn.Module):
         # Every head's queries against the one shared key as a single GEMM per row, [B, H*S, K] x
         # [B, K, T], scaled and masked in the same call: no per-head copy of the keys (SDPA's
         # enable_gqa path on CPU expands them).
-        scores_BRT = torch.baddbmm(bias_B1ST.view(B, S, -1).to(kv_BTK.dtype), q_BHSK.reshape(B, H * S, -1),
+        scores_BRT = torch.baddbmm(bias_B1ST.view(B, S, -1), q_BHSK.reshape(B, H * S, -1),
                                    kv_BTK.transpose(1, 2), alpha=self.scale)
         probs_BRT = scores_BRT.softmax(-1, dtype=torch.float32)
         out_BRL = torch.bmm(probs_BRT.to(kv_BTK.dtype), kv_BTK[..., :L])
@@ -308,12 +308,12 @@ class CacheView:
             self.masks[key] = cached_mask(self.positions, self.num_keys, window)
         return self.masks[key]
 
-    def bias(self, window: int | None) -> torch.Tensor:
-        """fp32 [B, 1, S, T]: 0 where a new token sees a cached key, -inf where it does not."""
-        key = ("bias", window)
+    def bias(self, window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, S, T] in `dtype`: 0 where a new token sees a cached key, -inf where it does not."""
+        key = ("bias", window, dtype)
         if key not in self.masks:
             allowed = self.allowed(window)
-            self.masks[key] = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+            self.masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
         return self.masks[key]
 
     def write_read(self, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
