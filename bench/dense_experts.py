@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "platform"))
 import torch  # noqa: E402
 
 from raymoe.config import ModelConfig  # noqa: E402
-from raymoe.model.moe import MoE  # noqa: E402
+from raymoe.model.moe import MoE, largest_load  # noqa: E402
 
 SHAPES = {
     # name: (hidden, expert hidden, experts, top-k)
@@ -67,8 +67,8 @@ def measure(shape: str, tokens: list[int], repeats: int) -> list[dict]:
                 spread = float(moe.router.scores(x)[1].std())
                 moe.router.expert_bias.copy_(skew * spread * torch.arange(E) / E)
                 routing = moe.router(x)
-                weight_TE = routing.weight_TK.new_zeros(T, E).scatter_add_(1, routing.expert_TK, routing.weight_TK)
-                C = int((weight_TE > 0).sum(0).max())
+                weight_TE = routing.weights_per_expert(E)
+                C = largest_load(weight_TE)
                 paths = {"grouped": lambda: _grouped(moe, x, routing), "dense": lambda: moe.experts.forward_dense(x, weight_TE),
                          "padded": lambda: moe.experts.forward_padded(x, weight_TE, C)}
                 ref = paths["grouped"]()

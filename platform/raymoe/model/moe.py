@@ -53,6 +53,15 @@ class Routing:
     """Known without looking at the data: every slot is kept (no gate threshold, no capacity, no
     padding), so permute need not filter by keep_TK (a boolean index: a host sync on CUDA)."""
 
+    def weights_per_expert(self, num_experts: int) -> torch.Tensor:
+        """The combine weights as [T, E]: 0 where a token did not choose (or lost) an expert."""
+        return self.weight_TK.new_zeros(self.weight_TK.shape[0], num_experts).scatter_add_(1, self.expert_TK, self.weight_TK)
+
+
+def largest_load(weight_TE: torch.Tensor) -> int:
+    """The most tokens any expert must take (a host read): the padded path's capacity C."""
+    return int((weight_TE > 0).sum(0).max())
+
 
 @dataclass
 class MoEStats:
@@ -469,12 +478,12 @@ class MoE(nn.Module):
         T = num_tokens
         if not self._covers_half(T):
             return "grouped", None, 0
-        weight_TE = routing.weight_TK.new_zeros(T, self.num_experts).scatter_add_(1, routing.expert_TK, routing.weight_TK)
+        weight_TE = routing.weights_per_expert(self.num_experts)
         if self.padded and not torch.compiler.is_compiling():
-            capacity = int((weight_TE > 0).sum(0).max())  # the most tokens any expert must take
+            capacity = largest_load(weight_TE)
             if capacity > 0 and self._padded_is_faster(T, capacity):
                 return "padded", weight_TE, capacity
-        return ("dense" if T <= self.dense_max_tokens else "grouped"), weight_TE, 0
+        return ("dense" if self._dense_is_faster(T) else "grouped"), weight_TE, 0
 
     def routed(self, x_TD: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Run the routed experts; expert parallelism replaces this method (parallel/apply.py)."""
