@@ -87,7 +87,7 @@ def write_checkpoint(path: str, layers: int, hidden: int, experts: int, expert_h
         del t
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f)
-    largest = experts * hidden * expert_hidden * 4  # one layer's stacked w1 (fp32)
+    largest = experts * hidden * 2 * expert_hidden * 4  # one layer's stacked w13, gate and up side by side (fp32)
     return {"model_bytes": total, "largest_tensor_bytes": max(largest, vocab * hidden * 4)}
 
 

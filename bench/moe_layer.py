@@ -14,7 +14,7 @@ Layers. raymoe: `raymoe.model.moe.MoE` built from a ModelConfig (sigmoid scores,
 normalized top-k weights, optional group limit, dropless: capacity_factor null). transformers:
 `DeepseekV3MoE` built from `DeepseekV3Config(**hf_config_from_model(model_cfg, "DeepseekV3ForCausalLM"))`,
 the config raymoe itself exports for that model. Weights are drawn once (seeded) into raymoe's layer
-and copied across explicitly: experts.gate_up_proj[E, 2F, D] = [w1^T; w3^T] (raymoe w1/w3 [E, D, F]),
+and copied across explicitly: experts.gate_up_proj[E, 2F, D] = w13^T (raymoe's gate and up side by side, [E, D, 2F]),
 experts.down_proj[E, D, F] = w2^T (w2 [E, F, D]), gate.weight = router.weight [E, D],
 gate.e_score_correction_bias = router.expert_bias (both zero, so both layers route alike), shared
 experts' gate/up/down_proj = shared.w1/w3/w2 - the layout raymoe's import reads (model/hf.py).
@@ -144,7 +144,7 @@ def build_layers(s: dict, device: torch.device, seed: int = 0):
         "gate.weight": ours.router.weight,
         "gate.e_score_correction_bias": ours.router.expert_bias,
         # transformers 5's fused layout (model/hf.py reads it the same way): rows [0, F) gate, [F, 2F) up.
-        "experts.gate_up_proj": torch.cat([e.w1.transpose(1, 2), e.w3.transpose(1, 2)], dim=1),
+        "experts.gate_up_proj": e.w13.transpose(1, 2),
         "experts.down_proj": e.w2.transpose(1, 2),
         "shared_experts.gate_proj.weight": ours.shared.w1.weight,
         "shared_experts.up_proj.weight": ours.shared.w3.weight,
@@ -161,12 +161,10 @@ def build_layers(s: dict, device: torch.device, seed: int = 0):
 
 def grad_pairs(ours: MoE, theirs: DeepseekV3MoE) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """raymoe's weight gradients next to transformers', in raymoe's layout."""
-    F_ = ours.experts.w1.shape[-1]
     gu = theirs.experts.gate_up_proj.grad
     return {
         "router.weight": (ours.router.weight.grad, theirs.gate.weight.grad),
-        "experts.w1": (ours.experts.w1.grad, gu[:, :F_].transpose(1, 2)),
-        "experts.w3": (ours.experts.w3.grad, gu[:, F_:].transpose(1, 2)),
+        "experts.w13": (ours.experts.w13.grad, gu.transpose(1, 2)),
         "experts.w2": (ours.experts.w2.grad, theirs.experts.down_proj.grad.transpose(1, 2)),
         "shared.w1": (ours.shared.w1.weight.grad, theirs.shared_experts.gate_proj.weight.grad),
         "shared.w3": (ours.shared.w3.weight.grad, theirs.shared_experts.up_proj.weight.grad),

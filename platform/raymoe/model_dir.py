@@ -1,7 +1,7 @@
 """Model directories, and every place model weights come from: the one owner of that format.
 
     src = open_source("path/or/runs:/<id>/model")     # HF dir, model dir, checkpoint or MLflow URI
-    w = src.tensor("layers.3.ffn.experts.w1", experts=range(0, 32))   # one tensor, these experts only
+    w = src.tensor("layers.3.ffn.experts.w13", experts=range(0, 32))  # one tensor, these experts only
     import_hf("DeepSeek-V2-Lite/", "models/v2-lite")                   # `raymoe import`
     export_hf("models/v2-lite", "out/")                                # `raymoe export`
 
@@ -59,7 +59,7 @@ MODEL_SOURCES = (
     "manifest.json) or a training run's directory (<output_dir>/runs/<name>: its newest checkpoint), or an "
     "MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
 )
-_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(w[123]|lora_[AB][123])$")
+_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(w13|w[123]|lora_[AB][123])$")
 
 
 class ModelSourceError(ValueError):
@@ -69,6 +69,32 @@ class ModelSourceError(ValueError):
 def is_expert_tensor(name: str) -> bool:
     """Stacked routed-expert weights ([E, ...]): what expert parallelism shards by rows."""
     return bool(_EXPERT.match(name))
+
+
+def with_fused_gate_up(names: list[str], read: Callable[[str, range | None], torch.Tensor]):
+    """(names, read) of a model directory or checkpoint, with the routed experts' gate and up stacks
+    as one `...experts.w13` [E, D, 2F] even where they were written before raymoe fused them, as
+    `w1` and `w3` [E, D, F] each: those read side by side. Everything else passes through."""
+    have = set(names)
+    split = {n[: -len(".w1")] for n in names if n.endswith(".experts.w1") and n[: -len(".w1")] + ".w3" in have}
+    if not split:
+        return names, read
+    fused = []
+    for n in names:
+        stem, _, leaf = n.rpartition(".")
+        if stem in split and leaf in ("w1", "w3"):
+            if leaf == "w1":
+                fused.append(stem + ".w13")
+        else:
+            fused.append(n)
+
+    def read_fused(name: str, experts: range | None) -> torch.Tensor:
+        stem, _, leaf = name.rpartition(".")
+        if stem in split and leaf == "w13":
+            return torch.cat([read(stem + ".w1", experts), read(stem + ".w3", experts)], dim=-1)
+        return read(name, experts)
+
+    return fused, read_fused
 
 
 # ----------------------------------------------------------------------------- writing
@@ -379,7 +405,7 @@ def _open_local(path: str) -> ModelSource:
             names = checkpoint_tensor_names(path, manifest)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError on a damaged header
             raise CheckpointError(f"{path}: unreadable checkpoint ({str(e)[:200]})") from None
-        read = lambda n, e: checkpoint_tensor(path, manifest, n, e, verified)  # noqa: E731
+        names, read = with_fused_gate_up(names, lambda n, e: checkpoint_tensor(path, manifest, n, e, verified))
         if cfg.lora.enabled:
             return _merged_lora_source(path, cfg, manifest, read, set(names), origin)
         return ModelSource(path, "checkpoint", cfg, _reader=read, _names=names, **origin)
@@ -391,7 +417,8 @@ def _open_local(path: str) -> ModelSource:
         origin = {"hf_architecture": source.get("architecture"), "hf_config": source.get("config")}
         if origin["hf_architecture"] is None:
             origin = _origin_of(cfg)
-        return ModelSource(path, "model", cfg, _reader=_slice_reader(path, wm), _names=list(wm), **origin)
+        names, read = with_fused_gate_up(list(wm), _slice_reader(path, wm))
+        return ModelSource(path, "model", cfg, _reader=read, _names=names, **origin)
     if os.path.exists(os.path.join(path, "config.json")):
         ckpt = hf.HFCheckpoint(path)
         src = hf.HFSource(ckpt)
@@ -409,7 +436,7 @@ def _merged_lora_source(path: str, cfg: RunConfig, manifest: dict, read, saved: 
     import dataclasses
 
     from raymoe.config import LoraConfig
-    from raymoe.model.lora import adapters_of, expert_delta, linear_delta
+    from raymoe.model.lora import adapter_delta, adapters_of
     from raymoe.tracking import tracking_uri
 
     base = open_source(cfg.model.init_from, tracking_uri(cfg))
@@ -421,10 +448,10 @@ def _merged_lora_source(path: str, cfg: RunConfig, manifest: dict, read, saved: 
 
     def tensor(name: str, experts: range | None) -> torch.Tensor:
         t = read(name, experts) if name in saved else base.tensor(name, experts)
-        adapter = adapters_of(name)
-        if adapter and adapter[0] in saved:
-            a, b = read(adapter[0], experts), read(adapter[1], experts)
-            delta = expert_delta(a, b, scale) if adapter[2] == "expert" else linear_delta(a, b, scale)
+        adapters = adapters_of(name)
+        if adapters and adapters[0][0][0] in saved:
+            pairs, kind = adapters
+            delta = adapter_delta([(read(a, experts), read(b, experts)) for a, b in pairs], kind, scale)
             t = (t.float() + delta).to(t.dtype)
         return t
 

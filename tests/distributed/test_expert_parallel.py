@@ -135,8 +135,8 @@ def test_expert_shards_hold_each_rank_s_experts_and_moments(straight_runs):
     ranges = sorted(i["experts"] for i in manifest["files"].values() if "experts" in i)
     assert ranges == [[0, 2], [2, 4], [4, 6], [6, 8]]
     m = moments(straight_runs[4][1] / "ckpt-006")
-    assert m["opt/layers.0.ffn.experts.w1/exp_avg"].shape == (8, 32, 16)
-    assert float(m["opt/layers.0.ffn.experts.w1/exp_avg_sq"].abs().sum()) > 0
+    assert m["opt/layers.0.ffn.experts.w13/exp_avg"].shape == (8, 32, 32)
+    assert float(m["opt/layers.0.ffn.experts.w13/exp_avg_sq"].abs().sum()) > 0
 
 
 def test_resume_at_2_then_1_then_4_workers_keeps_every_expert_and_the_loss_trajectory(tmp_path, straight_runs, corpus_dir):

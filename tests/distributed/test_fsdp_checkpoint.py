@@ -119,5 +119,5 @@ def test_fully_sharded_checkpoint_reloads_bit_identically_at_other_layouts_and_e
     spawn(_load_worker, (2, _port(), root), 2)  # expert degree 2, no replicas
     _check_load(1, 0, root, "replicate")  # one plain process, no process group
     whole = full_state_dict(str(tmp_path / "ckpt"))
-    assert whole["layers.1.ffn.experts.w1"].shape[0] == 4  # every expert, from both expert files
+    assert whole["layers.1.ffn.experts.w13"].shape[0] == 4  # every expert, from both expert files
     assert export_hf(str(tmp_path / "ckpt"), str(tmp_path / "hf"), log=lambda m: None) == "DeepseekV3ForCausalLM"

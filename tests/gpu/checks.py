@@ -183,9 +183,8 @@ def check_dropless_moe_layer_makes_no_host_sync() -> dict:
 
     cfg = config_from_dict({"name": "sync", "model": {**MODEL, "capacity_factor": None}}).model
     layer = MoE(cfg).to(DEVICE)
-    torch.nn.init.normal_(layer.experts.w1, std=0.02)
+    torch.nn.init.normal_(layer.experts.w13, std=0.02)
     torch.nn.init.normal_(layer.experts.w2, std=0.02)
-    torch.nn.init.normal_(layer.experts.w3, std=0.02)
     x = torch.randn(4, 256, cfg.hidden_size, device=DEVICE, requires_grad=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         layer(x)  # warm-up: lazy initializations may sync once

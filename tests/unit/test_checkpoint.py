@@ -497,3 +497,59 @@ def test_a_checkpoint_whose_upload_was_cut_short_is_skipped_unless_ray_train_reg
     assert unfinished(newer).startswith(f"{MANIFEST} is unreadable (")
     with pytest.raises(CheckpointError, match="sha256 does not match"):
         _Run().load(flipped)
+
+
+# ----------------------------------------------------------------------------- written before w13
+
+
+def _split_gate_up(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layout raymoe wrote before the routed experts' gate and up stacks were fused: every
+    `...experts.w13` [E, D, 2F] (and its AdamW moments) as `...experts.w1` and `...experts.w3`."""
+    out = {}
+    for k, v in tensors.items():
+        if ".experts.w13" in k:
+            gate, up = v.chunk(2, dim=-1)
+            out[k.replace(".experts.w13", ".experts.w1")] = gate.contiguous()
+            out[k.replace(".experts.w13", ".experts.w3")] = up.contiguous()
+        else:
+            out[k] = v
+    return out
+
+
+def test_a_checkpoint_with_separate_gate_and_up_stacks_resumes_with_its_weights_and_moments(tmp_path):
+    from safetensors.torch import save_file
+
+    from raymoe.parallel.checkpoint import _sha256
+
+    path, run = _saved(tmp_path)
+    fpath = os.path.join(path, EXPERTS)
+    save_file(_split_gate_up(load_file(fpath)), fpath)
+    manifest = json.loads(open(os.path.join(path, MANIFEST)).read())
+    manifest["files"][EXPERTS]["sha256"] = _sha256(fpath)
+    open(os.path.join(path, MANIFEST), "w").write(json.dumps(manifest))
+    assert not any(".w13" in k for k in load_file(fpath))
+
+    fresh, _, _ = _restore(path)
+    _assert_same_weights(run.model, fresh.model)
+    for (name, p), (_, q) in zip(run.plan.experts, fresh.plan.experts):
+        for m in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(run.opt.state[p][m], fresh.opt.state[q][m]), (name, m)
+    run.step(seed=1)
+    fresh.step(seed=1)
+    _assert_same_weights(run.model, fresh.model)
+
+
+def test_a_model_directory_with_separate_gate_and_up_stacks_gives_the_same_logits(tmp_path):
+    from raymoe.model_dir import open_model, open_source, write_model_dir
+
+    _, run = _saved(tmp_path)
+    out = str(tmp_path / "model")
+    write_model_dir(out, _cfg(), _split_gate_up(run.model.state_dict()).items())
+    src = open_source(out)
+    assert "layers.0.ffn.experts.w13" in src.names() and "layers.0.ffn.experts.w1" not in src.names()
+    assert torch.equal(src.tensor("layers.1.ffn.experts.w13", experts=range(1, 3)),
+                       run.model.layers[1].ffn.experts.w13.detach()[1:3])
+    _, model, _, _ = open_model(out)
+    tokens = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, run.model.eval()(tokens).logits)

@@ -6,6 +6,7 @@ every supported architecture, built offline from configs (tests/tiny_hf.py), in 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -92,7 +93,7 @@ def test_the_deepseek_correction_bias_and_rope_permutation_matter(saved):
         assert _rel(model.eval()(_tokens()).logits, want) > 1e-3
         ckpt = hf.HFCheckpoint(path)
         plain = hf.HFSource(ckpt)
-        plain.maps = {n: hf.TensorMap(m.name, m.hf, "copy" if m.kind.startswith("rope") else m.kind, m.fused)
+        plain.maps = {n: dataclasses.replace(m, kind="copy") if m.kind.startswith("rope") else m
                       for n, m in plain.maps.items()}
         model2 = MoETransformer(src.cfg.model)
         model2.load_state_dict({n: plain.tensor(n) for n in plain.names()})
@@ -168,12 +169,12 @@ def test_sharded_checkpoint_imports_into_shards_and_reads_experts_lazily(tmp_pat
         assert _rel(_raymoe(out)(x).logits, ref(x).logits) < RTOL
     # An expert-parallel rank owning experts 4..7 reads those rows only, from either format.
     src = open_source(str(out))
-    rows = src.tensor("layers.1.ffn.experts.w1", experts=range(4, 8))
-    assert torch.equal(rows, src.tensor("layers.1.ffn.experts.w1")[4:8])
+    rows = src.tensor("layers.1.ffn.experts.w13", experts=range(4, 8))
+    assert torch.equal(rows, src.tensor("layers.1.ffn.experts.w13")[4:8])
     ckpt = hf.HFCheckpoint(path)
     direct = hf.HFSource(ckpt)
-    assert torch.equal(direct.tensor("layers.1.ffn.experts.w1", experts=range(4, 8)), rows)
-    assert ckpt.reads == [f"model.layers.1.mlp.experts.{e}.gate_proj.weight" for e in range(4, 8)]
+    assert torch.equal(direct.tensor("layers.1.ffn.experts.w13", experts=range(4, 8)), rows)
+    assert ckpt.reads == [f"model.layers.1.mlp.experts.{e}.{proj}.weight" for proj in ("gate_proj", "up_proj") for e in range(4, 8)]
 
 
 def test_fp8_block_dequantization_matches_a_hand_computation():
@@ -261,10 +262,10 @@ def test_wrong_shape_is_one_clear_error_and_writes_nothing(tmp_path, saved):
     from raymoe.parallel.checkpoint import CheckpointError
 
     d = _broken(tmp_path, saved, config={"intermediate_size": 40})
-    with pytest.raises(CheckpointError, match=r"layers\.0\.ffn\.experts\.w1 has shape \(4, 64, 48\), the model needs \(4, 64, 40\)"):
+    with pytest.raises(CheckpointError, match=r"layers\.0\.ffn\.experts\.w13 has shape \(4, 64, 96\), the model needs \(4, 64, 80\)"):
         _raymoe(d)
-    with pytest.raises(hf.HFError, match=r"layers\.0\.ffn\.experts\.w1 \(from model\.layers\.0\.block_sparse_moe\.experts\.0\.w1"
-                                         r"\.weight\) has shape \(4, 64, 48\), but config\.json implies \(4, 64, 40\)"):
+    with pytest.raises(hf.HFError, match=r"layers\.0\.ffn\.experts\.w13 \(from model\.layers\.0\.block_sparse_moe\.experts\.0\.w1"
+                                         r"\.weight\) has shape \(4, 64, 96\), but config\.json implies \(4, 64, 80\)"):
         import_hf(d, str(tmp_path / "out"), log=lambda m: None)
     assert not (tmp_path / "out").exists() and os.listdir(tmp_path) == ["broken"]
 

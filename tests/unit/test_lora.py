@@ -91,7 +91,7 @@ def test_freeze_parts_for_full_fine_tuning():
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert "embed.weight" in frozen and "lm_head.weight" in frozen and "layers.1.ffn.router.weight" in frozen
     assert "layers.0.attn_norm.weight" in frozen and "norm.weight" in frozen and "layers.0.attn.kv_norm.weight" in frozen
-    assert "layers.1.ffn.experts.w1" not in frozen and "layers.0.attn.wo.weight" not in frozen
+    assert "layers.1.ffn.experts.w13" not in frozen and "layers.0.attn.wo.weight" not in frozen
 
 
 def test_config_refuses_lora_without_a_base_and_with_freeze():
@@ -135,7 +135,8 @@ def test_grouped_expert_lora_equals_a_per_expert_reference_forward_and_gradients
     grad_out = torch.randn_like(out)
     out.backward(grad_out)
 
-    w = {k: getattr(experts, f"w{k}").detach() for k in "132"}
+    gate, up = experts.w13.detach().chunk(2, dim=-1)  # the reference takes gate and up apart
+    w = {"1": gate, "3": up, "2": experts.w2.detach()}
     ad = {f"{ab}{k}": getattr(experts, f"lora_{ab}{k}").detach().clone().requires_grad_() for ab in "AB" for k in "132"}
     x2 = x.clone().requires_grad_()
     ref = _reference_experts(x2, counts, w, ad, 6 / r)
@@ -172,7 +173,7 @@ def test_a_frozen_base_in_bf16_keeps_adapters_embedding_and_norms_in_fp32_and_co
     saved = cast_frozen_(model, torch.bfloat16)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert saved == sum(p.numel() * 2 for n, p in model.named_parameters() if dtypes[n] == torch.bfloat16)
-    assert dtypes["layers.1.ffn.experts.w1"] == dtypes["layers.0.attn.wkv_a.weight"] == torch.bfloat16
+    assert dtypes["layers.1.ffn.experts.w13"] == dtypes["layers.0.attn.wkv_a.weight"] == torch.bfloat16
     assert dtypes["embed.weight"] == dtypes["layers.0.attn_norm.weight"] == dtypes["layers.0.attn.wkv_a.lora_A"] == torch.float32
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x).logits.float()

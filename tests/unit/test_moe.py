@@ -409,7 +409,7 @@ def test_grouped_experts_forward_and_gradients_equal_a_per_token_reference(weigh
     expert_of_row = [0, 0, 0, 2, 3, 3, 3, 3]
     experts = GroupedExperts(E, D, Fh)
     with torch.no_grad():
-        for w in (experts.w1, experts.w3, experts.w2):
+        for w in (experts.w13, experts.w2):
             w.normal_(0, 0.5)
     x = torch.randn(len(expert_of_row), D, requires_grad=True)
     grad_out = torch.randn(len(expert_of_row), D)
@@ -418,7 +418,8 @@ def test_grouped_experts_forward_and_gradients_equal_a_per_token_reference(weigh
     out = experts(x, counts, weight)
     out.backward(grad_out)
 
-    ws = [experts.w1.detach().clone().requires_grad_(), experts.w3.detach().clone().requires_grad_(), experts.w2.detach().clone().requires_grad_()]
+    # the reference keeps gate and up as separate matrices, the layout before they were fused
+    ws = [w.detach().clone().requires_grad_() for w in (*experts.w13.chunk(2, dim=-1), experts.w2)]
     x_ref = x.detach().clone().requires_grad_()
     w_ref = weight.detach().clone().requires_grad_() if weighted else None
     # the reference weights each expert's output, as the combine did before the weight moved inside
@@ -430,9 +431,9 @@ def test_grouped_experts_forward_and_gradients_equal_a_per_token_reference(weigh
     torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
     if weighted:
         torch.testing.assert_close(weight.grad, w_ref.grad, atol=1e-5, rtol=1e-5)
-    for got, want in zip((experts.w1, experts.w3, experts.w2), ws):
-        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-5)
-        assert (got.grad[1] == 0).all()  # the expert with no tokens gets no gradient
+    for got, want in zip((*experts.w13.grad.chunk(2, dim=-1), experts.w2.grad), ws):
+        torch.testing.assert_close(got, want.grad, atol=1e-5, rtol=1e-5)
+        assert (got[1] == 0).all()  # the expert with no tokens gets no gradient
 
 
 def test_permute_then_unpermute_with_identity_experts_gives_weighted_sum_of_kept_slots():
@@ -473,7 +474,7 @@ def _naive_moe(moe, x_BSD):
         for k in range(routing.expert_TK.shape[1]):
             if routing.keep_TK[t, k]:
                 i = routing.expert_TK[t, k]
-                y = y + routing.weight_TK[t, k] * _swiglu_ref(x_TD[t], e.w1[i], e.w3[i], e.w2[i])
+                y = y + routing.weight_TK[t, k] * _swiglu_ref(x_TD[t], *e.w13[i].chunk(2, dim=-1), e.w2[i])
         if moe.shared is not None:
             y = y + moe.shared(x_TD[t])
         rows.append(y)

@@ -439,7 +439,7 @@ def test_log_final_artifacts_logs_weights_config_load_history_and_heatmap(tmp_pa
     assert logged.keys() == expected.keys()
     for k in expected:
         assert torch.equal(logged[k], expected[k]), k
-    assert logged["layers.0.ffn.experts.w1"].shape[0] == 4
+    assert logged["layers.0.ffn.experts.w13"].shape[0] == 4
     assert load_config(os.path.join(src.path, "config.yaml")) == cfg
     history = client.download_artifacts(tracker.run_id, "expert_load.json", str(dl))
     assert json.load(open(history)) == HISTORY

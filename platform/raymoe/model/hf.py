@@ -21,8 +21,9 @@ What is notable:
   kv_a_proj_with_mqa (after the latent) to [0, 2, 4, ..., 1, 3, 5, ...] makes the two exactly
   equal, because q.k is unchanged when q and k are permuted alike. Export applies the inverse.
 - Experts: HF keeps `experts.{e}.{gate,up,down}_proj.weight` [out, in] (Mixtral: w1, w3, w2);
-  raymoe stacks them transposed, w1/w3 [E, D, F] and w2 [E, F, D]. Reading a stacked tensor for
-  an expert range reads only those experts' tensors (what one expert-parallel rank owns).
+  raymoe stacks them transposed, gate and up side by side as w13 [E, D, 2F] (transformers 5's
+  fused `gate_up_proj` [E, 2F, D] transposed) and down as w2 [E, F, D]. Reading a stacked tensor
+  for an expert range reads only those experts' tensors (what one expert-parallel rank owns).
 - FP8 block-quantized checkpoints (DeepSeek-V3's release: float8_e4m3fn weights, one float32
   `weight_scale_inv` per 128x128 block) are dequantized to bf16 tensor by tensor.
 - Multi-token-prediction layers (`model.layers.{num_hidden_layers}...`, DeepSeek-V3's MTP) are
@@ -443,15 +444,18 @@ class TensorMap:
     name: str
     """raymoe state-dict key."""
     hf: tuple[str, ...]
-    """One HF key, or one per expert (kind 'stack')."""
+    """One HF key, or for kind 'stack' one per expert and part (all experts of the first part, then
+    of the next)."""
     kind: Literal["copy", "rope_q", "rope_kv", "stack", "zeros"] = "copy"
     """'rope_q'/'rope_kv': rotary rows permuted (per head / after the latent); 'stack': the
-    experts' [out, in] matrices transposed and stacked into [E, in, out]; 'zeros': a raymoe tensor
-    the architecture does not have (the routers' selection bias outside DeepSeek-V3), zero there
-    and on export required to still be zero."""
+    experts' [out, in] matrices transposed and stacked into [E, in, out], `parts` of them side by
+    side along out; 'zeros': a raymoe tensor the architecture does not have (the routers'
+    selection bias outside DeepSeek-V3), zero there and on export required to still be zero."""
     fused: tuple[str, int, int] | None = None
     """For 'stack': (HF key of transformers 5's fused [E, rows, in] tensor, first row, rows) to use
     when the per-expert keys are absent."""
+    parts: int = 1
+    """For 'stack': how many HF matrices of each expert sit side by side (2 for gate and up in w13)."""
 
 
 def _layer_prefixes(arch: str) -> tuple[str, str]:
@@ -501,10 +505,10 @@ def tensor_maps(cfg: ModelConfig, arch: str, interleaved: bool) -> list[TensorMa
             maps.append(TensorMap(f + "router.expert_bias", (), "zeros"))
         E, F = cfg.num_experts, cfg.expert_intermediate_size
         fused_gate_up, fused_down = hf_ + "experts.gate_up_proj", hf_ + "experts.down_proj"
-        for ours, theirs, fused in (("w1", gate, (fused_gate_up, 0, F)), ("w3", up, (fused_gate_up, F, F)),
-                                    ("w2", down, (fused_down, 0, cfg.hidden_size))):
-            keys = tuple(f"{hf_}experts.{e}.{theirs}.weight" for e in range(E))
-            maps.append(TensorMap(f"{f}experts.{ours}", keys, "stack", fused))
+        for ours, theirs, fused in (("w13", (gate, up), (fused_gate_up, 0, 2 * F)),
+                                    ("w2", (down,), (fused_down, 0, cfg.hidden_size))):
+            keys = tuple(f"{hf_}experts.{e}.{proj}.weight" for proj in theirs for e in range(E))
+            maps.append(TensorMap(f"{f}experts.{ours}", keys, "stack", fused, parts=len(theirs)))
         if cfg.shared_width:
             shared = h + ("mlp.shared_expert." if arch == "Qwen2MoeForCausalLM" else "mlp.shared_experts.")
             maps += [TensorMap(f + "shared.w1.weight", (shared + "gate_proj.weight",)),
@@ -546,8 +550,10 @@ def to_hf_tensors(m: TensorMap, t: torch.Tensor, cfg: ModelConfig, arch: str) ->
                           "model.balance.bias_update_rate: 0 to export this model as " + arch)
         return
     if m.kind == "stack":
-        for key, w in zip(m.hf, t.unbind(0)):
-            yield key, w.t().contiguous()
+        experts = len(m.hf) // m.parts
+        for p, part in enumerate(t.chunk(m.parts, dim=-1)):
+            for key, w in zip(m.hf[p * experts:(p + 1) * experts], part.unbind(0)):
+                yield key, w.t().contiguous()
     else:
         yield m.hf[0], permute_rope(t, cfg, m.kind, inverse=True)
 
@@ -702,14 +708,17 @@ class HFSource:
             return torch.zeros(self.cfg.num_experts, dtype=torch.float32)
         if m.kind != "stack":
             return permute_rope(self.ckpt.read(m.hf[0]), self.cfg, m.kind)
-        rows = experts if experts is not None else range(len(m.hf))
+        E = len(m.hf) // m.parts
+        rows = experts if experts is not None else range(E)
         if all(self.ckpt.has(k) for k in m.hf):
-            # Filled expert by expert: the [E, in, out] result is the only full-size buffer.
+            # Filled expert by expert: the [E, in, parts * out] result is the only full-size buffer.
             out = None
-            for i, w in self.ckpt.iter_read([m.hf[e] for e in rows]):
+            keys = [m.hf[p * E + e] for p in range(m.parts) for e in rows]
+            for i, w in self.ckpt.iter_read(keys):
                 if out is None:
-                    out = torch.empty(len(rows), w.shape[1], w.shape[0], dtype=w.dtype)
-                out[i].copy_(w.t())
+                    out = torch.empty(len(rows), w.shape[1], m.parts * w.shape[0], dtype=w.dtype)
+                p, e = divmod(i, len(rows))
+                out[e, :, p * w.shape[0]:(p + 1) * w.shape[0]].copy_(w.t())
             return out
         key, first, count = m.fused  # transformers 5's own layout: [E, rows, in]
         fused = self.ckpt.read(key)

@@ -13,15 +13,16 @@ Where the adapters live:
   module itself, `lora_A` [r, in] and `lora_B` [out, r], and a forward hook that adds
   (alpha/r) B A dropout(x) to its output. The layer's class and its base parameter names do not
   change, so a base checkpoint still loads into the adapted model under the same names.
-- Routed experts get stacked adapters on GroupedExperts: `lora_A1` [E, D, r] and `lora_B1`
-  [E, r, F] beside `w1` [E, D, F] (same for w3; `lora_A2` [E, F, r], `lora_B2` [E, r, D] for w2),
-  run through the same grouped GEMM as the experts (moe.py). Dim 0 indexes experts, so expert
+- Routed experts get stacked adapters on GroupedExperts, one pair per projection: `lora_A1`
+  [E, D, r] and `lora_B1` [E, r, F] for the gate, `lora_A3`/`lora_B3` for the up projection (the
+  two halves of `w13` [E, D, 2F]), `lora_A2` [E, F, r] and `lora_B2` [E, r, D] for `w2`, run
+  through the same grouped GEMM as the experts (moe.py). Dim 0 indexes experts, so expert
   parallelism slices them with the expert weights and the all-to-all does not change.
 
 B starts at zero, so step 0 computes exactly the base model; A is drawn from a generator seeded
 once for the whole unsliced model, so every layout (world size, expert degree) starts from the
 same adapters. The merge uses the same delta functions as reading a LoRA checkpoint for serving
-(`linear_delta`, `expert_delta`), so a merged export and a merged load cannot drift apart.
+(`adapter_delta`), so a merged export and a merged load cannot drift apart.
 
 Why our own code rather than PEFT: PEFT wraps whole nn.Linear modules (renaming their
 parameters) and has no notion of stacked experts run by a grouped GEMM; what is needed here is
@@ -41,7 +42,8 @@ from raymoe.config import LoraConfig, RunConfig
 from raymoe.model.moe import GroupedExperts
 
 ADAPTER = re.compile(r"\.lora_[AB][123]?$")
-_EXPERT_PROJ = ("1", "3", "2")  # w1 (gate), w3 (up), w2 (down)
+_EXPERT_PROJ = ("1", "3", "2")  # gate and up (the halves of w13), down (w2)
+_EXPERT_WEIGHT = {"13": ("1", "3"), "2": ("2",)}  # each stacked weight and the adapters that add to it, in column order
 
 
 def is_adapter(name: str) -> bool:
@@ -97,12 +99,11 @@ def apply_lora(model: nn.Module, cfg: LoraConfig, seed: int = 0) -> int:
     r, added = cfg.rank, 0
     for name, mod in _targets(model, cfg.targets):
         if isinstance(mod, GroupedExperts):
-            E = mod.num_experts
+            E, (_, F_, D) = mod.num_experts, mod.w2.shape
             for k in _EXPERT_PROJ:
-                w = getattr(mod, f"w{k}")
-                d_in, d_out = w.shape[1], w.shape[2]
-                mod.register_parameter(f"lora_A{k}", nn.Parameter(w.new_empty(E, d_in, r)))
-                mod.register_parameter(f"lora_B{k}", nn.Parameter(w.new_empty(E, r, d_out)))
+                d_in, d_out = (F_, D) if k == "2" else (D, F_)
+                mod.register_parameter(f"lora_A{k}", nn.Parameter(mod.w2.new_empty(E, d_in, r)))
+                mod.register_parameter(f"lora_B{k}", nn.Parameter(mod.w2.new_empty(E, r, d_out)))
                 added += E * r * (d_in + d_out)
             mod.lora_scale, mod.lora_dropout = cfg.scale, cfg.dropout
         else:
@@ -179,15 +180,26 @@ def expert_delta(a_EIR: torch.Tensor, b_ERO: torch.Tensor, scale: float) -> torc
     return scale * torch.bmm(a_EIR.float(), b_ERO.float())
 
 
-def adapters_of(weight_name: str) -> tuple[str, str, str] | None:
-    """For a base weight name, (A name, B name, 'linear'|'expert') of the adapter that may add to it."""
-    m = re.match(r"^(.*\.experts)\.w([123])$", weight_name)
+def adapters_of(weight_name: str) -> tuple[list[tuple[str, str]], str] | None:
+    """For a base weight name, the adapters that may add to it, as ([(A name, B name), ...],
+    'linear'|'expert'): one pair, or for the experts' w13 the gate's and the up's, whose deltas
+    sit side by side as w13's halves do."""
+    m = re.match(r"^(.*\.experts)\.w(13|2)$", weight_name)
     if m:
-        return f"{m[1]}.lora_A{m[2]}", f"{m[1]}.lora_B{m[2]}", "expert"
+        return [(f"{m[1]}.lora_A{k}", f"{m[1]}.lora_B{k}") for k in _EXPERT_WEIGHT[m[2]]], "expert"
     if weight_name.endswith(".weight"):
         stem = weight_name[: -len(".weight")]
-        return f"{stem}.lora_A", f"{stem}.lora_B", "linear"
+        return [(f"{stem}.lora_A", f"{stem}.lora_B")], "linear"
     return None
+
+
+def adapter_delta(pairs: list[tuple[torch.Tensor, torch.Tensor]], kind: str, scale: float) -> torch.Tensor:
+    """What adapters add to their base weight, in fp32: a linear layer's scale * B @ A, or stacked
+    experts' scale * A[e] @ B[e], with the gate's and the up's side by side for w13."""
+    if kind == "linear":
+        (a, b), = pairs
+        return linear_delta(a, b, scale)
+    return torch.cat([expert_delta(a, b, scale) for a, b in pairs], dim=-1)
 
 
 @torch.no_grad()
@@ -196,15 +208,17 @@ def merge_lora(model: nn.Module) -> int:
     merged = 0
     for mod in model.modules():
         if isinstance(mod, GroupedExperts) and hasattr(mod, "lora_A1"):
+            for w_name, ks in _EXPERT_WEIGHT.items():
+                w = getattr(mod, f"w{w_name}")
+                pairs = [(getattr(mod, f"lora_A{k}"), getattr(mod, f"lora_B{k}")) for k in ks]
+                w.add_(adapter_delta(pairs, "expert", mod.lora_scale).to(w.dtype))
             for k in _EXPERT_PROJ:
-                w = getattr(mod, f"w{k}")
-                w.add_(expert_delta(getattr(mod, f"lora_A{k}"), getattr(mod, f"lora_B{k}"), mod.lora_scale).to(w.dtype))
                 delattr(mod, f"lora_A{k}")
                 delattr(mod, f"lora_B{k}")
             del mod.lora_scale, mod.lora_dropout
             merged += 1
         elif isinstance(mod, nn.Linear) and hasattr(mod, "lora_A"):
-            mod.weight.add_(linear_delta(mod.lora_A, mod.lora_B, mod.lora_scale).to(mod.weight.dtype))
+            mod.weight.add_(adapter_delta([(mod.lora_A, mod.lora_B)], "linear", mod.lora_scale).to(mod.weight.dtype))
             mod._lora_handle.remove()
             del mod.lora_A, mod.lora_B, mod.lora_scale, mod.lora_dropout, mod._lora_handle
             merged += 1

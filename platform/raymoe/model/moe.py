@@ -297,8 +297,15 @@ def grouped_mm_segments(x_ND: torch.Tensor, w_EDF: torch.Tensor, counts: torch.T
 class GroupedExperts(nn.Module):
     """E SwiGLU experts as stacked weights, applied to tokens already sorted by expert.
 
-    With LoRA (model/lora.py), each projection k also has stacked adapters `lora_Ak` [E, in, r] and
-    `lora_Bk` [E, r, out], run through the same grouped GEMM: y += scale * (x A[e]) B[e]."""
+    The gate and up projections are one stack, `w13` [E, D, 2F] (gate in [..., :F], up in
+    [..., F:]; transformers 5 fuses them the same way), so each SwiGLU takes two grouped GEMMs
+    instead of three, forward and backward alike: the input gradient is one GEMM over [N, 2F]
+    instead of two products and their sum (docs/PERFORMANCE.md lever 20). `w2` [E, F, D] is the
+    down projection. Checkpoints written with separate `w1`/`w3` still load (model_dir.py).
+
+    With LoRA (model/lora.py), each projection k in (1, 3, 2) has stacked adapters `lora_Ak`
+    [E, in, r] and `lora_Bk` [E, r, out], run through the same grouped GEMM: y_k += scale * (x A[e]) B[e],
+    where y_1 and y_3 are the gate and up halves of x w13."""
 
     lora_scale: float | None = None
     lora_dropout: float = 0.0
@@ -307,36 +314,48 @@ class GroupedExperts(nn.Module):
         super().__init__()
         self.num_experts = num_experts
         self.first_expert = 0  # global id of row 0: expert parallelism keeps a slice (parallel/apply.py)
-        self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # gate proj
-        self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))  # up proj
+        self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))  # gate and up proj, side by side
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))  # down proj
 
-    def _proj(self, x_ND: torch.Tensor, k: str, counts_E: torch.Tensor) -> torch.Tensor:
-        y = grouped_mm(x_ND, getattr(self, f"w{k}").to(x_ND.dtype), counts_E)
+    def _lora(self, x_ND: torch.Tensor, k: str, counts_E: torch.Tensor) -> torch.Tensor:
+        a, b = getattr(self, f"lora_A{k}").to(x_ND.dtype), getattr(self, f"lora_B{k}").to(x_ND.dtype)
+        return self.lora_scale * grouped_mm(grouped_mm(x_ND, a, counts_E), b, counts_E)
+
+    def _gate_up(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate and up projections of the sorted slots, [N, F] each (halves of one [N, 2F] GEMM;
+        split by chunk, whose backward writes both halves' gradients into one buffer)."""
+        h_N2F = grouped_mm(x_ND, self.w13.to(x_ND.dtype), counts_E)
+        if self.lora_scale is not None:
+            x_ND = F.dropout(x_ND, self.lora_dropout, self.training)
+            h_N2F = h_N2F + torch.cat([self._lora(x_ND, "1", counts_E), self._lora(x_ND, "3", counts_E)], dim=-1)
+        return h_N2F.chunk(2, dim=-1)
+
+    def _down(self, h_NF: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        y = grouped_mm(h_NF, self.w2.to(h_NF.dtype), counts_E)
         if self.lora_scale is None:
             return y
-        a, b = getattr(self, f"lora_A{k}").to(x_ND.dtype), getattr(self, f"lora_B{k}").to(x_ND.dtype)
-        x_ND = F.dropout(x_ND, self.lora_dropout, self.training)
-        return y + self.lora_scale * grouped_mm(grouped_mm(x_ND, a, counts_E), b, counts_E)
+        return y + self._lora(F.dropout(h_NF, self.lora_dropout, self.training), "2", counts_E)
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, weight_N: torch.Tensor | None = None) -> torch.Tensor:
         """Expert outputs of the sorted slots; with `weight_N` each slot's output is scaled by its
         routing weight (applied to the hidden [N, F] before the down projection, the same product,
         on F numbers a slot instead of D: the combine's multiply and its backward shrink by D/F)."""
         x_ND = _autocast_input(x_ND)
-        h_NF = F.silu(self._proj(x_ND, "1", counts_E)) * self._proj(x_ND, "3", counts_E)
+        gate_NF, up_NF = self._gate_up(x_ND, counts_E)
+        h_NF = F.silu(gate_NF) * up_NF
         if weight_N is not None:
             h_NF = h_NF * weight_N.to(h_NF.dtype).unsqueeze(-1)
-        return self._proj(h_NF, "2", counts_E)
+        return self._down(h_NF, counts_E)
 
     def forward_dense(self, x_TD: torch.Tensor, weight_TE: torch.Tensor) -> torch.Tensor:
-        """sum_e weight[t, e] * expert_e(x[t]) computed for every expert, unsorted: two batched
-        GEMMs over all experts and one [T, E*F] x [E*F, D] GEMM, weighted before the down
-        projection (the same sum). For a handful of tokens (decode) this beats sorting them into
-        E tiny segments; `MoE.routed` decides when. No LoRA (adapters take the grouped path)."""
+        """sum_e weight[t, e] * expert_e(x[t]) computed for every expert, unsorted: one batched
+        GEMM over all experts for gate and up, and one [T, E*F] x [E*F, D] GEMM, weighted before
+        the down projection (the same sum). For a handful of tokens (decode) this beats sorting
+        them into E tiny segments; `MoE.routed` decides when. No LoRA (adapters take the grouped path)."""
         x_TD = _autocast_input(x_TD)
-        w1, w3, w2 = (w.to(x_TD.dtype) for w in (self.w1, self.w3, self.w2))
-        h_ETF = F.silu(torch.matmul(x_TD, w1)) * torch.matmul(x_TD, w3)
+        w13, w2 = self.w13.to(x_TD.dtype), self.w2.to(x_TD.dtype)
+        gate_ETF, up_ETF = torch.matmul(x_TD, w13).chunk(2, dim=-1)
+        h_ETF = F.silu(gate_ETF) * up_ETF
         h_ETF = h_ETF * weight_TE.t().to(h_ETF.dtype).unsqueeze(-1)
         E, T, Fh = h_ETF.shape
         return h_ETF.transpose(0, 1).reshape(T, E * Fh) @ w2.reshape(E * Fh, -1)
@@ -344,16 +363,16 @@ class GroupedExperts(nn.Module):
     def forward_padded(self, x_TD: torch.Tensor, weight_TE: torch.Tensor, capacity: int) -> torch.Tensor:
         """sum_e weight[t, e] * expert_e(x[t]) with every expert's tokens gathered into `capacity`
         rows ([E, C, D]: the C highest-weighted tokens of each expert, which are all its chosen
-        ones when C >= its load; the rest carry weight 0) and three batched GEMMs over the experts,
+        ones when C >= its load; the rest carry weight 0) and two batched GEMMs over the experts,
         weighted before the down projection. No sort, no per-expert loop: E * C rows of work
         against the grouped GEMM's T * K, one bmm call against E small ones. `MoE.routed` picks it
         for inference when the padding is small; no LoRA (adapters take the grouped path)."""
         x_TD = _autocast_input(x_TD)
-        w1, w3, w2 = (w.to(x_TD.dtype) for w in (self.w1, self.w3, self.w2))
+        w13, w2 = self.w13.to(x_TD.dtype), self.w2.to(x_TD.dtype)
         weight_EC, token_EC = weight_TE.t().topk(capacity, dim=1)
         x_ECD = x_TD.index_select(0, token_EC.flatten()).view(*token_EC.shape, -1)
-        h_ECF = F.silu(torch.bmm(x_ECD, w1)) * torch.bmm(x_ECD, w3)
-        y_ECD = torch.bmm(h_ECF * weight_EC.to(h_ECF.dtype).unsqueeze(-1), w2)
+        gate_ECF, up_ECF = torch.bmm(x_ECD, w13).chunk(2, dim=-1)
+        y_ECD = torch.bmm(F.silu(gate_ECF) * up_ECF * weight_EC.to(x_ECD.dtype).unsqueeze(-1), w2)
         return y_ECD.new_zeros(x_TD.shape[0], y_ECD.shape[-1]).index_add_(0, token_EC.flatten(), y_ECD.flatten(0, 1))
 
 
@@ -449,8 +468,8 @@ class MoE(nn.Module):
         """No autograd, no adapters, every expert here as a plain CPU tensor: not sharded by FSDP
         (a DTensor, as in a training run's evaluation), nor split by expert parallelism."""
         experts = self.experts
-        return (not torch.is_grad_enabled() and experts.lora_scale is None and experts.w1.device.type == "cpu"
-                and experts.num_experts == self.num_experts and not _is_dtensor(experts.w1))
+        return (not torch.is_grad_enabled() and experts.lora_scale is None and experts.w13.device.type == "cpu"
+                and experts.num_experts == self.num_experts and not _is_dtensor(experts.w13))
 
     def _covers_half(self, num_tokens: int) -> bool:
         """Inference on CPU over tokens expected to touch at least half of the experts: where

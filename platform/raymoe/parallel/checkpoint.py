@@ -38,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -348,12 +349,25 @@ def load_checkpoint(
     if plan_experts:
         local = plan.mesh.local_experts()
         shards = _shards_for(manifest, local.start, local.stop)
-        saved_keys = _keys(path, shards[0][0])
+        stored = _keys(path, shards[0][0])
+
+        def read_rows(key: str) -> torch.Tensor:
+            """One saved expert tensor's rows; a `...experts.w13` saved before the gate and up
+            stacks were fused is its `w1` and `w3` side by side (the AdamW moments too)."""
+            if key not in stored and ".experts.w13" in key:
+                halves = [key.replace(".experts.w13", f".experts.w{k}") for k in "13"]
+                if all(h in stored for h in halves):
+                    return torch.cat([_read_expert_rows(path, shards, h, local.start, local.stop) for h in halves], dim=-1)
+            return _read_expert_rows(path, shards, key, local.start, local.stop)
+
+        split = re.compile(r"\.experts\.w1(?=$|/)")  # a gate stack saved apart from its up stack
+        saved_keys = stored | {split.sub(".experts.w13", k) for k in stored
+                               if split.search(k) and split.sub(".experts.w3", k) in stored}
         for name, p in plan_experts:
             if name not in saved_keys:
                 raise CheckpointError(f"{path}: checkpoint does not match the model: it has no {name}")
             for key in [name, *(f"opt/{name}/{m}" for m in _MOMENTS if f"opt/{name}/{m}" in saved_keys)]:
-                rows = _read_expert_rows(path, shards, key, local.start, local.stop)
+                rows = read_rows(key)
                 if rows.shape != p.shape:
                     raise CheckpointError(f"{path}: checkpoint does not match the model: {key} has shape "
                                           f"{tuple(rows.shape)}, the model needs {tuple(p.shape)}")

@@ -198,8 +198,8 @@ class GroupExperts:
         self.layers: dict[int, GroupedExperts] = {}
         for i, moe in enumerate(model.moe_layers()):
             full = moe.experts
-            part = GroupedExperts(len(self.experts), full.w1.shape[1], full.w1.shape[2])
-            for name in ("w1", "w2", "w3"):
+            part = GroupedExperts(len(self.experts), full.w2.shape[2], full.w2.shape[1])
+            for name in ("w13", "w2"):
                 getattr(part, name).data = getattr(full, name).data[self.experts].clone()
             self.layers[i] = part.eval()
         self.tokens, self.batches = 0, 0
