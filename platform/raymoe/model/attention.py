@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from raymoe.config import ModelConfig, RopeScaling
+from raymoe.model.norm import RMSNorm
 
 
 def _yarn_inv_freq(dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
@@ -156,8 +157,8 @@ class Attention(nn.Module):
         if cfg.qk_norm != "none":
             # 'head': one [d] scale shared by every head; 'full': a scale per projection output.
             q_dim, k_dim = (d, d) if cfg.qk_norm == "head" else (H * d, J * d)
-            self.q_norm = nn.RMSNorm(q_dim, eps=cfg.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(k_dim, eps=cfg.rms_norm_eps)
+            self.q_norm = RMSNorm(q_dim, eps=cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(k_dim, eps=cfg.rms_norm_eps)
 
     @property
     def rope_dim(self) -> int:
@@ -211,13 +212,13 @@ class MLAttention(nn.Module):
         self.scale = (self.n + self.r) ** -0.5 * (cfg.rope_scaling.mla_softmax_multiplier if cfg.rope_scaling else 1.0)
         if cfg.q_lora_rank > 0:
             self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
-            self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=eps)
+            self.q_norm = RMSNorm(cfg.q_lora_rank, eps=eps)
             self.wq_b = nn.Linear(cfg.q_lora_rank, H * (self.n + self.r), bias=False)
         else:
             self.wq = nn.Linear(D, H * (self.n + self.r), bias=False)
         # One projection yields the latent and the shared rotary key.
         self.wkv_a = nn.Linear(D, self.kv_lora_rank + self.r, bias=False)
-        self.kv_norm = nn.RMSNorm(self.kv_lora_rank, eps=eps)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, eps=eps)
         self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.n + self.v), bias=False)
         self.wo = nn.Linear(H * self.v, D, bias=False)
 

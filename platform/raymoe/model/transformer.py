@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from raymoe.config import ModelConfig
 from raymoe.model.attention import CacheView, build_attention, document_mask, rope_tables
 from raymoe.model.moe import GroupedExperts, MoE, MoEStats, SwiGLU
+from raymoe.model.norm import RMSNorm
 from raymoe.train.loss import linear_cross_entropy
 
 
@@ -74,9 +75,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
-        self.attn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.attn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.attn = build_attention(cfg, layer)
-        self.ffn_norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.ffn = MoE(cfg) if cfg.is_moe_layer(layer) else SwiGLU(cfg.hidden_size, cfg.dense_intermediate_size)
 
     decode_fn = None
@@ -110,7 +111,7 @@ class MoETransformer(nn.Module):
         weight = torch.empty(cfg.vocab_size, cfg.hidden_size)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size, _weight=weight if weight.is_meta else weight.normal_())
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         rope_dim = cfg.qk_rope_head_dim if cfg.attention == "mla" else cfg.resolved_head_dim
