@@ -4,15 +4,17 @@ loop's loss (the model's `forward(..., targets=)` calls `linear_cross_entropy`).
 `F.cross_entropy(logits.float(), y)` is what the loop ran first, and what transformers' causal-LM
 loss runs: it keeps an fp32 log-softmax for backward beside the logits, and its backward
 zero-fills a one-hot gradient, then runs log-softmax's backward over it. Here the logits are the
-function's own buffer (compute dtype): forward takes one log-sum-exp per token over chunks of
-rows small enough to stay in cache, and backward writes softmax(z) * g - g at the target into
-that same buffer, chunk by chunk, before the head's two backward matmuls. No other
+function's own buffer (compute dtype): forward goes over it in chunks of rows small enough to
+stay in cache, takes each token's log-sum-exp and, while the chunk is at hand, leaves softmax(z)
+in its place, so the exponentials are taken once. Backward scales that by g and subtracts g at
+the target, chunk by chunk, in the same buffer, before the head's two backward matmuls. No other
 [tokens, vocab] buffer is made, and none in fp32: fp32 work is one chunk at a time.
 tests/unit/test_loss.py holds it to F.linear + F.cross_entropy's loss and gradients.
 
 Measured on the CPU benchmark shape (1,024 tokens, vocab 8,000; docs/PERFORMANCE.md): the
 unchunked loss over handed-out logits (lever 10) saved 12.8 ms a step against F.cross_entropy;
-taking the head in (lever 13) saved 6-23 ms more, paired in one process. The idea of fusing the
+taking the head in (lever 13) saved 6-23 ms more, paired in one process; the softmax left by
+forward (lever 22) 2.0-2.7 ms of the head and loss's 57, paired alone (faster in 50-52 of 60 rounds). The idea of fusing the
 head with the loss is Liger-Kernel's FusedLinearCrossEntropy (which computes the gradient in
 forward instead) and Apple's cut-cross-entropy.
 
@@ -40,30 +42,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def forward(ctx, h_TD: torch.Tensor, w_VD: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
         z_TV = h_TD @ w_VD.t()
         rows = chunk_rows(z_TV.shape[1], z_TV.device)
-        lse_T = torch.empty(z_TV.shape[0], dtype=torch.float32, device=z_TV.device)
+        loss_T = z_TV.gather(-1, target_T.unsqueeze(-1)).squeeze(-1).float().neg_()  # -z[target] + lse below
         for i in range(0, z_TV.shape[0], rows):
-            torch.logsumexp(z_TV[i:i + rows].float(), dim=-1, out=lse_T[i:i + rows])
-        loss_T = lse_T - z_TV.gather(-1, target_T.unsqueeze(-1)).squeeze(-1).float()
-        ctx.save_for_backward(h_TD, w_VD, target_T, z_TV, lse_T)
+            z = z_TV[i:i + rows]
+            p = z.float() if z.dtype != torch.float32 else z
+            # log-sum-exp = max + log(sum(exp(z - max))); the exponentials, divided by their sum,
+            # are the softmax backward needs: kept in the logits' buffer
+            m = p.amax(-1, keepdim=True)
+            total = p.sub_(m).exp_().sum(-1, keepdim=True)
+            loss_T[i:i + rows] += (m + total.log()).squeeze(-1)
+            p.div_(total)
+            if p is not z:
+                z.copy_(p)
+        ctx.save_for_backward(h_TD, w_VD, target_T, z_TV)
         return loss_T
 
     @staticmethod
     def backward(ctx, grad_T: torch.Tensor):
-        # Unpacking checks the saved logits are unmodified, so a second backward through the same
+        # Unpacking checks the saved buffer is unmodified, so a second backward through the same
         # graph (retain_graph) fails loudly instead of reading the gradient written below.
-        h_TD, w_VD, target_T, z_TV, lse_T = ctx.saved_tensors
+        h_TD, w_VD, target_T, p_TV = ctx.saved_tensors
         g_T1 = grad_T.float().unsqueeze(-1)
-        rows = chunk_rows(z_TV.shape[1], z_TV.device)
-        for i in range(0, z_TV.shape[0], rows):
-            z = z_TV[i:i + rows]
-            # softmax(z) * g - g at the target, in fp32, one chunk at a time, into the logits' buffer
+        rows = chunk_rows(p_TV.shape[1], p_TV.device)
+        for i in range(0, p_TV.shape[0], rows):
+            z = p_TV[i:i + rows]
+            # softmax(z) * g - g at the target, in fp32, one chunk at a time, into the same buffer
             p = z.float() if z.dtype != torch.float32 else z
-            p.sub_(lse_T[i:i + rows].unsqueeze(-1)).exp_().mul_(g_T1[i:i + rows])
-            p.scatter_add_(-1, target_T[i:i + rows].unsqueeze(-1), -g_T1[i:i + rows])
+            p.mul_(g_T1[i:i + rows]).scatter_add_(-1, target_T[i:i + rows].unsqueeze(-1), -g_T1[i:i + rows])
             if p is not z:
                 z.copy_(p)
-        grad_h = z_TV @ w_VD if ctx.needs_input_grad[0] else None
-        grad_w = z_TV.t() @ h_TD if ctx.needs_input_grad[1] else None
+        grad_h = p_TV @ w_VD if ctx.needs_input_grad[0] else None
+        grad_w = p_TV.t() @ h_TD if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None
 
 
