@@ -130,15 +130,47 @@ def _attend_unfused(q_BHSd, k_BHSd, v_BHSv, window: int | None, scale: float | N
     bias_SS = torch.zeros(S, S, dtype=q_BHSd.dtype, device=q_BHSd.device).masked_fill_(~allowed_SS, float("-inf"))
     q_RSd, k_RSd, v_RSv = q_BHSd.reshape(B * H, S, d), k_BHSd.reshape(B * H, S, d), v_BHSv.reshape(B * H, S, -1)
     alpha = scale if scale is not None else d ** -0.5
-    outs = []
-    for a in range(0, S, block):
-        b = min(a + block, S)
-        lo = 0 if window is None else max(0, a - window + 1)  # the first key any of these queries sees
-        scores = torch.baddbmm(bias_SS[a:b, lo:b], q_RSd[:, a:b], k_RSd[:, lo:b].transpose(1, 2), alpha=alpha)
-        probs = scores.softmax(-1) if scores.dtype == torch.float32 else scores.softmax(-1, dtype=torch.float32).to(v_RSv.dtype)
-        outs.append(torch.bmm(probs, v_RSv[:, lo:b]))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-    return out.view(B, H, S, -1)
+    return _BlockedAttention.apply(q_RSd, k_RSd, v_RSv, bias_SS, alpha, block, window).view(B, H, S, -1)
+
+
+class _BlockedAttention(torch.autograd.Function):
+    """`_attend_unfused`'s blocks with their backward written out (docs/PERFORMANCE.md lever 21):
+    each block's output and query gradient go straight into their rows of one buffer, and its key
+    and value gradients are added in place into theirs (baddbmm_). Autograd of the same blocks
+    zero-fills a whole [R, S, d] gradient for every block's slice of q, k and v, sums them, and
+    concatenates the outputs. The softmax is taken and kept in fp32 whatever the input dtype."""
+
+    @staticmethod
+    def _blocks(S: int, block: int, window: int | None):
+        for a in range(0, S, block):
+            # queries [a, b) see keys from lo: the first key any of them sees
+            yield a, min(a + block, S), 0 if window is None else max(0, a - window + 1)
+
+    @staticmethod
+    def forward(ctx, q_RSd, k_RSd, v_RSv, bias_SS, alpha: float, block: int, window: int | None):
+        out_RSv = v_RSv.new_empty(q_RSd.shape[0], q_RSd.shape[1], v_RSv.shape[-1])
+        probs = []
+        for a, b, lo in _BlockedAttention._blocks(q_RSd.shape[1], block, window):
+            scores = torch.baddbmm(bias_SS[a:b, lo:b], q_RSd[:, a:b], k_RSd[:, lo:b].transpose(1, 2), alpha=alpha)
+            probs.append(scores.softmax(-1, dtype=torch.float32))
+            out_RSv[:, a:b] = torch.bmm(probs[-1].to(v_RSv.dtype), v_RSv[:, lo:b])
+        ctx.save_for_backward(q_RSd, k_RSd, v_RSv, *probs)
+        ctx.alpha, ctx.block, ctx.window = alpha, block, window
+        return out_RSv
+
+    @staticmethod
+    def backward(ctx, g_RSv):
+        q_RSd, k_RSd, v_RSv, *probs = ctx.saved_tensors
+        dtype, g_RSv = q_RSd.dtype, g_RSv.contiguous()
+        dq, dk, dv = torch.empty_like(q_RSd), torch.zeros_like(k_RSd), torch.zeros_like(v_RSv)
+        for (a, b, lo), p in zip(_BlockedAttention._blocks(q_RSd.shape[1], ctx.block, ctx.window), probs):
+            g = g_RSv[:, a:b]
+            dp = torch.bmm(g, v_RSv[:, lo:b].transpose(1, 2))
+            ds = torch._softmax_backward_data(dp.float(), p, -1, torch.float32).to(dtype)
+            dq[:, a:b] = torch.bmm(ds, k_RSd[:, lo:b]).mul_(ctx.alpha)
+            dk[:, lo:b].baddbmm_(ds.transpose(1, 2), q_RSd[:, a:b], alpha=ctx.alpha)
+            dv[:, lo:b].baddbmm_(p.to(dtype).transpose(1, 2), g)
+        return dq, dk, dv, None, None, None, None
 
 
 class Attention(nn.Module):
