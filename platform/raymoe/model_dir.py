@@ -59,7 +59,7 @@ MODEL_SOURCES = (
     "manifest.json) or a training run's directory (<output_dir>/runs/<name>: its newest checkpoint), or an "
     "MLflow URI: runs:/<run id>/model or models:/<name>/<version>"
 )
-_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(w13|w[123]|lora_[AB][123])$")
+_EXPERT = re.compile(r"^layers\.\d+\.ffn\.experts\.(w13|w2|lora_[AB][123])$")
 
 
 class ModelSourceError(ValueError):
@@ -69,32 +69,6 @@ class ModelSourceError(ValueError):
 def is_expert_tensor(name: str) -> bool:
     """Stacked routed-expert weights ([E, ...]): what expert parallelism shards by rows."""
     return bool(_EXPERT.match(name))
-
-
-def with_fused_gate_up(names: list[str], read: Callable[[str, range | None], torch.Tensor]):
-    """(names, read) of a model directory or checkpoint, with the routed experts' gate and up stacks
-    as one `...experts.w13` [E, D, 2F] even where they were written before raymoe fused them, as
-    `w1` and `w3` [E, D, F] each: those read side by side. Everything else passes through."""
-    have = set(names)
-    split = {n[: -len(".w1")] for n in names if n.endswith(".experts.w1") and n[: -len(".w1")] + ".w3" in have}
-    if not split:
-        return names, read
-    fused = []
-    for n in names:
-        stem, _, leaf = n.rpartition(".")
-        if stem in split and leaf in ("w1", "w3"):
-            if leaf == "w1":
-                fused.append(stem + ".w13")
-        else:
-            fused.append(n)
-
-    def read_fused(name: str, experts: range | None) -> torch.Tensor:
-        stem, _, leaf = name.rpartition(".")
-        if stem in split and leaf == "w13":
-            return torch.cat([read(stem + ".w1", experts), read(stem + ".w3", experts)], dim=-1)
-        return read(name, experts)
-
-    return fused, read_fused
 
 
 # ----------------------------------------------------------------------------- writing
@@ -384,7 +358,7 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def _open_local(path: str) -> ModelSource:
     from raymoe.parallel.checkpoint import (MANIFEST, CheckpointError, checkpoint_tensor, checkpoint_tensor_names,
-                                            read_manifest)
+                                            read_manifest, with_fused_gate_up)
 
     if os.path.isfile(os.path.join(path, "MLmodel")):  # an MLflow model (mlflow_model.py): the model directory in it
         from raymoe.mlflow_model import find_model_dir
@@ -417,6 +391,8 @@ def _open_local(path: str) -> ModelSource:
         origin = {"hf_architecture": source.get("architecture"), "hf_config": source.get("config")}
         if origin["hf_architecture"] is None:
             origin = _origin_of(cfg)
+        from raymoe.parallel.checkpoint import with_fused_gate_up
+
         names, read = with_fused_gate_up(list(wm), _slice_reader(path, wm))
         return ModelSource(path, "model", cfg, _reader=read, _names=names, **origin)
     if os.path.exists(os.path.join(path, "config.json")):

@@ -42,8 +42,8 @@ from raymoe.config import LoraConfig, RunConfig
 from raymoe.model.moe import GroupedExperts
 
 ADAPTER = re.compile(r"\.lora_[AB][123]?$")
-_EXPERT_PROJ = ("1", "3", "2")  # gate and up (the halves of w13), down (w2)
 _EXPERT_WEIGHT = {"13": ("1", "3"), "2": ("2",)}  # each stacked weight and the adapters that add to it, in column order
+_EXPERT_PROJ = tuple(k for ks in _EXPERT_WEIGHT.values() for k in ks)  # "1" gate, "3" up (w13's halves), "2" down
 
 
 def is_adapter(name: str) -> bool:

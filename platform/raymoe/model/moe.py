@@ -301,7 +301,8 @@ class GroupedExperts(nn.Module):
     [..., F:]; transformers 5 fuses them the same way), so each SwiGLU takes two grouped GEMMs
     instead of three, forward and backward alike: the input gradient is one GEMM over [N, 2F]
     instead of two products and their sum (docs/PERFORMANCE.md lever 20). `w2` [E, F, D] is the
-    down projection. Checkpoints written with separate `w1`/`w3` still load (model_dir.py).
+    down projection. Model directories and checkpoints written with separate `w1`/`w3` still load
+    (parallel/checkpoint.py with_fused_gate_up).
 
     With LoRA (model/lora.py), each projection k in (1, 3, 2) has stacked adapters `lora_Ak`
     [E, in, r] and `lora_Bk` [E, r, out], run through the same grouped GEMM: y_k += scale * (x A[e]) B[e],

@@ -54,4 +54,3 @@ class RMSNorm(nn.RMSNorm):
             return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         return _RMSNormCPU.apply(x, self.weight, eps)
-

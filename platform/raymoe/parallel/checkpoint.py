@@ -40,7 +40,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -301,6 +301,33 @@ def _read_expert_rows(path: str, shards, key: str, lo: int, hi: int) -> torch.Te
     return torch.cat(parts)
 
 
+_SPLIT_GATE = re.compile(r"^(.*\.experts\.)w1(/.*)?$")  # a gate stack (or its AdamW moment) saved apart from its up stack
+
+
+def with_fused_gate_up(names: list[str], read: Callable[[str, range | None], torch.Tensor]):
+    """(names, read) of stored tensors, where a routed-expert stack written before raymoe fused
+    gate and up (`...experts.w1` and `...experts.w3`, [E, D, F] each; in checkpoints also their
+    `opt/<name>/<moment>`) reads as the one `...experts.w13` [E, D, 2F]: the two side by side.
+    Model directories and checkpoints both read through it; every other name passes through."""
+    have = set(names)
+    legacy = {}  # fused name -> (gate name, up name)
+    for n in names:
+        m = _SPLIT_GATE.match(n)
+        if m and f"{m[1]}w3{m[2] or ''}" in have:
+            legacy[f"{m[1]}w13{m[2] or ''}"] = (n, f"{m[1]}w3{m[2] or ''}")
+    if not legacy:
+        return names, read
+    gates = {gate: fused for fused, (gate, _) in legacy.items()}
+    ups = {up for _, up in legacy.values()}
+
+    def read_fused(name: str, experts: range | None) -> torch.Tensor:
+        if name in legacy:
+            return torch.cat([read(half, experts) for half in legacy[name]], dim=-1)
+        return read(name, experts)
+
+    return [gates.get(n, n) for n in names if n not in ups], read_fused
+
+
 def files_needed(manifest: dict[str, Any], plan: ParallelPlan) -> list[str]:
     names = ["dense.safetensors", *(n for n in manifest["files"] if n.endswith(".json"))]
     if plan.experts:
@@ -349,25 +376,14 @@ def load_checkpoint(
     if plan_experts:
         local = plan.mesh.local_experts()
         shards = _shards_for(manifest, local.start, local.stop)
-        stored = _keys(path, shards[0][0])
-
-        def read_rows(key: str) -> torch.Tensor:
-            """One saved expert tensor's rows; a `...experts.w13` saved before the gate and up
-            stacks were fused is its `w1` and `w3` side by side (the AdamW moments too)."""
-            if key not in stored and ".experts.w13" in key:
-                halves = [key.replace(".experts.w13", f".experts.w{k}") for k in "13"]
-                if all(h in stored for h in halves):
-                    return torch.cat([_read_expert_rows(path, shards, h, local.start, local.stop) for h in halves], dim=-1)
-            return _read_expert_rows(path, shards, key, local.start, local.stop)
-
-        split = re.compile(r"\.experts\.w1(?=$|/)")  # a gate stack saved apart from its up stack
-        saved_keys = stored | {split.sub(".experts.w13", k) for k in stored
-                               if split.search(k) and split.sub(".experts.w3", k) in stored}
+        names, read_rows = with_fused_gate_up(sorted(_keys(path, shards[0][0])),
+                                              lambda key, _: _read_expert_rows(path, shards, key, local.start, local.stop))
+        saved_keys = set(names)
         for name, p in plan_experts:
             if name not in saved_keys:
                 raise CheckpointError(f"{path}: checkpoint does not match the model: it has no {name}")
             for key in [name, *(f"opt/{name}/{m}" for m in _MOMENTS if f"opt/{name}/{m}" in saved_keys)]:
-                rows = read_rows(key)
+                rows = read_rows(key, None)
                 if rows.shape != p.shape:
                     raise CheckpointError(f"{path}: checkpoint does not match the model: {key} has shape "
                                           f"{tuple(rows.shape)}, the model needs {tuple(p.shape)}")

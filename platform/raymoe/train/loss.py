@@ -14,9 +14,9 @@ tests/unit/test_loss.py holds it to F.linear + F.cross_entropy's loss and gradie
 Measured on the CPU benchmark shape (1,024 tokens, vocab 8,000; docs/PERFORMANCE.md): the
 unchunked loss over handed-out logits (lever 10) saved 12.8 ms a step against F.cross_entropy;
 taking the head in (lever 13) saved 6-23 ms more, paired in one process; the softmax left by
-forward (lever 22) 2.0-2.7 ms of the head and loss's 57, paired alone (faster in 50-52 of 60 rounds). The idea of fusing the
-head with the loss is Liger-Kernel's FusedLinearCrossEntropy (which computes the gradient in
-forward instead) and Apple's cut-cross-entropy.
+forward (lever 22) 2.0-2.7 ms of the head and loss's 57, paired alone (faster in 50-52 of 60
+rounds). The idea of fusing the head with the loss is Liger-Kernel's FusedLinearCrossEntropy
+(which computes the gradient in forward instead) and Apple's cut-cross-entropy.
 
 Our own autograd function rather than a library's: torch has no fused cross-entropy, and the
 fused ones that exist elsewhere (Liger-Kernel, cut-cross-entropy) are Triton kernels for GPUs.
