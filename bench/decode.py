@@ -9,6 +9,7 @@ identical weights, the same prompts and the same number of new tokens, in one pr
     python bench/decode.py --mla-expanded           # also raymoe with decode steps in the expanded MLA form (the lever's A/B)
     python bench/decode.py --compile                # also raymoe with MoETransformer.compile_decode (transformers stays eager)
     python bench/decode.py --unpadded               # also raymoe without the padded experts path (MoE.padded off: lever 14's A/B)
+    python bench/decode.py --cuda-graphs            # also raymoe with Engine(cuda_graphs=True): static decode steps, replayed as CUDA graphs on a GPU
 
 Needs torch, transformers, safetensors and tokenizers; neither Ray nor MLflow (raymoe.serve.engine
 and raymoe.model_dir import neither; the JSON records what was imported).
@@ -300,6 +301,9 @@ def main() -> None:
                     help="also time raymoe with MoE.padded off (inference keeps the dense and grouped expert paths only)")
     ap.add_argument("--compile", action="store_true",
                     help="also time raymoe with its decode steps through torch.compile (compile_decode); the warm-up compiles")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="also time raymoe with Engine(cuda_graphs=True): decode steps padded to static shapes and, on a GPU, "
+                         "replayed as CUDA graphs (captured in the warm-up); on a CPU the same steps run eagerly")
     ap.add_argument("--out", default=None, help="a .json path or a directory (default bench/results/)")
     args = ap.parse_args()
     shape = "tiny" if args.tiny else args.shape
@@ -378,13 +382,16 @@ def main() -> None:
     for B in batches:
         prompts = torch.randint(0, 256, (B, P), generator=torch.Generator().manual_seed(100 + B))
         engine = Engine(ours, tok, max_batch=B, max_len=P + N + 1)
+        graphed = Engine(ours, tok, max_batch=B, max_len=P + N + 1, cuda_graphs=True) if args.cuda_graphs else None
         sides = (["raymoe"] + (["raymoe-mla-expanded"] if args.mla_expanded else []) + (["raymoe-unpadded"] if args.unpadded else [])
-                 + (["raymoe-compiled"] if args.compile else []) + impls)
+                 + (["raymoe-compiled"] if args.compile else []) + (["raymoe-graphs"] if args.cuda_graphs else []) + impls)
         runs = {s: [] for s in sides}
 
         def once(side: str) -> dict:
             if side == "raymoe":
                 return run_raymoe(engine, prompts, N, device)
+            if side == "raymoe-graphs":
+                return run_raymoe(graphed, prompts, N, device)
             if side == "raymoe-compiled":
                 for b, fn in zip(ours.layers, compiled_fns):
                     b.decode_fn = fn
@@ -400,10 +407,17 @@ def main() -> None:
             hf.set_experts_implementation(side)
             return run_transformers(hf, prompts, N, device)
 
-        warmup_s = {}
+        warmup_s, graphs_error = {}, None
         with torch.no_grad():
-            for s in sides:  # warm-up: allocator, kernels, lazy inits (and compiling, for raymoe-compiled)
-                warmup_s[s] = once(s)["total_s"]
+            for s in list(sides):  # warm-up: allocator, kernels, lazy inits (compiling, capturing)
+                try:
+                    warmup_s[s] = once(s)["total_s"]
+                except Exception as e:  # noqa: BLE001 - a failed capture must not cost the other sides' figures
+                    if s != "raymoe-graphs":
+                        raise
+                    graphs_error = short(e)
+                    print(f"batch {B}: raymoe with CUDA graphs failed, left out: {graphs_error}", flush=True)
+                    sides.remove(s)
             for _ in range(repeats):
                 for s in sides:
                     runs[s].append(once(s))
@@ -416,6 +430,16 @@ def main() -> None:
             row["ratio_decode_compiled"] = {}  # per transformers implementation, below
             row["compiled_to_eager"] = c["decode_tokens_per_s"] / row["raymoe"]["decode_tokens_per_s"]
             row["compiled_token_agreement"] = agreement(ours_ids, runs["raymoe-compiled"][-1]["ids"])[0]
+        if graphs_error is not None:
+            row["graphs_error"] = graphs_error
+        elif args.cuda_graphs:
+            g = row["raymoe_graphs"] = summarize(runs["raymoe-graphs"], B, N)
+            row["ratio_decode_graphs"] = {}  # per transformers implementation, below
+            row["graphs_to_eager"] = g["decode_tokens_per_s"] / row["raymoe"]["decode_tokens_per_s"]
+            row["graphs_to_eager_paired"] = paired(row["raymoe"], g)
+            row["graphs_token_agreement"] = agreement(ours_ids, runs["raymoe-graphs"][-1]["ids"])[0]
+            row["graphs_captured"] = sorted(graphed.graphs.graphs)
+            row["graphs_capture_s"] = graphed.graphs.capture_s
         if args.mla_expanded:
             e = row["raymoe_mla_expanded"] = summarize(runs["raymoe-mla-expanded"], B, N)
             row["ratio_decode_to_mla_expanded"] = row["raymoe"]["decode_tokens_per_s"] / e["decode_tokens_per_s"]
@@ -437,11 +461,13 @@ def main() -> None:
             row["forced_agreement"][impl] = forced
             if args.compile:
                 row["ratio_decode_compiled"][impl] = row["raymoe_compiled"]["decode_tokens_per_s"] / t["decode_tokens_per_s"]
+            if "raymoe_graphs" in row:
+                row["ratio_decode_graphs"][impl] = row["raymoe_graphs"]["decode_tokens_per_s"] / t["decode_tokens_per_s"]
             # In fp32 greedy runs must coincide. Below it, one near-tie flipped by rounding changes the
             # rest of its row, so only the step-by-step (teacher-forced) agreement is held to the bar.
             ok = ok and forced >= MIN_AGREEMENT and (dtype != torch.float32 or same >= MIN_AGREEMENT)
         rows[str(B)] = row
-        del engine
+        del engine, graphed
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -458,6 +484,14 @@ def main() -> None:
                   f"{c['tokens_per_s']:>10.0f} {row['compiled_to_eager']:>11.2f}x {row['compiled_token_agreement']:>12.3f}"
                   f"   (warm-up with compiling {row['warmup_s']['raymoe-compiled']:.1f} s; vs hf "
                   + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratio_decode_compiled"].items()) + ")")
+        if "raymoe_graphs" in row:
+            g = row["raymoe_graphs"]
+            print(f"{'':>5} {'raymoe, CUDA graphs':22} {g['decode_tokens_per_s']:>13.0f} {g['ttft_ms']:>9.1f} {g['total_ms']:>10.1f} "
+                  f"{g['tokens_per_s']:>10.0f} {row['graphs_to_eager']:>11.2f}x {row['graphs_to_eager_paired']:>6.2f}x "
+                  f"{row['graphs_token_agreement']:>12.3f}   ({len(row['graphs_captured'])} graphs captured in "
+                  f"{row['graphs_capture_s']:.1f} s; vs hf " + ", ".join(f"{k} {v:.2f}x" for k, v in row["ratio_decode_graphs"].items()) + ")")
+        elif "graphs_error" in row:
+            print(f"{'':>5} {'raymoe, CUDA graphs':22} failed: {row['graphs_error']}")
         if "raymoe_mla_expanded" in row:
             e = row["raymoe_mla_expanded"]
             print(f"{'':>5} {'raymoe, MLA expanded':22} {e['decode_tokens_per_s']:>13.0f} {e['ttft_ms']:>9.1f} {e['total_ms']:>10.1f} "

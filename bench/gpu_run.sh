@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a lent GPU's device time is for, in one call: tests/gpu/checks.py (NCCL train,
-# checkpoint, resume, export; grouped GEMM parity; no host syncs; raymoe plan against the CUDA
+# checkpoint, resume, export; grouped GEMM parity; no host syncs; decode steps replayed as CUDA
+# graphs against the same steps eager; raymoe plan against the CUDA
 # peak), the three benchmarks against transformers at their GPU shapes, and the host-copy cost of a
 # routed-serving hop (bench/expert_hop.py). Every step has its own
 # time limit, so one that hangs cannot eat the others'; each writes JSON and a log under $OUT, and
@@ -35,7 +36,7 @@ if [ $REHEARSE = 1 ]; then
     step checks 300 $PY tests/gpu/checks.py "$OUT" --rehearse
     step moe_layer 120 $PY bench/moe_layer.py --tiny --device cpu --out "$OUT/moe_layer-tiny.json"
     step train_step 120 $PY bench/train_step.py --tiny --device cpu --compile --out "$OUT/train_step-tiny.json"
-    step decode 120 $PY bench/decode.py --tiny --device cpu --mla-expanded --out "$OUT/decode-tiny.json"
+    step decode 120 $PY bench/decode.py --tiny --device cpu --mla-expanded --cuda-graphs --out "$OUT/decode-tiny.json"
     step expert_hop 60 $PY bench/expert_hop.py --tiny --device cpu --out "$OUT/expert_hop-tiny.json"
     exit 0
 fi
@@ -48,8 +49,10 @@ step moe_layer-16b 75 $PY bench/moe_layer.py --shape 16b --out "$OUT/moe_layer-1
 step moe_layer-v3-rank 75 $PY bench/moe_layer.py --shape v3-rank --out "$OUT/moe_layer-v3-rank.json"
 step train_step-gpu 130 $PY bench/train_step.py --shape gpu --impls eager,grouped_mm --steps 6 --warmup 2 \
     --out "$OUT/train_step-gpu.json"
-# --mla-expanded: lever 7's A/B (latent-space decode against rebuilt per-head keys) on the GPU too.
-step decode-gpu 160 $PY bench/decode.py --shape gpu --impls eager,grouped_mm --repeats 2 --mla-expanded --out "$OUT/decode-gpu.json"
+# --mla-expanded: lever 7's A/B (latent-space decode against rebuilt per-head keys) on the GPU too;
+# --cuda-graphs: lever 23, the engine's decode steps replayed as CUDA graphs (captured in the warm-up).
+step decode-gpu 180 $PY bench/decode.py --shape gpu --impls eager,grouped_mm --repeats 2 --mla-expanded --cuda-graphs \
+    --out "$OUT/decode-gpu.json"
 step expert_hop 40 $PY bench/expert_hop.py --out "$OUT/expert_hop.json"
 # Lever 9 on CUDA, last because a cold inductor compile of 12 blocks may not fit: compiled training
 # blocks against eager raymoe and transformers' grouped_mm in one run.

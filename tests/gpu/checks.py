@@ -1,7 +1,8 @@
 """GPU checks, plain functions that raise AssertionError: the training loop under NCCL at world size 1
 through build, train, checkpoint, resume and export (full and LoRA), the grouped GEMM
 (`torch._grouped_mm`) against the per-segment fallback in bf16, forward and backward, and
-`raymoe plan`'s per-rank bytes against the CUDA allocator's peak over a training step.
+`raymoe plan`'s per-rank bytes against the CUDA allocator's peak over a training step, and the
+serving engine's decode steps replayed as CUDA graphs against the same steps run eagerly.
 
 Two ways to run them, both skipped or refused without CUDA:
 
@@ -237,11 +238,67 @@ def check_latent_decode_matches_the_expanded_form_in_bf16(_root: str) -> dict:
     return err
 
 
+def check_cuda_graph_decode_replays_the_eager_static_steps(_root: str) -> dict:
+    """Engine(cuda_graphs=True) (serve/graphs.py) in bf16: six greedy requests of unequal prompts
+    joining and leaving a batch of 4, rows crossing from the 64-key bucket into the next. The
+    captured graphs' tokens and expert loads must be those of the same static steps run eagerly
+    (capture off); the dynamic engine's tokens are compared too (bf16 near-ties may differ with
+    the padded shapes). Reports the decode seconds of each (one run each: a check, not the benchmark)."""
+    from raymoe.config import config_from_dict
+    from raymoe.model.transformer import MoETransformer
+    from raymoe.serve.engine import Engine, SamplingParams
+    from raymoe.tokenizer import ByteTokenizer
+
+    cfg = config_from_dict({"model": {**MODEL, "max_seq_len": 160}}).model
+    with torch.device(DEVICE):
+        model = MoETransformer(cfg)
+    model.init_weights(seed=0)
+    cos, sin = model.rope_cos.clone(), model.rope_sin.clone()
+    model = model.to(torch.bfloat16).eval()
+    model.rope_cos.data, model.rope_sin.data = cos, sin
+    prompts = ["def f(x):", "import os", "a", "class A:\n    pass", "while True:", "b = 1"]
+    lengths = [70, 20, 9, 90, 33, 12]
+
+    def run(mode: str, engine=None):
+        engine = engine or Engine(model, ByteTokenizer(), max_batch=4, max_len=150, cuda_graphs=mode != "dynamic")
+        if mode == "static-eager":
+            engine.graphs.capture = False
+        reqs, steps = [], 0
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while len(reqs) < len(prompts) or engine.has_work():
+            if steps % 5 == 0 and len(reqs) < len(prompts):
+                reqs.append(engine.add_request(prompts[len(reqs)], SamplingParams(max_tokens=lengths[len(reqs)], temperature=0)))
+            engine.step()
+            steps += 1
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return [r.output_ids for r in reqs], engine.load, time.perf_counter() - t0, engine
+
+    eager_ids, eager_load, eager_s, _ = run("static-eager")
+    graph_ids, graph_load, graph_s, engine = run("graphs")
+    graph_again_ids, _, graph_again_s, _ = run("graphs", engine)  # the same engine again: replays only
+    dynamic_ids, dynamic_load, dynamic_s, _ = run("dynamic")
+    same = lambda a, b: sum(x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)) / sum(map(len, a))  # noqa: E731
+    out = {"graphs_captured": sorted(engine.graphs.graphs), "capture_s": round(engine.graphs.capture_s, 3),
+           "seconds": {"static_eager": round(eager_s, 3), "graphs_first_run": round(graph_s, 3),
+                       "graphs_second_run": round(graph_again_s, 3), "dynamic": round(dynamic_s, 3)},
+           "tokens_same_as_static_eager": same(graph_ids, eager_ids), "tokens_same_as_dynamic": same(graph_ids, dynamic_ids),
+           "loads_equal_static_eager": bool(torch.equal(graph_load, eager_load)),
+           "loads_equal_dynamic": bool(torch.equal(graph_load, dynamic_load))}
+    assert [len(ids) for ids in graph_ids] == lengths, out
+    assert out["tokens_same_as_static_eager"] == 1.0 and out["loads_equal_static_eager"] and graph_again_ids == graph_ids, out
+    assert DEVICE != "cuda" or len(out["graphs_captured"]) >= 3, out
+    return out
+
+
 def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
     """(name, function, arguments after the scratch directory) of every check."""
     out = [(f.__name__, f, ()) for f in (check_full_training_under_nccl_checkpoints_resumes_and_exports,
                                          check_lora_under_nccl_holds_the_base_in_bf16_and_resumes,
-                                         check_latent_decode_matches_the_expanded_form_in_bf16)]
+                                         check_latent_decode_matches_the_expanded_form_in_bf16,
+                                         check_cuda_graph_decode_replays_the_eager_static_steps)]
     if grouped:
         out += [(f"check_grouped_mm_equals_the_per_segment_fallback_in_bf16[{d}x{f}]",
                  lambda _root, d=d, f=f: check_grouped_mm_equals_the_per_segment_fallback_in_bf16(d, f), ())

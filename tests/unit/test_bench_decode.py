@@ -33,7 +33,7 @@ def test_tiny_decode_bench_measures_both_sides_on_the_same_model(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(block), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     out = tmp_path / "decode.json"
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, str(BENCH), "--tiny", "--out", str(out)], cwd=REPO, env=env,
+    r = subprocess.run([sys.executable, str(BENCH), "--tiny", "--cuda-graphs", "--out", str(out)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=90)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -60,4 +60,7 @@ def test_tiny_decode_bench_measures_both_sides_on_the_same_model(tmp_path):
             # Greedy, fp32, same weights and prompts: the generated tokens coincide.
             assert row["token_agreement"][impl] >= 0.9, (b, impl, row["token_agreement"])
             assert row["forced_agreement"][impl] >= 0.9, (b, impl, row["forced_agreement"])
+        # --cuda-graphs: the static decode steps, run eagerly on a CPU (nothing to capture), same tokens.
+        assert row["raymoe_graphs"]["decode_tokens_per_s"] > 0 and row["graphs_token_agreement"] == 1.0, (b, row)
+        assert row["graphs_captured"] == [] and row["graphs_to_eager"] > 0
     assert "wrote" in r.stdout and "raymoe Engine" in r.stdout

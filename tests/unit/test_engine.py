@@ -350,3 +350,51 @@ def test_compiled_decode_generates_what_the_eager_engine_generates():
     assert [line.split(" of ")[1].split(" row")[0] for line in lines] == ["1", "2", "4"]
     assert engine.stats == {"decode_steps": 0, "prefills": 0, "tokens": 0} and int(engine.load.sum()) == 0
     assert not engine.has_work() and engine.generate("def f", params).completion_tokens == 12
+
+
+@pytest.mark.parametrize("experts", ["cpu-paths", "grouped"])
+def test_static_decode_steps_generate_what_the_dynamic_ones_do(experts, monkeypatch):
+    """Engine(cuda_graphs=True) on a CPU model runs the very steps a GPU captures, eagerly: rows
+    padded to a batch bucket into the scratch cache row, keys read up to a length bucket. Requests
+    join and leave, greedy and seeded sampling mix, rows cross from the 64-key bucket into the
+    last; tokens, log-probabilities and expert loads must be the dynamic engine's. 'grouped'
+    forces the grouped GEMM that CUDA runs instead of the CPU's dense and padded paths."""
+    from raymoe.model.moe import MoE
+    from raymoe.serve.graphs import DecodeGraphs
+
+    if experts == "grouped":
+        monkeypatch.setattr(MoE, "padded", False)
+        monkeypatch.setattr(MoE, "dense_max_tokens", 0)
+    model, tok = tiny_model(**LAYOUTS["mla-sliding"], num_layers=3, max_seq_len=128, num_experts=8, top_k=2), ByteTokenizer()
+    prompts = ["def f(x):", "import os", "a", "class A:\n    pass", "while True:", "b = 1"]
+    params = [SamplingParams(max_tokens=60, temperature=0, logprobs=2), SamplingParams(max_tokens=25, temperature=0.9, seed=3),
+              SamplingParams(max_tokens=9, temperature=0), SamplingParams(max_tokens=70, temperature=0.7, top_p=0.9, seed=5),
+              SamplingParams(max_tokens=33, temperature=0), SamplingParams(max_tokens=12, temperature=1.0, top_k=5, seed=8)]
+    runs = {}
+    for graphs in (False, True):
+        engine = Engine(model, tok, max_batch=5, max_len=100, cuda_graphs=graphs)
+        reqs, steps = [], 0
+        while len(reqs) < len(prompts) or engine.has_work():
+            if steps % 7 == 0 and len(reqs) < len(prompts):  # arrivals between decode steps
+                reqs.append(engine.add_request(prompts[len(reqs)], params[len(reqs)]))
+            engine.step()
+            steps += 1
+        runs[graphs] = engine, reqs
+    (dynamic, want), (static, got) = runs[False], runs[True]
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert [len(got[i].output_ids) for i in (0, 2, 4)] == [60, 9, 33] and got[0].length > 64  # greedy rows run to max_tokens
+    for a, b in zip(got[0].logprobs, want[0].logprobs):
+        assert a[0] == pytest.approx(b[0], abs=1e-4) and [i for i, _ in a[1]] == [i for i, _ in b[1]]
+    # Padding rows were routed but load nothing: the loads are the real tokens' alone.
+    assert torch.equal(static.load, dynamic.load) and int(static.load.sum()) > 0
+    assert static.cache.max_batch == 6 and all(r.slot < 5 for r in got)
+    assert static.graphs.batch_buckets == [1, 2, 4, 5] and static.graphs.key_buckets == [64, 100]
+    assert static.graphs.bucket_of(3, 70) == (4, 100) and static.graphs.bucket_of(5, 64) == (5, 64)
+    assert static.graphs.graphs == {} and static.graphs.capture_s == 0  # nothing captured on a CPU
+
+    with pytest.raises(ValueError, match="scratch row"):
+        DecodeGraphs(model, KVCache(model, 4, 32), max_batch=4)
+    with pytest.raises(ValueError, match="CUDA device"):
+        DecodeGraphs(model, KVCache(model, 5, 32), max_batch=4, capture=True)
+    with pytest.raises(ValueError, match="micro_batches=1"):
+        Engine(model, tok, max_batch=4, micro_batches=2, cuda_graphs=True)

@@ -73,6 +73,9 @@ class MoEStats:
     """long scalar."""
     num_slots: int
     """T * K: slots the router filled."""
+    expert_TK: torch.Tensor | None = None
+    """The experts each token chose, long [T, K] (what a CUDA-graph decode step counts over its
+    real rows only, serve/graphs.py)."""
 
 
 class TopKRouter(nn.Module):
@@ -527,5 +530,5 @@ class MoE(nn.Module):
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         slots = B * S * self.top_k if valid_T is None else int(valid_T.sum()) * self.top_k
-        stats = MoEStats(routing.tokens_per_expert_E.detach(), routing.num_dropped.detach(), slots)
+        stats = MoEStats(routing.tokens_per_expert_E.detach(), routing.num_dropped.detach(), slots, routing.expert_TK)
         return y_TD.view(B, S, D), routing.aux_loss, stats

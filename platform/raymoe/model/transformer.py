@@ -198,12 +198,15 @@ class MoETransformer(nn.Module):
 
     def forward(self, tokens_BS: torch.Tensor, cache: "KVCache | None" = None, slots: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, segments: torch.Tensor | None = None,
-                targets: torch.Tensor | None = None) -> ModelOutput:
+                targets: torch.Tensor | None = None, num_keys: int | None = None) -> ModelOutput:
         """Without a cache: a full causal pass from position 0, or, for packed sequences, with
         `segments` [B, S] (which example each token belongs to; attention stays inside it) and
         `positions` [B, S] restarting per example. With a cache: the tokens take absolute
         `positions` [B, S] in cache rows `slots` [B], and attend to everything cached before them.
-        With `targets` [B, S] (token ids): `token_loss` instead of `logits` (module docstring)."""
+        With `targets` [B, S] (token ids): `token_loss` instead of `logits` (module docstring).
+        `num_keys`: how many cached positions the new tokens attend over (at least the largest
+        position + 1; masked past each row's own); None reads it off `positions`, a host sync on
+        CUDA that a captured decode step (serve/graphs.py) cannot make."""
         S = tokens_BS.shape[1]
         doc_mask = valid_BS = None
         if cache is None:
@@ -217,7 +220,7 @@ class MoETransformer(nn.Module):
             views = [None] * len(self.layers)
         else:
             cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)  # [B, 1, S, r]
-            num_keys = int(positions.max()) + 1
+            num_keys = int(positions.max()) + 1 if num_keys is None else num_keys
             masks: dict = {}  # built once per window for all layers (CacheView.allowed, .bias)
             views = [CacheView(layer, slots, positions, num_keys, masks) for layer in cache.layers]
         x = self.embed(tokens_BS)

@@ -157,7 +157,13 @@ def _logprobs(logits_NV: torch.Tensor, chosen: list[int], k: int) -> list[TokenL
 class Engine:
     """Continuous-batching generation over one model replica (single device)."""
 
-    def __init__(self, model: MoETransformer, tokenizer, *, max_batch: int = 8, max_len: int | None = None, micro_batches: int = 1):
+    def __init__(self, model: MoETransformer, tokenizer, *, max_batch: int = 8, max_len: int | None = None, micro_batches: int = 1,
+                 cuda_graphs: bool = False):
+        """`cuda_graphs`: decode steps take static shapes (rows padded to a bucket, keys read up to
+        a bucket) and, on a CUDA model, replay as CUDA graphs captured on first use (serve/graphs.py);
+        on a CPU model they run eagerly, padded, which is slower. One decode thread only."""
+        if cuda_graphs and micro_batches != 1:
+            raise ValueError(f"cuda_graphs needs micro_batches=1, not {micro_batches} (one decode thread replays the graphs)")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.eos_ids = frozenset(getattr(tokenizer, "eos_ids", None) or {tokenizer.eos_id})
@@ -165,7 +171,14 @@ class Engine:
         self.max_batch = max_batch
         self.max_len = max_len or model.cfg.max_seq_len
         self.device = model.embed.weight.device
-        self.cache = KVCache(model, max_batch, self.max_len)
+        # CUDA graphs' padding rows write one more row, which no request is given.
+        self.cache = KVCache(model, max_batch + (1 if cuda_graphs else 0), self.max_len)
+        self.graphs = None
+        """The static decode steps (serve/graphs.DecodeGraphs), when cuda_graphs."""
+        if cuda_graphs:
+            from raymoe.serve.graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(model, self.cache, max_batch)
         self.waiting: list[Request] = []
         self.running: dict[int, Request] = {}  # slot -> request
         self._ids = itertools.count()
@@ -181,9 +194,10 @@ class Engine:
 
     @property
     def load(self) -> torch.Tensor:
-        """Tokens routed to each expert of each MoE layer since the engine started ([layers, experts], CPU)."""
+        """Tokens routed to each expert of each MoE layer since the engine started ([layers, experts],
+        a CPU copy: on a CPU model, .cpu() would hand out the live counters)."""
         with self._load_lock:
-            return self._load.cpu()
+            return self._load.to("cpu", copy=True)
 
     # -- requests
     def add_request(self, prompt: str | list[int], params: SamplingParams) -> Request:
@@ -251,6 +265,11 @@ class Engine:
             with torch.inference_mode():  # grad mode is per thread: the pool's threads need it too
                 return self._forward([r.slot for r in rows], [[r.output_ids[-1]] for r in rows], start=[r.length - 1 for r in rows])
 
+        if self.graphs is not None:
+            logits, loads = self.graphs.step([r.slot for r in active], [r.output_ids[-1] for r in active],
+                                             [r.length - 1 for r in active])
+            self._count(loads)
+            return logits
         k = min(self.micro_batches, len(active))
         if k <= 1:
             return run(active)
@@ -270,11 +289,14 @@ class Engine:
         x = torch.tensor(tokens, device=self.device)
         positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(S, device=self.device)
         out = self.model(x, self.cache, torch.tensor(slots, device=self.device), positions)
-        if out.moe_stats:
-            counts = torch.stack([st.tokens_per_expert for st in out.moe_stats])
-            with self._load_lock:
-                self._load += counts.to(self._load.device)
+        self._count(torch.stack([st.tokens_per_expert for st in out.moe_stats]) if out.moe_stats else None)
         return out.logits if all_positions else out.logits[:, -1]
+
+    def _count(self, loads_LE: torch.Tensor | None) -> None:
+        """Add one forward's tokens per expert of every MoE layer to the engine's expert load."""
+        if loads_LE is not None:
+            with self._load_lock:
+                self._load += loads_LE.to(self._load.device)
 
     def _sample(self, reqs: list[Request], logits_BV: torch.Tensor) -> list[tuple[int, TokenLogprob | None]]:
         """The next token of every row in one pass over the batch and one copy to the host (not a
