@@ -53,3 +53,18 @@ def test_frozen_scale_gets_no_gradient_and_is_still_a_parameter_named_weight():
     x = torch.randn(4, 16, requires_grad=True)
     ours(x).sum().backward()
     assert ours.weight.grad is None and x.grad is not None
+
+
+def test_the_autograd_function_runs_only_where_there_is_a_gradient_to_take():
+    """Inference (no_grad, inference_mode, or nothing requiring grad) runs torch's composite,
+    where the function's own per-call cost outweighs its saving; training runs the function."""
+    ours, theirs = _pair(32, 1e-6)
+    x = torch.randn(2, 16, 32)
+    assert type(ours(x.requires_grad_()).grad_fn).__name__ == "_RMSNormCPUBackward"
+    for context in (torch.no_grad, torch.inference_mode):
+        with context():
+            torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
+    ours.weight.requires_grad_(False)
+    y = ours(x.detach())
+    assert y.grad_fn is None
+    torch.testing.assert_close(y, theirs(x).detach(), rtol=0, atol=0)
