@@ -398,3 +398,6 @@ def test_static_decode_steps_generate_what_the_dynamic_ones_do(experts, monkeypa
         DecodeGraphs(model, KVCache(model, 5, 32), max_batch=4, capture=True)
     with pytest.raises(ValueError, match="micro_batches=1"):
         Engine(model, tok, max_batch=4, micro_batches=2, cuda_graphs=True)
+    capped = tiny_model(num_experts=4, top_k=2, capacity_factor=1.25)
+    with pytest.raises(ValueError, match="dropless routing"):
+        Engine(capped, tok, max_batch=4, cuda_graphs=True)

@@ -62,6 +62,9 @@ class DecodeGraphs:
     def __init__(self, model: MoETransformer, cache: KVCache, max_batch: int, *, capture: bool | None = None):
         if cache.max_batch < max_batch + 1:
             raise ValueError(f"a KVCache of {cache.max_batch} rows has no scratch row for {max_batch} sequences; build it with max_batch + 1")
+        if any(moe.router.capacity_factor is not None or moe.router.gate_threshold > 0 for moe in model.moe_layers()):
+            raise ValueError("CUDA graphs need dropless routing (model.capacity_factor null, gate_threshold 0): capacity and "
+                             "thresholds filter slots through a host read, and padding rows would take capacity")
         self.model, self.cache = model, cache
         self.device = model.embed.weight.device
         self.capture = self.device.type == "cuda" if capture is None else capture
