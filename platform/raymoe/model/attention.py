@@ -356,7 +356,9 @@ class CacheView:
         for name, value in new.items():
             buf = self.storage[name]
             buf[self.slots[:, None], self.positions] = value.to(buf.dtype)
-            out.append(buf[self.slots, : self.num_keys].to(value.dtype))
+            # The rows' first T positions as whole slices (index_select after narrowing): about half
+            # the time of advanced indexing buf[slots, :T], which copies element by element.
+            out.append(buf[:, : self.num_keys].index_select(0, self.slots).to(value.dtype))
         return tuple(out)
 
 
