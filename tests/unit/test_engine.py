@@ -401,3 +401,39 @@ def test_static_decode_steps_generate_what_the_dynamic_ones_do(experts, monkeypa
     capped = tiny_model(num_experts=4, top_k=2, capacity_factor=1.25)
     with pytest.raises(ValueError, match="dropless routing"):
         Engine(capped, tok, max_batch=4, cuda_graphs=True)
+
+
+def test_a_decode_step_on_the_cuda_expert_path_reads_nothing_back_inside_the_model(monkeypatch):
+    """On CUDA every read of a tensor's value by the host is a sync that stalls the launch queue.
+    With the grouped GEMM CUDA runs (not the CPU's padded path, which reads its capacity), the
+    model's forward in an engine decode step reads no value: the key count comes from the
+    engine's own numbers, not positions.max(). Counted here as the ATen ops .item() and int(tensor)
+    dispatch to; sampling's one copy of the tokens is outside the model."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from raymoe.model.moe import MoE
+
+    monkeypatch.setattr(MoE, "padded", False)
+    monkeypatch.setattr(MoE, "dense_max_tokens", 0)
+
+    class Reads(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Reads.count += func in (torch.ops.aten.item.default, torch.ops.aten._local_scalar_dense.default)
+            return func(*args, **(kwargs or {}))
+
+    model = tiny_model(**LAYOUTS["mla"], num_experts=8, top_k=2)
+    engine = Engine(model, ByteTokenizer(), max_batch=4)
+    for p in ("def f", "import os", "x"):
+        engine.add_request(p, SamplingParams(max_tokens=6, temperature=0))
+    engine.step()  # prefills
+    forward = model.forward
+
+    def counted(*args, **kwargs):
+        with Reads():
+            return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", counted)
+    engine.step()
+    assert engine.stats["decode_steps"] == 1 and Reads.count == 0

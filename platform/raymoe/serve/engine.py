@@ -288,7 +288,8 @@ class Engine:
         S = len(tokens[0])
         x = torch.tensor(tokens, device=self.device)
         positions = torch.tensor(start, device=self.device)[:, None] + torch.arange(S, device=self.device)
-        out = self.model(x, self.cache, torch.tensor(slots, device=self.device), positions)
+        # num_keys from the host's own numbers: read off `positions` it would be a device op and a read back.
+        out = self.model(x, self.cache, torch.tensor(slots, device=self.device), positions, num_keys=max(start) + S)
         self._count(torch.stack([st.tokens_per_expert for st in out.moe_stats]) if out.moe_stats else None)
         return out.logits if all_positions else out.logits[:, -1]
 
