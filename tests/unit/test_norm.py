@@ -68,3 +68,13 @@ def test_the_autograd_function_runs_only_where_there_is_a_gradient_to_take():
     y = ours(x.detach())
     assert y.grad_fn is None
     torch.testing.assert_close(y, theirs(x).detach(), rtol=0, atol=0)
+    # bf16 activations with an fp32 scale (autocast evaluation): torch's composite would warn that
+    # it "cannot dispatch to fused implementation" (once a process), so the function runs there.
+    calls = []
+    composite = torch.nn.functional.rms_norm
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.nn.functional, "rms_norm", lambda *a, **k: calls.append(a[0].dtype) or composite(*a, **k))
+        same, mixed = ours(x), ours(x.bfloat16())
+    assert calls == [torch.float32] and mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(same, theirs(x).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(mixed.float(), theirs(x.bfloat16().float()).bfloat16().float(), rtol=0, atol=1e-2)
