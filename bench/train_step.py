@@ -27,8 +27,10 @@ same model with MoETransformer.compile_blocks (inductor; the first step compiles
 bf16 autocast on CUDA, fp32 on CPU. Each implementation gets a fresh model and optimizer, runs
 one probe step (an implementation that cannot train here is reported, not timed), --warmup steps,
 then --steps timed steps (synchronized on CUDA); the median is reported. Schedule: on CPU all
-models stay resident and each round runs one step of each, in an order rotating every round, so a
-busy spell of a shared machine hits all alike; on CUDA (memory) one implementation after another,
+models stay resident and each round runs one step of each, in an order shuffled every round
+(seeded), so a busy spell of a shared machine hits all alike and no side always follows the same one
+(--block K: K steps of each in a row per round, the first untimed, so the timed steps are steady-state
+ones as in a run of one model rather than steps after another model's, on cold caches); on CUDA (memory) one implementation after another,
 each freed before the next (--schedule chooses). In the interleaved schedule step i of every implementation
 ran in round i, so "x paired" (ratios[...]["tokens_per_s_paired"]) is the median over rounds of
 the two steps' ratio: a busy spell hits both steps of a round and cancels out.
@@ -61,6 +63,7 @@ import gc
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import sys
@@ -293,6 +296,10 @@ def main() -> None:
                          "sequential: one implementation after another, each freed before the next (default on CUDA)")
     ap.add_argument("--steps", type=int, default=None, help="timed steps")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    ap.add_argument("--block", type=int, default=1,
+                    help="interleaved schedule: each implementation runs this many steps in a row per round, the first "
+                         "untimed (it follows another model's step, on cold caches), so the timed ones are steady-state "
+                         "steps as in a training run of one model; 1 = one timed step each per round")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads; default 2, --tiny 1)")
     ap.add_argument("--compile", action="store_true",
                     help="also time raymoe with its blocks through torch.compile (MoETransformer.compile_blocks)")
@@ -443,11 +450,17 @@ def main() -> None:
                 release(device)
 
         if interleaved:
-            # Round-robin, the order rotating every round: a slow spell of a shared machine hits all alike.
-            for i in range(args.warmup + args.steps):
-                k = i % len(runners)
-                for r in runners[k:] + runners[:k]:
-                    r.run(device, timed=i >= args.warmup)
+            # One step of each a round, in an order shuffled every round (seeded): a slow spell of a
+            # shared machine hits all alike, and no side always follows the same one (a rotated
+            # order kept each side's predecessor; the step after transformers' page-faulting
+            # grouped_mm step starts on cold caches).
+            if args.block < 1:
+                raise SystemExit(f"--block {args.block} must be >= 1")
+            per_round = max(args.block - 1, 1)  # timed steps per implementation and round
+            for i in range(args.warmup + -(-args.steps // per_round)):
+                for r in random.Random(i).sample(runners, len(runners)):
+                    for j in range(args.block):
+                        r.run(device, timed=i >= args.warmup and (args.block == 1 or j > 0))
             for r in runners:
                 report(r)
                 rows[r.name] = figures(r, device, tokens, flops_per_token, peak)
@@ -504,7 +517,7 @@ def main() -> None:
         "shape": {"name": shape, "batch": B, "seq_len": S, "tokens_per_step": tokens, "model": to_plain(cfg),
                   "total_params": counts.total, "activated_params": counts.activated},
         "dtype": "bf16 autocast (fp32 weights, fused AdamW)" if bf16 else "fp32 (fused AdamW)",
-        "steps": args.steps, "warmup": args.warmup, "probe_steps": 1, "schedule": args.schedule,
+        "steps": args.steps, "warmup": args.warmup, "probe_steps": 1, "schedule": args.schedule, "block": args.block,
         "optimizer": {"lr": tc.lr, "betas": list(tc.betas), "eps": tc.eps, "weight_decay": tc.weight_decay,
                       "raymoe": OPTIMIZER_SOURCE, "transformers": "torch.optim.AdamW over all parameters"},
         "dense_rate": rate,
