@@ -28,10 +28,11 @@ bf16 autocast on CUDA, fp32 on CPU. Each implementation gets a fresh model and o
 one probe step (an implementation that cannot train here is reported, not timed), --warmup steps,
 then --steps timed steps (synchronized on CUDA); the median is reported. Schedule: on CPU all
 models stay resident and each round runs one step of each, in an order shuffled every round
-(seeded), so a busy spell of a shared machine hits all alike and no side always follows the same one
-(--block K: K steps of each in a row per round, the first untimed, so the timed steps are steady-state
-ones as in a run of one model rather than steps after another model's, on cold caches); on CUDA (memory) one implementation after another,
-each freed before the next (--schedule chooses). In the interleaved schedule step i of every implementation
+(seeded), so a busy spell of a shared machine hits all alike and no side always follows the same
+one (--block K: K steps of each in a row per round, the first untimed, so the timed steps are
+steady-state ones as in a run of one model rather than steps after another model's, on cold
+caches); on CUDA (memory) one implementation after another, each freed before the next
+(--schedule chooses). In the interleaved schedule step i of every implementation
 ran in round i, so "x paired" (ratios[...]["tokens_per_s_paired"]) is the median over rounds of
 the two steps' ratio: a busy spell hits both steps of a round and cancels out.
 
