@@ -461,7 +461,8 @@ def main() -> None:
             for i in range(args.warmup + -(-args.steps // per_round)):
                 for r in random.Random(i).sample(runners, len(runners)):
                     for j in range(args.block):
-                        r.run(device, timed=i >= args.warmup and (args.block == 1 or j > 0))
+                        timed = i >= args.warmup and (args.block == 1 or j > 0) and len(r.times) < args.steps
+                        r.run(device, timed=timed)
             for r in runners:
                 report(r)
                 rows[r.name] = figures(r, device, tokens, flops_per_token, peak)

@@ -29,12 +29,13 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "train_step.py"
 def test_tiny_train_step_bench_checks_parity_and_reports_real_figures(tmp_path):
     out = tmp_path / "train_step-tiny.json"
     t0 = time.monotonic()
-    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--out", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(BENCH), "--tiny", "--block", "2", "--out", str(out)], capture_output=True, text=True,
                           timeout=120)
     elapsed = time.monotonic() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert elapsed < 90, f"--tiny took {elapsed:.0f}s"
     r = json.loads(out.read_text())
+    assert r["schedule"] == "interleaved" and r["block"] == 2  # two steps of each a round, the second timed
 
     # Every transformers variant that ran matched raymoe's fp32 logits before it was timed.
     assert r["parity"]["passed"] is True
