@@ -148,5 +148,7 @@ def test_the_printed_speed_counts_the_time_spent_reporting(tmp_path, corpus_dir,
     for line in lines[1:]:  # each window after the first holds one 0.3 s report
         wall, in_steps, wall_ms, step_ms = (int(g.replace(",", "")) for g in speed.search(line).groups())
         assert wall <= tokens_per_step / 0.3 and wall_ms >= 300, line
-        assert in_steps > 2 * wall and step_ms < wall_ms - 250, line
+        # The 0.3 s report is in the wall-clock figures and not in the steps' (a step's own time varies
+        # with the machine's load: 585 ms once beside the Ray tests, where "2x faster in steps" failed).
+        assert in_steps > wall and step_ms < wall_ms - 250, line
     assert rep.reports[-1][0]["train/wall_tokens_per_s"] <= tokens_per_step / 0.3
