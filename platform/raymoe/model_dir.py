@@ -391,8 +391,6 @@ def _open_local(path: str) -> ModelSource:
         origin = {"hf_architecture": source.get("architecture"), "hf_config": source.get("config")}
         if origin["hf_architecture"] is None:
             origin = _origin_of(cfg)
-        from raymoe.parallel.checkpoint import with_fused_gate_up
-
         names, read = with_fused_gate_up(list(wm), _slice_reader(path, wm))
         return ModelSource(path, "model", cfg, _reader=read, _names=names, **origin)
     if os.path.exists(os.path.join(path, "config.json")):

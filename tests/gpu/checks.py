@@ -238,6 +238,21 @@ def check_latent_decode_matches_the_expanded_form_in_bf16(_root: str) -> dict:
     return err
 
 
+def _bf16_serving_model(**overrides):
+    """MODEL with seeded weights in bf16, on DEVICE, in eval mode, its RoPE tables kept in fp32 (as
+    bench/decode.py casts a model): what the serving checks decode with."""
+    from raymoe.config import config_from_dict
+    from raymoe.model.transformer import MoETransformer
+
+    with torch.device(DEVICE):
+        model = MoETransformer(config_from_dict({"model": {**MODEL, **overrides}}).model)
+    model.init_weights(seed=0)
+    cos, sin = model.rope_cos.clone(), model.rope_sin.clone()
+    model = model.to(torch.bfloat16).eval()
+    model.rope_cos.data, model.rope_sin.data = cos, sin
+    return model
+
+
 def check_cuda_graph_decode_replays_the_eager_static_steps(_root: str) -> dict:
     """Engine(cuda_graphs=True) (serve/graphs.py) in bf16: six greedy requests of unequal prompts
     joining and leaving a batch of 4, rows crossing from the 64-key bucket into the next. The
@@ -245,18 +260,10 @@ def check_cuda_graph_decode_replays_the_eager_static_steps(_root: str) -> dict:
     (capture off); the dynamic engine's tokens are compared too (bf16 near-ties may differ with
     the padded shapes). Reports the decode seconds of each (one run each: a check, not the benchmark).
     Top-2 routing keeps the experts' bf16 sums (index_add_ from zero, two terms) order-independent."""
-    from raymoe.config import config_from_dict
-    from raymoe.model.transformer import MoETransformer
     from raymoe.serve.engine import Engine, SamplingParams
     from raymoe.tokenizer import ByteTokenizer
 
-    cfg = config_from_dict({"model": {**MODEL, "max_seq_len": 160}}).model
-    with torch.device(DEVICE):
-        model = MoETransformer(cfg)
-    model.init_weights(seed=0)
-    cos, sin = model.rope_cos.clone(), model.rope_sin.clone()
-    model = model.to(torch.bfloat16).eval()
-    model.rope_cos.data, model.rope_sin.data = cos, sin
+    model = _bf16_serving_model(max_seq_len=160)
     prompts = ["def f(x):", "import os", "a", "class A:\n    pass", "while True:", "b = 1"]
     lengths = [70, 20, 9, 90, 33, 12]
 
@@ -303,16 +310,10 @@ def check_eager_decode_forward_makes_no_host_sync(_root: str) -> dict:
     ("error"): routing, the grouped experts, the cache's write and read and the key count (from
     the engine, not positions.max()) read nothing back; sampling's one copy of the tokens is
     outside the model. On the CPU rehearsal the same step runs without the sync check."""
-    from raymoe.config import config_from_dict
-    from raymoe.model.transformer import MoETransformer
     from raymoe.serve.engine import Engine, SamplingParams
     from raymoe.tokenizer import ByteTokenizer
 
-    cfg = config_from_dict({"model": MODEL}).model
-    with torch.device(DEVICE):
-        model = MoETransformer(cfg)
-    model.init_weights(seed=0)
-    model = model.to(torch.bfloat16).eval()
+    model = _bf16_serving_model()
     engine = Engine(model, ByteTokenizer(), max_batch=4, max_len=64)
     for prompt in ("def f", "import os", "x"):
         engine.add_request(prompt, SamplingParams(max_tokens=8, temperature=0))

@@ -55,7 +55,10 @@ class RMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu" or self.weight is None or len(self.normalized_shape) != 1:
             return super().forward(x)
-        if x.dtype == self.weight.dtype and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)):
-            return super().forward(x)  # mixed dtypes (bf16 autocast evaluation) would warn there and take the composite anyway
+        # Without a gradient to take, torch's composite is cheaper (module docstring); not with
+        # mixed dtypes (bf16 autocast evaluation), where torch warns and runs the composite anyway.
+        takes_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
+        if not takes_grad and x.dtype == self.weight.dtype:
+            return super().forward(x)
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
         return _RMSNormCPU.apply(x, self.weight, eps)

@@ -39,7 +39,7 @@ def chunk_rows(vocab: int, device: torch.device) -> int:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_TD: torch.Tensor, w_VD: torch.Tensor, target_T: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, h_TD: torch.Tensor, w_VD: torch.Tensor, target_T: torch.Tensor, for_backward: bool) -> torch.Tensor:
         z_TV = h_TD @ w_VD.t()
         rows = chunk_rows(z_TV.shape[1], z_TV.device)
         loss_T = z_TV.gather(-1, target_T.unsqueeze(-1)).squeeze(-1).float().neg_()  # -z[target] + lse below
@@ -47,14 +47,16 @@ class _LinearCrossEntropy(torch.autograd.Function):
             z = z_TV[i:i + rows]
             p = z.float() if z.dtype != torch.float32 else z
             # log-sum-exp = max + log(sum(exp(z - max))); the exponentials, divided by their sum,
-            # are the softmax backward needs: kept in the logits' buffer
+            # are the softmax backward needs: kept in the logits' buffer when a backward follows
             m = p.amax(-1, keepdim=True)
             total = p.sub_(m).exp_().sum(-1, keepdim=True)
             loss_T[i:i + rows] += (m + total.log()).squeeze(-1)
-            p.div_(total)
-            if p is not z:
-                z.copy_(p)
-        ctx.save_for_backward(h_TD, w_VD, target_T, z_TV)
+            if for_backward:
+                p.div_(total)
+                if p is not z:
+                    z.copy_(p)
+        if for_backward:
+            ctx.save_for_backward(h_TD, w_VD, target_T, z_TV)
         return loss_T
 
     @staticmethod
@@ -73,7 +75,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 z.copy_(p)
         grad_h = p_TV @ w_VD if ctx.needs_input_grad[0] else None
         grad_w = p_TV.t() @ h_TD if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None
+        return grad_h, grad_w, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -85,6 +87,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
+    # Evaluation (no gradient to take) skips keeping the softmax for a backward that never runs.
+    for_backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(dev, enabled=False):
-        loss = _LinearCrossEntropy.apply(hidden.reshape(-1, D), weight, target.reshape(-1))
+        loss = _LinearCrossEntropy.apply(hidden.reshape(-1, D), weight, target.reshape(-1), for_backward)
     return loss.view(target.shape)
