@@ -60,7 +60,10 @@ Method:
   false and the script exits 1.
 
 Prints a table and writes JSON to bench/results/decode.json (decode-tiny.json, decode-<shape>.json;
---out: a .json path or a directory).
+--out: a .json path or a directory). The JSON is written after every batch size too (`complete`
+false until the end), so a run stopped by a time limit (bench/gpu_run.sh) keeps the batch sizes it
+finished; batch sizes run in the order --batches gives. With --cuda-graphs, a capture or replay
+that fails leaves that side out of its batch size (`graphs_error`) and costs no other figure.
 """
 
 from __future__ import annotations
@@ -381,6 +384,37 @@ def main() -> None:
     tok = NoEosTokenizer()
     rows = {}
     ok = True
+
+    def save(complete: bool) -> None:
+        """Write the JSON: after every batch size (`complete` false), so a run stopped by a time limit
+        (bench/gpu_run.sh) keeps the batch sizes it finished, and once more at the end."""
+        cpu = platform.processor() or platform.machine()
+        dev = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+               else f"cpu ({cpu}), {torch.get_num_threads()} threads")
+        cmd = "python bench/decode.py" + (" --tiny" if args.tiny else "") + " " + " ".join(
+            a for a in sys.argv[1:] if a != "--tiny" and not a.startswith("--out") and a != args.out)
+        result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": cmd.strip(), "versions": versions(), "device": dev,
+                  "shape": shape, "model": {**section, "parameters": n_params, "hf_architecture": ARCH},
+                  "dtype": dtype_name, "init_std": args.init_std, "prompt_tokens": P, "new_tokens": N, "batches": batches,
+                  "repeats": repeats, "implementations": impls, "unavailable": unavailable,
+                  "logits_relative_error": {"fp32": parity_fp32, dtype_name: parity}, "fp32_errors": fp32_errors,
+                  "logits_relative_error_against_fp32": vs_fp32,
+                  "raymoe_imported": RAYMOE_IMPORTED, "load_average_at_start": LOAD_AT_START, "rows": rows, "ok": ok, "complete": complete,
+                  "notes": ["decode_tokens_per_s = batch x (new_tokens - 1) / (total - TTFT); tokens_per_s = batch x new_tokens / total",
+                            "ratio_* = raymoe / transformers implementation (ttft: lower is better for raymoe)",
+                            "ratio_decode_paired = median over repeats of (that side's decode time / raymoe's) in the same round",
+                            "on a non-CPU device transformers' generate decodes grouped_mm as batched_mm"]}
+        if args.out and args.out.endswith(".json"):
+            path = args.out
+        else:
+            name = "decode.json" if shape == "cpu" else f"decode-{shape}.json"
+            path = os.path.join(args.out or os.path.join(HERE, "results"), name)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        if complete:
+            print(f"wrote {path}")
+
     for B in batches:
         prompts = torch.randint(0, 256, (B, P), generator=torch.Generator().manual_seed(100 + B))
         engine = Engine(ours, tok, max_batch=B, max_len=P + N + 1)
@@ -410,23 +444,34 @@ def main() -> None:
             return run_transformers(hf, prompts, N, device)
 
         warmup_s, graphs_error = {}, None
+
+        def attempt(side: str) -> dict | None:
+            """One run of `side`; None where the CUDA-graph side fails (in its warm-up's capture or
+            in a later replay), which is then left out of this batch size: that failure must not
+            cost the other sides' figures. Any other side's failure stops the script."""
+            nonlocal graphs_error
+            try:
+                return once(side)
+            except Exception as e:  # noqa: BLE001
+                if side != "raymoe-graphs":
+                    raise
+                graphs_error = short(e)
+                print(f"batch {B}: raymoe with CUDA graphs failed, left out: {graphs_error}", flush=True)
+                sides.remove(side)
+                return None
+
         with torch.no_grad():
             for s in list(sides):  # warm-up: allocator, kernels, lazy inits (compiling, capturing)
-                try:
-                    warmup_s[s] = once(s)["total_s"]
-                except Exception as e:  # noqa: BLE001 - a failed capture must not cost the other sides' figures
-                    if s != "raymoe-graphs":
-                        raise
-                    graphs_error = short(e)
-                    print(f"batch {B}: raymoe with CUDA graphs failed, left out: {graphs_error}", flush=True)
-                    sides.remove(s)
+                if (run := attempt(s)) is not None:
+                    warmup_s[s] = run["total_s"]
             for r in range(repeats):
                 # A new order every round (seeded): the side that follows transformers' generate
                 # meets cold caches. In a fixed order raymoe's batch-1 TTFT read 13-20 ms, the same
                 # engine run right after it 9-11 ms; a rotated order still keeps each side's
                 # predecessor, so the order is shuffled.
                 for s in random.Random(r).sample(sides, len(sides)):
-                    runs[s].append(once(s))
+                    if (run := attempt(s)) is not None:
+                        runs[s].append(run)
         row = {"raymoe": summarize(runs["raymoe"], B, N), "transformers": {}, "ratio_decode": {}, "ratio_end_to_end": {},
                "ratio_decode_paired": {}, "ratio_ttft": {}, "token_agreement": {}, "prefix_agreement": {}, "forced_agreement": {}}
         ours_ids = runs["raymoe"][-1]["ids"]
@@ -473,6 +518,10 @@ def main() -> None:
             # rest of its row, so only the step-by-step (teacher-forced) agreement is held to the bar.
             ok = ok and forced >= MIN_AGREEMENT and (dtype != torch.float32 or same >= MIN_AGREEMENT)
         rows[str(B)] = row
+        save(complete=False)
+        print(f"batch {B} done: raymoe {row['raymoe']['decode_tokens_per_s']:.0f} decode tok/s"
+              + "".join(f", x{v:.2f} {k}" for k, v in row["ratio_decode_paired"].items())
+              + (f", graphs x{row['graphs_to_eager_paired']:.2f} eager" if "graphs_to_eager_paired" in row else ""), flush=True)
         del engine, graphed
         gc.collect()
         if device.type == "cuda":
@@ -515,31 +564,7 @@ def main() -> None:
     print("raymoe/this: ratio of decode tokens/s (medians); paired: median over repeats of the same round's ratio; same tokens: fraction of generated tokens equal to raymoe's; "
           "forced: fraction raymoe picks too when fed that side's history")
 
-    cpu = platform.processor() or platform.machine()
-    dev = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-           else f"cpu ({cpu}), {torch.get_num_threads()} threads")
-    cmd = "python bench/decode.py" + (" --tiny" if args.tiny else "") + " " + " ".join(
-        a for a in sys.argv[1:] if a != "--tiny" and not a.startswith("--out") and a != args.out)
-    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": cmd.strip(), "versions": versions(), "device": dev,
-              "shape": shape, "model": {**section, "parameters": n_params, "hf_architecture": ARCH},
-              "dtype": dtype_name, "init_std": args.init_std, "prompt_tokens": P, "new_tokens": N, "batches": batches,
-              "repeats": repeats, "implementations": impls, "unavailable": unavailable,
-              "logits_relative_error": {"fp32": parity_fp32, dtype_name: parity}, "fp32_errors": fp32_errors,
-              "logits_relative_error_against_fp32": vs_fp32,
-              "raymoe_imported": RAYMOE_IMPORTED, "load_average_at_start": LOAD_AT_START, "rows": rows, "ok": ok,
-              "notes": ["decode_tokens_per_s = batch x (new_tokens - 1) / (total - TTFT); tokens_per_s = batch x new_tokens / total",
-                        "ratio_* = raymoe / transformers implementation (ttft: lower is better for raymoe)",
-                        "ratio_decode_paired = median over repeats of (that side's decode time / raymoe's) in the same round",
-                        "on a non-CPU device transformers' generate decodes grouped_mm as batched_mm"]}
-    if args.out and args.out.endswith(".json"):
-        path = args.out
-    else:
-        name = "decode.json" if shape == "cpu" else f"decode-{shape}.json"
-        path = os.path.join(args.out or os.path.join(HERE, "results"), name)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {path}")
+    save(complete=True)
     if not ok:
         low = {B: {k: (round(r["token_agreement"][k], 3), round(v, 3)) for k, v in r["forced_agreement"].items()}
                for B, r in rows.items()}

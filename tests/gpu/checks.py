@@ -373,9 +373,10 @@ def main(out_dir: str, rehearse: bool = False) -> int:
         except Exception:  # noqa: BLE001 - every failure is recorded; the other checks still run
             results.append({"check": name, "ok": False, "s": round(time.time() - t0, 2), "error": traceback.format_exc()[-3000:]})
         print(json.dumps(results[-1])[:600], flush=True)
-    with open(os.path.join(out_dir, "gpu-checks.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (rehearsal)", "torch": torch.__version__,
-                   "date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=1)
+        # After every check: a run stopped by a time limit (bench/gpu_run.sh) keeps what it checked.
+        with open(os.path.join(out_dir, "gpu-checks.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu (rehearsal)", "torch": torch.__version__,
+                       "date": time.strftime("%Y-%m-%d"), "results": results}, f, indent=1)
     return 0 if all(r["ok"] for r in results) else 1
 
 
