@@ -2,7 +2,8 @@
 through build, train, checkpoint, resume and export (full and LoRA), the grouped GEMM
 (`torch._grouped_mm`) against the per-segment fallback in bf16, forward and backward, and
 `raymoe plan`'s per-rank bytes against the CUDA allocator's peak over a training step, and the
-serving engine's decode steps replayed as CUDA graphs against the same steps run eagerly.
+serving engine's decode steps replayed as CUDA graphs against the same steps run eagerly, and no
+host sync in a dropless MoE layer, a whole training step or an eager decode forward.
 
 Two ways to run them, both skipped or refused without CUDA:
 
@@ -200,6 +201,52 @@ def check_dropless_moe_layer_makes_no_host_sync() -> dict:
     return {"tokens": 4 * 256, "grad_norm": float(x.grad.norm())}
 
 
+def check_training_step_makes_no_host_sync(_root: str) -> dict:
+    """Whole training steps as train/loop.py's train_step runs them on one GPU, with dropless
+    routing (the default), under torch.cuda.set_sync_debug_mode("error"): the bf16 autocast forward
+    with the LM head and loss fused (train/loss.py), the balance loss, backward, gradient
+    clipping, fused AdamW, zero_grad and the routers' bias update from the step's loads. One
+    warm-up step first (lazy initializations may sync once). The same step on the same batch
+    three times, so the loss must fall. On the CPU rehearsal the steps run without the sync check."""
+    from raymoe.config import config_from_dict
+    from raymoe.model.transformer import MoETransformer
+    from raymoe.train.loop import build_optimizer
+
+    run = config_from_dict({"name": "sync-step", "train": TRAIN, "model": {
+        **MODEL, "balance": {"bias_update_rate": 0.001, "seq_aux_loss_coef": 1e-4}}})
+    with torch.device(DEVICE):
+        model = MoETransformer(run.model)
+    model.init_weights(seed=0)
+    model.train()
+    opt = build_optimizer(list(model.named_parameters()), run.train, torch.device(DEVICE))
+    batch = torch.randint(0, run.model.vocab_size, (4, 65), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def step() -> torch.Tensor:
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            out = model(x, targets=y)
+            loss = out.token_loss.mean() + out.aux_loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for moe, stats in zip(model.moe_layers(), out.moe_stats):
+            moe.router.update_bias(stats.tokens_per_expert)
+        return loss.detach()
+
+    losses = [step()]
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses += [step(), step()]
+    finally:
+        if DEVICE == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+    values = [float(v) for v in losses]
+    assert all(v == v and v < 100 for v in values) and values[-1] < values[0], values
+    return {"losses": values, "moe_layers": len(model.moe_layers()), "checked_steps": 2 if DEVICE == "cuda" else 0}
+
 def check_latent_decode_matches_the_expanded_form_in_bf16(_root: str) -> dict:
     """MLA decode steps in latent space (MLAttention.absorb, docs/PERFORMANCE.md lever 7) against
     the expanded form, both with bf16 weights and cache, each held to the fp32 expanded logits of
@@ -345,7 +392,8 @@ def all_checks(grouped: bool = True) -> list[tuple[str, object, tuple]]:
                                          check_lora_under_nccl_holds_the_base_in_bf16_and_resumes,
                                          check_latent_decode_matches_the_expanded_form_in_bf16,
                                          check_cuda_graph_decode_replays_the_eager_static_steps,
-                                         check_eager_decode_forward_makes_no_host_sync)]
+                                         check_eager_decode_forward_makes_no_host_sync,
+                                         check_training_step_makes_no_host_sync)]
     if grouped:
         out += [(f"check_grouped_mm_equals_the_per_segment_fallback_in_bf16[{d}x{f}]",
                  lambda _root, d=d, f=f: check_grouped_mm_equals_the_per_segment_fallback_in_bf16(d, f), ())

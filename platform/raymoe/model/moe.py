@@ -204,7 +204,7 @@ def _apply_capacity(expert_TK, keep_TK, capacity: int, num_experts: int):
     """Keep at most `capacity` slots per expert, earlier tokens first; returns (keep, dropped)."""
     flat_N = torch.where(keep_TK, expert_TK, num_experts).flatten()  # skipped slots -> sentinel E
     order = torch.argsort(flat_N, stable=True)
-    counts = torch.bincount(flat_N, minlength=num_experts + 1)
+    counts = count_per_expert(flat_N, num_experts + 1)  # not bincount: no host read on CUDA
     starts = torch.cumsum(counts, 0) - counts
     sorted_experts = flat_N[order]
     rank_in_expert = torch.arange(flat_N.numel(), device=flat_N.device) - starts[sorted_experts]
