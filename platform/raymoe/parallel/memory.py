@@ -31,7 +31,7 @@ against the bytes torch's saved-tensor hooks see on CPU in fp32 (within 15%); on
 GPU checks compare it with torch.cuda.max_memory_allocated when a device is lent.
 
 Transient buffers are added on top: the loss's fp32 work on one chunk of logit rows (its
-backward writes the logits' gradient into their own buffer); with replicated dense parameters
+backward uses the logits' own buffer as their gradient, up to a row scale); with replicated dense parameters
 the gradient all-reduce's
 flat copy (parallel/apply.py); with FSDP two blocks' unsharded parameters (one computing, one
 prefetched; their local experts too when those are FSDP-sharded) and one block's unsharded
@@ -257,7 +257,7 @@ def rank_memory(cfg: RunConfig, world: int, layout: Layout, *, seq_len: int | No
     if world // layout.expert_degree > 1 and not s["expert_fsdp"]:
         transient = max(transient, s["expert_grads"])  # the replica groups' flat buffer (one at a time)
     # The fused head + loss (train/loss.py) works in fp32 on one chunk of logit rows at a time; its
-    # backward writes the logits' gradient into their buffer (kept in the activations).
+    # backward uses the logits' buffer (kept in the activations) as their gradient, up to a row scale.
     V = cfg.model.vocab_size
     transient += min(tokens, chunk_rows(V, torch.device(device_type))) * V * 4
     return RankMemory(params=s["params"], grads=s["grads"], optimizer=s["optimizer"], buffers=s["buffers"],
