@@ -19,9 +19,10 @@ Measured on the CPU benchmark shape (1,024 tokens, vocab 8,000; docs/PERFORMANCE
 unchunked loss over handed-out logits (lever 10) saved 12.8 ms a step against F.cross_entropy;
 taking the head in (lever 13) saved 6-23 ms more, paired in one process; the softmax left by
 forward (lever 22) 2.0-2.7 ms of the head and loss's 57, paired alone (faster in 50-52 of 60
-rounds); the row scales moved off the buffer (2026-12-08) 1.7% of the head and loss alone
-(faster in 28 of 40 rounds), nothing measurable in a whole step: kept for the bf16 gradient. The idea of fusing the head with the loss is Liger-Kernel's FusedLinearCrossEntropy
-(which computes the gradient in forward instead) and Apple's cut-cross-entropy.
+rounds); the row scales moved off the buffer (lever 26) 1.7% of the head and loss alone (faster
+in 28 of 40 rounds) and nothing measurable in a whole step: kept for the bf16 gradient. The idea
+of fusing the head with the loss is Liger-Kernel's FusedLinearCrossEntropy (which computes the
+gradient in forward instead) and Apple's cut-cross-entropy.
 
 Our own autograd function rather than a library's: torch has no fused cross-entropy, and the
 fused ones that exist elsewhere (Liger-Kernel, cut-cross-entropy) are Triton kernels for GPUs.
