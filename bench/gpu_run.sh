@@ -25,7 +25,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}  # the image may have only python3
 REHEARSE=0
 BUDGET=540
 ONLY=""
