@@ -10,12 +10,13 @@
 # step (3x, 50% MFU), the MoE layer at the 16B shape (425 TFLOP/s), then the checks, the V3 rank
 # shape, the serving hop and the compiled training step. Each step has its own time limit, cut to
 # what is left of the budget; a step that would start with under 20 s left is skipped and recorded
-# as such. Each writes JSON and a log under $OUT (the benchmarks and checks write their JSON as they
-# go, so a step stopped by its limit keeps what it finished), and $OUT/steps.jsonl says how each ended.
+# as such. Each writes JSON and a log under $OUT, and $OUT/steps.jsonl says how each ended. A step
+# stopped by its limit keeps what it finished: decode and the checks write their JSON as they go,
+# and the training step prints each implementation's figures to its log as that one finishes.
 # --only NAME,NAME reruns chosen steps in a second call (names as in steps.jsonl).
 #
 # On the device (the hf bundle carries transformers, tokenizers and safetensors; no Ray needed):
-#   ../shared/tools/gpu-bundle.sh .gpu hf        # here, once; /.gpu/ is in .git/info/exclude
+#   ../shared/tools/gpu-bundle.sh .gpu hf        # here, once (3 min); add /.gpu/ to .git/info/exclude
 #   run: mkdir -p /tmp/site && tar -xJf .gpu/hfbundle.tar.xz -C /tmp/site &&
 #        export PYTHONPATH=/tmp/site:$PWD/platform && bash bench/gpu_run.sh      (carry: [".gpu"], timeout_s 600)
 # Rehearsal here, on CPU, in about a minute (tiny shapes, the loop checks with gloo; the same
