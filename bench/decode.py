@@ -28,7 +28,8 @@ Method:
   deepgemm, sonicmoe), selected with model.set_experts_implementation(name) (the same value
   `from_pretrained(..., experts_implementation=name)` takes). Each is tried with one forward in the
   benchmark dtype; what cannot run here (a missing kernel, CUDA only, bf16 only) is listed under
-  `unavailable` with the reason. Note: on a non-CPU device, generate itself switches "grouped_mm"
+  `unavailable` with the reason. --impls chooses which are timed; "eager" runs once in fp32 either
+  way, as the parity reference. Note: on a non-CPU device, generate itself switches "grouped_mm"
   to "batched_mm" for the decode steps (GenerationMixin._optimize_model_for_decode), so there the
   grouped_mm row is grouped prefill + batched decode. Default attention (sdpa) and KV cache
   (DynamicCache), no compile.
@@ -297,7 +298,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=None)
     ap.add_argument("--new-tokens", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per side and batch size (after one warm-up)")
-    ap.add_argument("--impls", default=None, help="transformers experts implementations to try (default: all registered)")
+    ap.add_argument("--impls", default=None, help="transformers experts implementations to time (default: all registered; 'eager' runs once for fp32 parity either way)")
     ap.add_argument("--init-std", type=float, default=0.02, help="transformers' initializer_range for the random weights")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on CPU")
     ap.add_argument("--mla-expanded", action="store_true",
@@ -335,7 +336,9 @@ def main() -> None:
 
     # Parity in fp32, then the benchmark dtype; an implementation that cannot run there is left out.
     x = torch.randint(0, 256, (2, min(32, P)), generator=torch.Generator().manual_seed(1)).to(device)
-    wanted = args.impls.split(",") if args.impls else implementations()
+    timed = args.impls.split(",") if args.impls else implementations()
+    # transformers' eager experts are the fp32 parity reference, run once whether or not they are timed
+    wanted = timed if "eager" in timed else ["eager"] + timed
     parity_fp32, parity, fp32_errors, unavailable, impls = {}, {}, {}, {}, []
     with torch.no_grad():
         ref = ours(x).logits
@@ -358,7 +361,7 @@ def main() -> None:
             cast_(ours, dtype, KEEP_FP32["raymoe"])
             ref = ours(x).logits
             vs_fp32["raymoe"] = rel_err(ref, ref_fp32)
-        for impl in wanted:
+        for impl in timed:
             try:
                 hf.set_experts_implementation(impl)
                 logits = hf(x).logits
@@ -397,7 +400,7 @@ def main() -> None:
                   "shape": shape, "model": {**section, "parameters": n_params, "hf_architecture": ARCH},
                   "dtype": dtype_name, "init_std": args.init_std, "prompt_tokens": P, "new_tokens": N, "batches": batches,
                   "repeats": repeats, "implementations": impls, "unavailable": unavailable,
-                  "logits_relative_error": {"fp32": parity_fp32, dtype_name: parity}, "fp32_errors": fp32_errors,
+                  "logits_relative_error": {"fp32": parity_fp32, **({dtype_name: parity} if dtype_name != "fp32" else {})}, "fp32_errors": fp32_errors,
                   "logits_relative_error_against_fp32": vs_fp32,
                   "raymoe_imported": RAYMOE_IMPORTED, "load_average_at_start": LOAD_AT_START, "rows": rows, "ok": ok, "complete": complete,
                   "notes": ["decode_tokens_per_s = batch x (new_tokens - 1) / (total - TTFT); tokens_per_s = batch x new_tokens / total",
