@@ -63,8 +63,8 @@ step() {
 }
 
 if [ $REHEARSE = 1 ]; then
-    step decode 120 $PY bench/decode.py --tiny --device cpu --batches 16,1 --mla-expanded --cuda-graphs --out "$OUT/decode-tiny.json"
-    step train_step 120 $PY bench/train_step.py --tiny --device cpu --out "$OUT/train_step-tiny.json"
+    step decode 120 $PY bench/decode.py --tiny --device cpu --impls grouped_mm --batches 16,1 --mla-expanded --cuda-graphs --out "$OUT/decode-tiny.json"
+    step train_step 120 $PY bench/train_step.py --tiny --device cpu --impls grouped_mm --out "$OUT/train_step-tiny.json"
     step moe_layer 120 $PY bench/moe_layer.py --tiny --device cpu --out "$OUT/moe_layer-tiny.json"
     step checks 300 $PY tests/gpu/checks.py "$OUT" --rehearse
     step expert_hop 60 $PY bench/expert_hop.py --tiny --device cpu --out "$OUT/expert_hop-tiny.json"
