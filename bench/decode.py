@@ -388,15 +388,21 @@ def main() -> None:
     rows = {}
     ok = True
 
+    cpu = platform.processor() or platform.machine()
+    dev = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
+           else f"cpu ({cpu}), {torch.get_num_threads()} threads")
+    cmd = "python bench/decode.py" + (" --tiny" if args.tiny else "") + " " + " ".join(
+        a for a in sys.argv[1:] if a != "--tiny" and not a.startswith("--out") and a != args.out)
+    run_versions = versions()  # a git subprocess among them: once, not at every save
+    if args.out and args.out.endswith(".json"):
+        path = args.out
+    else:
+        path = os.path.join(args.out or os.path.join(HERE, "results"), "decode.json" if shape == "cpu" else f"decode-{shape}.json")
+
     def save(complete: bool) -> None:
         """Write the JSON: after every batch size (`complete` false), so a run stopped by a time limit
         (bench/gpu_run.sh) keeps the batch sizes it finished, and once more at the end."""
-        cpu = platform.processor() or platform.machine()
-        dev = (f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda"
-               else f"cpu ({cpu}), {torch.get_num_threads()} threads")
-        cmd = "python bench/decode.py" + (" --tiny" if args.tiny else "") + " " + " ".join(
-            a for a in sys.argv[1:] if a != "--tiny" and not a.startswith("--out") and a != args.out)
-        result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": cmd.strip(), "versions": versions(), "device": dev,
+        result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "command": cmd.strip(), "versions": run_versions, "device": dev,
                   "shape": shape, "model": {**section, "parameters": n_params, "hf_architecture": ARCH},
                   "dtype": dtype_name, "init_std": args.init_std, "prompt_tokens": P, "new_tokens": N, "batches": batches,
                   "repeats": repeats, "implementations": impls, "unavailable": unavailable,
@@ -407,11 +413,6 @@ def main() -> None:
                             "ratio_* = raymoe / transformers implementation (ttft: lower is better for raymoe)",
                             "ratio_decode_paired = median over repeats of (that side's decode time / raymoe's) in the same round",
                             "on a non-CPU device transformers' generate decodes grouped_mm as batched_mm"]}
-        if args.out and args.out.endswith(".json"):
-            path = args.out
-        else:
-            name = "decode.json" if shape == "cpu" else f"decode-{shape}.json"
-            path = os.path.join(args.out or os.path.join(HERE, "results"), name)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "w") as f:
             json.dump(result, f, indent=1)

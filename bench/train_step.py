@@ -100,9 +100,16 @@ except ImportError as e:  # train/loop.py imports the data pipeline (pyarrow); a
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=device.type in ("cuda", "cpu"))
 
 PARITY_TOL = 1e-4
-LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 BALANCE = {"bias_update_rate": 0.001, "seq_aux_loss_coef": 1e-4}  # as jobs/configs/small-gpu.yaml
 TRAIN = {"lr": 6e-4, "weight_decay": 0.1, "betas": [0.9, 0.95]}
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+LOAD_AT_START = load_average()
 
 
 def shape_config(shape: str, experts: int, top_k: int | None):
@@ -533,7 +540,7 @@ def main() -> None:
         "process_max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         # 1-minute load averages at the start and the end: on a shared machine the ratio moves with
         # its state (1.16-1.28x on the same tree, docs/PERFORMANCE.md lever 26)
-        "load_average": [LOAD_AT_START, os.getloadavg()[0] if hasattr(os, "getloadavg") else None],
+        "load_average": [LOAD_AT_START, load_average()],
     }
     # Each shape its own file: a GPU run or the 16-expert variant does not overwrite the CPU figures.
     suffix = {"tiny": "-tiny", "gpu": "-gpu"}.get(shape, "" if (cfg.num_experts, cfg.top_k) == (64, 6) else

@@ -13,9 +13,10 @@ backward is written out: 7 passes, 3 of them allocating, and two of the reductio
 Measured on the 2-core CPU machine (docs/PERFORMANCE.md lever 19), fwd+bwd alone, paired: 0.9 against
 1.9 ms per [1,024, 256] norm (2.0x), 1.05x at [1,024, 64]; in the benchmark's training step 5.1 ms a
 step. tests/unit/test_norm.py holds it to nn.RMSNorm's outputs and gradients.
-Without a gradient to take (inference, evaluation), and input and scale of one dtype, torch's composite runs instead: there an
-autograd function's own cost, about 13 us a call at decode shapes, is more than it saves (12-20 us
-against 23-34 us a norm at [1-64, 256], measured in inference mode).
+Without a gradient to take (inference, evaluation), and input and scale of one dtype, torch's
+composite runs instead: there an autograd function's own cost, about 13 us a call at decode
+shapes, is more than it saves (12-20 us against 23-34 us a norm at [1-64, 256], measured in
+inference mode).
 Reduced-precision inputs are normalized in fp32 and returned in their own dtype, as torch's are.
 Our own function rather than a library's: the fused kernels that exist (torch's, Apex's,
 Liger-Kernel's) are CUDA or Triton only.

@@ -41,6 +41,7 @@ import time
 
 import torch
 
+from raymoe.model.moe import count_per_expert
 from raymoe.model.transformer import KVCache, MoETransformer
 
 
@@ -109,10 +110,9 @@ class DecodeGraphs:
         out = self.model(tokens, self.cache, slots, positions, num_keys=T)
         loads = None
         if out.moe_stats:
-            loads = torch.stack([
-                torch.zeros(self.num_experts, dtype=torch.long, device=self.device).scatter_add_(
-                    0, st.expert_TK.flatten(), real.repeat_interleave(st.expert_TK.shape[1]))
-                for st in out.moe_stats])
+            loads = torch.stack([count_per_expert(st.expert_TK.flatten(), self.num_experts,
+                                                  real.repeat_interleave(st.expert_TK.shape[1]))
+                                 for st in out.moe_stats])
         return out.logits[:, -1], loads
 
     def _capture(self, B: int, T: int) -> tuple[torch.cuda.CUDAGraph, tuple]:

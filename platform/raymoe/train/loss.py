@@ -92,7 +92,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: tor
     if torch.is_autocast_enabled(dev):
         dtype = torch.get_autocast_dtype(dev)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
-    # Evaluation (no gradient to take) skips keeping the softmax for a backward that never runs.
+    # Evaluation (no gradient to take) keeps no exponentials or sums for a backward that never runs.
     for_backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(dev, enabled=False):
         loss = _LinearCrossEntropy.apply(hidden.reshape(-1, D), weight, target.reshape(-1), for_backward)
